@@ -1,0 +1,63 @@
+"""Sharding: which rank owns which optimizer state, and the communication of a step.
+
+``make_layout`` picks one of:
+
+* :class:`~shardopt.sharding.layout.LocalLayout`: one process, or ``sharding='none'``;
+* :class:`~shardopt.sharding.zero1.Zero1Layout`: plain parameters under
+  ``torch.distributed`` (DDP / torchrun);
+* :class:`~shardopt.sharding.dtensor.DTensorLayout`: FSDP2 ``DTensor`` parameters.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comm
+from .layout import Layout, LocalLayout
+
+
+def _is_dtensor(p) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(p, DTensor)
+
+
+def make_layout(params, names, whole, sharding, process_group, reduce_gradients, *, ns_steps=None, comm_dtype=None) -> Layout:
+    from ..functional import ns_flops
+
+    ns_steps = ns_steps or [5] * len(params)
+    costs = [float(ns_flops(p.shape, s)) if w else 0.0 for p, w, s in zip(params, whole, ns_steps)]
+    dt = [_is_dtensor(p) for p in params]
+    if any(dt):
+        if not all(dt):
+            bad = names[dt.index(False)]
+            raise ValueError(
+                f"shardopt: some parameters are DTensors (FSDP2) and some are not, e.g. {bad}; "
+                "shard the whole model with fully_shard or none of it"
+            )
+        if sharding not in ("auto", "fsdp2"):
+            raise ValueError(f"sharding={sharding!r} cannot be used with FSDP2 DTensor parameters; use 'auto' or 'fsdp2'")
+        if reduce_gradients:
+            raise ValueError("reduce_gradients=True is for plain parameters; FSDP2 already reduce-scatters gradients")
+        from .dtensor import DTensorLayout
+
+        return DTensorLayout(params, names, whole, costs, comm_dtype=comm_dtype)
+    if sharding == "fsdp2":
+        raise ValueError("sharding='fsdp2' needs parameters sharded by torch.distributed.fsdp.fully_shard (DTensors)")
+    w, _ = comm.world(process_group)
+    if sharding in ("auto", "zero1") and w > 1:
+        from .zero1 import Zero1Layout
+
+        dev = params[0].device if params else torch.device("cpu")
+        comm.check_ranks_agree(
+            [f"{n}:{tuple(p.shape)}:{p.dtype}:{'matrix' if wh else 'elementwise'}" for n, p, wh in zip(names, params, whole)],
+            process_group, dev, "optimizer parameter list (names, shapes, dtypes)",
+        )
+        return Zero1Layout(params, names, whole, costs, process_group, reduce_gradients=reduce_gradients)
+    if reduce_gradients and w > 1:
+        raise ValueError("reduce_gradients=True needs sharding='zero1' or 'auto'")
+    return LocalLayout(params, names)
+
+
+__all__ = ["make_layout", "Layout", "LocalLayout", "comm"]

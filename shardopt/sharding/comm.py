@@ -1,0 +1,106 @@
+"""Collectives used by the layouts, with per-op byte counters.
+
+Every collective shardopt issues goes through here, so ``shardopt bench`` and
+the tests can count what a step communicates. Counted is what this rank puts
+on the wire: for all-gather the bytes of its own contribution times (W-1)
+receivers is *not* used; we count the collective's payload as NCCL's bus
+accounting does per rank: all-gather = output bytes, reduce-scatter = input
+bytes, all-to-all = bytes sent to other ranks.
+
+The docstring's bus accounting: for W ranks an all-gather of an N-byte buffer
+is counted as N bytes, the same figure for ZeRO-1 AdamW and ZeRO-1 Muon.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+COUNTERS: collections.Counter = collections.Counter()
+
+
+def reset_counters() -> None:
+    COUNTERS.clear()
+
+
+# torch >= 2.13 renamed the tensor collectives; keep working on 2.6+.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def world(group) -> tuple[int, int]:
+    """(world_size, rank) of ``group``; (1, 0) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    COUNTERS["all_gather"] += _nbytes(out)
+    _all_gather(out, inp, group=group)
+
+
+def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    COUNTERS["reduce_scatter"] += _nbytes(inp)
+    _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group)
+
+
+def all_to_all_single(out, inp, out_splits, in_splits, group, self_rank: int) -> None:
+    elem = inp.element_size()
+    COUNTERS["all_to_all"] += (sum(in_splits) - in_splits[self_rank]) * elem
+    dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> None:
+    COUNTERS["all_reduce"] += _nbytes(t)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def check_ranks_agree(signature: list[str], group, device: torch.device, what: str) -> None:
+    """Raise the same clear error on every rank if ranks disagree on ``signature``.
+
+    A cheap hash all-gather first; only on mismatch are the full lists
+    exchanged, to name the first differing entry. Every rank takes part in the
+    same collectives whatever it finds, so nobody hangs.
+    """
+    w, rank = world(group)
+    if w == 1:
+        return
+    digest = hashlib.sha256("\n".join(signature).encode()).digest()[:8]
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True), len(signature)], dtype=torch.int64, device=device)
+    allh = torch.empty(w * 2, dtype=torch.int64, device=device)
+    _all_gather(allh, mine, group=group)
+    allh = allh.view(w, 2).tolist()
+    if all(h == allh[0] for h in allh):
+        return
+    lists: list = [None] * w
+    dist.all_gather_object(lists, signature, group=group)
+    first = None
+    for r in range(w):
+        other = lists[r]
+        n = max(len(other), len(signature))
+        for i in range(n):
+            a = signature[i] if i < len(signature) else "<missing>"
+            b = other[i] if i < len(other) else "<missing>"
+            if a != b:
+                if first is None or i < first[0]:
+                    first = (i, r, a, b)
+                break
+    counts = ", ".join(f"rank {r}: {len(lists[r])}" for r in range(w))
+    msg = f"shardopt: ranks disagree on the {what} ({counts} entries)"
+    if first is not None:
+        i, r, a, b = first
+        msg += f"; first difference at entry {i}: this rank ({rank}) has {a}, rank {r} has {b}"
+    msg += ". Build the optimizer from the same model on every rank."
+    raise ValueError(msg)
+
+
+def all_gather_untracked(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """For reporting only; not counted as a step's traffic."""
+    _all_gather(out, inp, group=group)

@@ -1,0 +1,102 @@
+"""The layout interface the optimizers program against, and the local layout.
+
+A layout answers, for every parameter index of an optimizer:
+* ``local_shape(i)``: the shape of this rank's optimizer state for it
+  (``(0,)`` when the rank owns none of it);
+* ``param_view(i)`` / ``grad_view(i)``: the tensors the kernels update/read;
+* ``orthogonalize(indices, inputs, fn)``: the Muon gather step; ``inputs`` are
+  this rank's pieces, ``fn`` maps a batch of full matrices to their
+  orthogonalized versions; returns this rank's pieces of the result;
+* ``prepare_grads()`` before the update and ``finish()`` after it, where the
+  communication of a step happens;
+* ``all_reduce_sum(t)`` for scalars (grad norm, non-finite flags);
+* ``wrap_state(i, local)`` what is stored in ``optimizer.state``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def batched_by_shape(inputs: list[torch.Tensor], fn) -> list[torch.Tensor]:
+    """Apply ``fn`` to same-shape matrices stacked into one batch."""
+    out: list = [None] * len(inputs)
+    buckets: dict = {}
+    for k, x in enumerate(inputs):
+        buckets.setdefault(tuple(x.shape), []).append(k)
+    for ks in buckets.values():
+        res = fn(torch.stack([inputs[k] for k in ks]))
+        for j, k in enumerate(ks):
+            out[k] = res[j]
+    return out
+
+
+class Layout:
+    name = "base"
+    world_size = 1
+    rank = 0
+    group = None
+
+    def __init__(self, params, names):
+        self.params = params
+        self.names = names
+
+    # -- shapes and views -------------------------------------------------
+    def local_shape(self, i: int) -> tuple:
+        raise NotImplementedError
+
+    def owns(self, i: int) -> bool:
+        return 0 not in self.local_shape(i) or len(self.local_shape(i)) == 0
+
+    def owns_matrix(self, i: int) -> bool:
+        """Whether this rank runs Newton-Schulz for matrix ``i``."""
+        return self.owns(i)
+
+    def param_view(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad_view(self, i: int):
+        raise NotImplementedError
+
+    def wrap_state(self, i: int, local: torch.Tensor):
+        return local
+
+    def local_state(self, value):
+        return value
+
+    # -- communication ----------------------------------------------------
+    def prepare_grads(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def orthogonalize(self, indices, inputs, fn):
+        return batched_by_shape(inputs, fn)
+
+    def matrix_indices(self, indices):
+        """Which Muon matrices this rank takes part in updating."""
+        return [i for i in indices if self.owns(i)]
+
+    def summary_rows(self) -> list[dict]:
+        return []
+
+
+class LocalLayout(Layout):
+    """Single device, or ``sharding='none'``: every state tensor is local and whole."""
+
+    name = "none"
+
+    def local_shape(self, i):
+        return tuple(self.params[i].shape)
+
+    def owns(self, i):
+        return True
+
+    def param_view(self, i):
+        return self.params[i]
+
+    def grad_view(self, i):
+        return self.params[i].grad

@@ -1,0 +1,173 @@
+"""ZeRO-1 on plain (replicated) parameters.
+
+Parameters of one dtype are cut into buckets; each bucket is laid out by
+:func:`plan.fill_segments` into W equal segments. A rank updates only its
+segment (contiguous ranges of elementwise-updated tensors, whole Muon
+matrices), then one all-gather per bucket restores every parameter on every
+rank. With ``reduce_gradients=True`` the gradients are reduce-scattered into
+the same segments first, so DDP is not needed.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import comm
+from .layout import Layout
+from .plan import fill_segments, lpt_assign
+
+DEFAULT_BUCKET_ELEMENTS = 1 << 27  # 512 MiB of fp32 per all-gather buffer
+ALIGN_BYTES = 128
+
+
+class _Bucket:
+    def __init__(self, indices, plan, dtype):
+        self.indices = indices  # layout item k -> optimizer param index
+        self.plan = plan
+        self.dtype = dtype
+        self.grad_segment = None
+
+
+class Zero1Layout(Layout):
+    name = "zero1"
+
+    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False,
+                 bucket_elements=DEFAULT_BUCKET_ELEMENTS):
+        super().__init__(params, names)
+        self.group = group
+        self.world_size, self.rank = comm.world(group)
+        self.reduce_gradients = reduce_gradients
+        for i, p in enumerate(params):
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}) is not contiguous; "
+                    "call .contiguous() on it before building the optimizer"
+                )
+        self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
+        self.owner: list = [None] * len(params)  # owner rank of whole items
+        self.buckets: list[_Bucket] = []
+        loads = [0.0] * self.world_size
+        by_dtype: dict = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for dtype, idxs in by_dtype.items():
+            chunk, size = [], 0
+            groups = []
+            for i in idxs:
+                if chunk and size + params[i].numel() > bucket_elements:
+                    groups.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += params[i].numel()
+            if chunk:
+                groups.append(chunk)
+            elem = torch.empty((), dtype=dtype).element_size()
+            for g in groups:
+                w_idx = [i for i in g if whole[i]]
+                owners_w = lpt_assign([costs[i] for i in w_idx], self.world_size, loads)
+                owners = [None] * len(g)
+                for i, o in zip(w_idx, owners_w):
+                    owners[g.index(i)] = o
+                    self.owner[i] = o
+                plan = fill_segments([params[i].numel() for i in g], owners, self.world_size, max(1, ALIGN_BYTES // elem))
+                for piece in plan.pieces[self.rank]:
+                    self.range[g[piece.index]] = (piece.start, piece.end)
+                self.buckets.append(_Bucket(g, plan, dtype))
+        self.whole = list(whole)
+        self._grad_views: dict = {}
+
+    # -- shapes and views -------------------------------------------------
+    def local_shape(self, i):
+        if self.whole[i]:
+            return tuple(self.params[i].shape) if self.owner[i] == self.rank else (0,)
+        r = self.range[i]
+        return (0,) if r is None else (r[1] - r[0],)
+
+    def owns(self, i):
+        return (self.owner[i] == self.rank) if self.whole[i] else self.range[i] is not None
+
+    def _flat_slice(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        if self.whole[i]:
+            return t if self.owner[i] == self.rank else t.detach().view(-1)[:0]
+        r = self.range[i]
+        if r is None:
+            return t.detach().view(-1)[:0]
+        return t.detach().view(-1)[r[0]:r[1]]
+
+    def param_view(self, i):
+        return self._flat_slice(self.params[i], i)
+
+    def grad_view(self, i):
+        if self.reduce_gradients:
+            return self._grad_views.get(i)
+        g = self.params[i].grad
+        if g is None:
+            return None
+        if g.layout != torch.strided or not g.is_contiguous():
+            g = g.contiguous()
+        return self._flat_slice(g, i)
+
+    # -- communication ----------------------------------------------------
+    def all_reduce_sum(self, t):
+        comm.all_reduce_sum(t, self.group)
+        return t
+
+    def prepare_grads(self):
+        """reduce_gradients=True: reduce-scatter the local gradients into the owned segments."""
+        if not self.reduce_gradients:
+            return
+        self._grad_views = {}
+        W = self.world_size
+        for b in self.buckets:
+            S = b.plan.segment
+            gdtype = next((self.params[i].grad.dtype for i in b.indices if self.params[i].grad is not None), b.dtype)
+            device = self.params[b.indices[0]].device
+            full = torch.zeros(W * S, dtype=gdtype, device=device)
+            dst, src = [], []
+            for r in range(W):
+                for pc in b.plan.pieces[r]:
+                    g = self.params[b.indices[pc.index]].grad
+                    if g is not None:
+                        dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
+                        src.append(g.detach().reshape(-1)[pc.start:pc.end])
+            if dst:
+                torch._foreach_copy_(dst, src)
+            # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
+            full.mul_(1.0 / W)
+            seg = torch.empty(S, dtype=gdtype, device=device)
+            comm.reduce_scatter_tensor(seg, full, self.group)
+            for pc in b.plan.pieces[self.rank]:
+                i = b.indices[pc.index]
+                if self.params[i].grad is None:
+                    continue
+                v = seg[pc.offset: pc.offset + pc.end - pc.start]
+                self._grad_views[i] = v.view(self.params[i].shape) if self.whole[i] else v
+
+    def finish(self):
+        """One all-gather per bucket restores the full parameters on every rank."""
+        W = self.world_size
+        for b in self.buckets:
+            S = b.plan.segment
+            if S == 0:
+                continue
+            device = self.params[b.indices[0]].device
+            send = torch.empty(S, dtype=b.dtype, device=device)
+            mine = b.plan.pieces[self.rank]
+            if mine:
+                torch._foreach_copy_(
+                    [send[pc.offset: pc.offset + pc.end - pc.start] for pc in mine],
+                    [self.params[b.indices[pc.index]].detach().reshape(-1)[pc.start:pc.end] for pc in mine],
+                )
+            recv = torch.empty(W * S, dtype=b.dtype, device=device)
+            comm.all_gather_into_tensor(recv, send, self.group)
+            dst, src = [], []
+            for r in range(W):
+                if r == self.rank:
+                    continue
+                for pc in b.plan.pieces[r]:
+                    dst.append(self.params[b.indices[pc.index]].detach().view(-1)[pc.start:pc.end])
+                    src.append(recv[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
+            if dst:
+                torch._foreach_copy_(dst, src)
+
+    def summary_rows(self):
+        return []

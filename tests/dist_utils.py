@@ -1,0 +1,54 @@
+"""Spawn W gloo ranks on CPU, run a module-level function on each, collect results.
+
+Each rank returns a picklable value (tensors are fine); ``run`` returns the
+list, rank order. An exception on any rank is re-raised here with its traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, outdir, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        res = ("ok", fn(rank, world, *args))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        res = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    try:
+        torch.save(res, os.path.join(outdir, f"r{rank}.pt"))
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run(fn, world: int, *args, timeout_s: int = 60):
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, d, timeout_s), nprocs=world,
+                           join=True, start_method="spawn")
+        out = []
+        for r in range(world):
+            status, val = torch.load(os.path.join(d, f"r{r}.pt"), weights_only=False)
+            if status == "err":
+                raise RuntimeError(f"rank {r} failed: {val}")
+            out.append(val)
+        return out
