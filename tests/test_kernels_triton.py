@@ -1,0 +1,284 @@
+"""Triton Lion/AdamW kernels vs the ``torch`` reference backend, on CPU.
+
+There is no GPU in CI, so the kernels run under Triton's interpreter, which
+executes each program with numpy on CPU tensors.  ``triton.jit`` reads
+``TRITON_INTERPRET`` when it *decorates* a kernel to choose between compiling
+for a GPU and interpreting, so it has to be set before anything jits a kernel;
+we set it at the very top, before triton (or shardopt's triton backend) is
+imported.  (shardopt itself decorates its kernels lazily at first call, but
+other code in the process might not.)  The whole module is skipped when triton
+is not importable.
+
+Expected agreement under the interpreter:
+* Lion: bitwise, for every param/grad/state dtype (same fp32 op order, no FMA,
+  bf16 stored with explicit round-to-nearest-even).
+* AdamW: fp32 within rtol 1e-6 / atol 1e-7, bf16 within one bf16 ulp.  The
+  kernel uses IEEE ``sqrt_rn``/``div_rn``; torch's vectorised CPU ``sqrt`` is
+  not always correctly rounded (1 ulp off on some inputs), hence not bitwise.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import; see above
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from shardopt.kernels import torch_ops  # noqa: E402
+from shardopt.kernels import triton_ops  # noqa: E402
+
+SHAPES = [(1,), (7,), (1000,), (4099,), (13, 17)]
+
+LION_HP = dict(lr=1e-2, beta1=0.9, beta2=0.99)
+ADAMW_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter():
+    built = triton_ops._built
+    if built and not built["interpret"]:
+        pytest.skip("triton kernels were already built for GPU in this process")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _with_zeros(t, every, offset=0):
+    t = t.clone()
+    t.view(-1)[offset::every] = 0
+    return t
+
+
+def _make_state(shapes, pdtype, sdtype, *, seed, adamw):
+    gen = torch.Generator().manual_seed(seed)
+    params, exp_avgs, exp_avg_sqs = [], [], []
+    for shape in shapes:
+        params.append(_with_zeros(torch.randn(shape, generator=gen), 7, 3).to(pdtype))
+        # exact zeros in m at the same places as zeros in g -> Lion's c == 0
+        exp_avgs.append(_with_zeros(torch.randn(shape, generator=gen), 5).to(sdtype))
+        if adamw:
+            v = torch.rand(shape, generator=gen) * 0.1
+            exp_avg_sqs.append(_with_zeros(v, 5).to(sdtype))
+    return params, exp_avgs, exp_avg_sqs
+
+
+def _make_grads(shapes, gdtype, *, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [_with_zeros(torch.randn(s, generator=gen), 5).to(gdtype) for s in shapes]
+
+
+def _bf16_ulp_distance(a, b):
+    """Per-element distance in bf16 ulps (+0 and -0 count as equal)."""
+
+    def ordered(t):
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        mag = bits & 0x7FFF
+        return torch.where(bits < 0, -mag, mag)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def _assert_close(name, got, want, *, bitwise):
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    if bitwise:
+        assert torch.equal(got, want), f"{name}: max diff {(got.float() - want.float()).abs().max()}"
+    elif got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    else:
+        ulps = _bf16_ulp_distance(got, want)
+        assert int(ulps.max()) <= 1, f"{name}: {int(ulps.max())} bf16 ulps apart"
+
+
+def _run_and_compare(opt, pdtype, gdtype, sdtype, weight_decay, *, shapes=SHAPES, steps=3):
+    adamw = opt == "adamw"
+    params, exp_avgs, exp_avg_sqs = _make_state(shapes, pdtype, sdtype, seed=1234, adamw=adamw)
+    bitwise = not adamw
+    for step in range(1, steps + 1):
+        grads = _make_grads(shapes, gdtype, seed=step)
+        # Re-sync the reference from the triton state so every step is
+        # compared on identical inputs (AdamW tolerances do not compound).
+        # The reference keeps its state in fp32 and rounds afterwards, which
+        # is exactly what the kernel does for bf16 state.
+        ref_p = [p.clone() for p in params]
+        ref_m = [m.to(torch.float32, copy=True) for m in exp_avgs]
+        ref_v = [v.to(torch.float32, copy=True) for v in exp_avg_sqs]
+        if adamw:
+            hp = dict(ADAMW_HP, weight_decay=weight_decay, step=step)
+            triton_ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, **hp)
+            torch_ops.adamw_step(ref_p, grads, ref_m, ref_v, **hp)
+        else:
+            hp = dict(LION_HP, weight_decay=weight_decay)
+            triton_ops.lion_step(params, grads, exp_avgs, **hp)
+            torch_ops.lion_step(ref_p, grads, ref_m, **hp)
+        for i in range(len(shapes)):
+            _assert_close(f"step{step} params[{i}]", params[i], ref_p[i], bitwise=bitwise)
+            _assert_close(
+                f"step{step} exp_avgs[{i}]", exp_avgs[i], ref_m[i].to(sdtype), bitwise=bitwise
+            )
+            if adamw:
+                _assert_close(
+                    f"step{step} exp_avg_sqs[{i}]", exp_avg_sqs[i], ref_v[i].to(sdtype), bitwise=False
+                )
+
+
+# ---------------------------------------------------------------------------
+# agreement with the torch backend
+# ---------------------------------------------------------------------------
+DTYPE_CASES = [
+    # (param dtype, grad dtype, state dtype)
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32, torch.bfloat16),
+]
+
+
+def _dtype_id(case):
+    return "-".join(str(d).replace("torch.", "") for d in case)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["wd0", "wd0.1"])
+@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=[_dtype_id(c) for c in DTYPE_CASES])
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+def test_matches_torch_backend(opt, dtypes, weight_decay):
+    _run_and_compare(opt, *dtypes, weight_decay)
+
+
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (4099,)])
+def test_single_tensor_lists(opt, shape):
+    _run_and_compare(opt, torch.float32, torch.float32, torch.float32, 0.05, shapes=[shape])
+
+
+def test_lion_sign_of_zero_leaves_param():
+    # c == 0 exactly (m == 0 and g == 0) and wd == 0: sign(0) = 0, p unchanged.
+    p = torch.tensor([1.5, -2.0, 0.0, -0.0])
+    m = torch.zeros(4)
+    g = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    triton_ops.lion_step([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    assert torch.equal(p, torch.tensor([1.5, -2.0, 0.0, -0.0]))
+    assert torch.equal(torch.signbit(p), torch.tensor([False, True, False, True]))
+
+
+def test_bf16_store_rounds_to_nearest_even():
+    # Lion with beta2 = 0 stores m = g exactly rounded: checks the explicit
+    # RNE path against torch's fp32 -> bf16 conversion, ties included.
+    tie_bits = torch.tensor(
+        [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F804000, 0xBF808000, 0xBF818000,
+         0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x00018000],
+        dtype=torch.int64,
+    ).to(torch.int32)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0, -3.25, 1e-40])
+    g = torch.cat([tie_bits.view(torch.float32), specials, torch.randn(997)])
+    m = torch.zeros(g.numel(), dtype=torch.bfloat16)
+    p = torch.zeros(g.numel())
+    triton_ops.lion_step([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0)
+    want = g.to(torch.bfloat16)
+    # NaN payloads differ between torch's conversion paths: compare NaN-ness only
+    nan = torch.isnan(g)
+    assert torch.equal(torch.isnan(m), nan)
+    assert torch.equal(m[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_empty_list_and_empty_tensor_are_noops():
+    triton_ops.lion_step([], [], [], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    p, g, m, v = torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0)
+    triton_ops.adamw_step([p], [g], [m], [v], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0, step=1)
+
+
+def test_dispatcher_backend_triton():
+    from shardopt import kernels
+
+    params, exp_avgs, _ = _make_state([(33,), (1000,)], torch.float32, torch.float32, seed=5, adamw=False)
+    grads = _make_grads([(33,), (1000,)], torch.float32, seed=6)
+    ref_p = [p.clone() for p in params]
+    ref_m = [m.clone() for m in exp_avgs]
+    hp = dict(LION_HP, weight_decay=0.1)
+    kernels.lion_step(params, grads, exp_avgs, backend="triton", **hp)
+    kernels.lion_step(ref_p, grads, ref_m, backend="torch", **hp)
+    for a, b in zip(params + exp_avgs, ref_p + ref_m):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+def _lion_lists():
+    params = [torch.randn(5), torch.randn(8)]
+    grads = [torch.randn(5), torch.randn(8)]
+    exp_avgs = [torch.zeros(5), torch.zeros(8)]
+    return params, grads, exp_avgs
+
+
+def _break(kind, params, grads, exp_avgs):
+    if kind == "numel":
+        grads[1] = torch.randn(9)
+    elif kind == "noncontiguous":
+        exp_avgs[1] = torch.zeros(16)[::2]
+    elif kind == "device":
+        grads[1] = torch.randn(8, device="meta")
+    elif kind == "dtype":
+        grads[1] = torch.ones(8, dtype=torch.int32)
+    elif kind == "param_dtype":
+        params[1] = torch.randn(8, dtype=torch.float64)
+    elif kind == "not_tensor":
+        exp_avgs[1] = [0.0] * 8
+    else:
+        raise AssertionError(kind)
+
+
+BAD = ["numel", "noncontiguous", "device", "dtype", "param_dtype", "not_tensor"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_lion_bad_input_raises(kind):
+    params, grads, exp_avgs = _lion_lists()
+    _break(kind, params, grads, exp_avgs)
+    before = [p.clone() for p in params]
+    with pytest.raises(ValueError, match=r"\[1\] \(list index 1\)"):
+        triton_ops.lion_step(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    # validation happens before any launch: nothing was updated
+    assert torch.equal(params[0], before[0])
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_adamw_bad_input_raises(kind):
+    params, grads, exp_avgs = _lion_lists()
+    exp_avg_sqs = [torch.zeros(5), torch.zeros(8)]
+    _break(kind, params, grads, exp_avgs)
+    with pytest.raises(ValueError, match=r"\[1\] \(list index 1\)"):
+        triton_ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr=0.1, beta1=0.9, beta2=0.99,
+                              eps=1e-8, weight_decay=0.0, step=1)
+
+
+def test_list_length_mismatch_raises():
+    params, grads, exp_avgs = _lion_lists()
+    with pytest.raises(ValueError, match="exp_avgs"):
+        triton_ops.lion_step(params, grads, exp_avgs[:1], lr=0.1, beta1=0.9, beta2=0.99,
+                             weight_decay=0.0)
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    triton_ops._kernels()
+    monkeypatch.setitem(triton_ops._built, "interpret", False)
+    params, grads, exp_avgs = _lion_lists()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        triton_ops.lion_step(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+
+
+def test_missing_triton_gives_clear_import_error(monkeypatch):
+    monkeypatch.setattr(triton_ops, "triton", None)
+    monkeypatch.setattr(triton_ops, "_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    assert not triton_ops.available()
+    params, grads, exp_avgs = _lion_lists()
+    with pytest.raises(ImportError, match="needs the 'triton' package"):
+        triton_ops.lion_step(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+
+
+def test_available():
+    assert triton_ops.available()
