@@ -41,7 +41,7 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
             pass
 
 
-def run(fn, world: int, *args, timeout_s: int = 60):
+def run(fn, world: int, *args, timeout_s: int = 300):
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(world, free_port(), fn, args, d, timeout_s), nprocs=world,
                            join=True, start_method="spawn")
