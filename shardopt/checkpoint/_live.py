@@ -1,0 +1,343 @@
+"""What a live model + optimizer hold, as stored tensors keyed by FQN.
+
+:func:`collect` walks a model and a shardopt optimizer in any layout (single
+device, ZeRO-1, FSDP2, or inside a DeepSpeed ZeRO-1/2 engine) and returns
+:class:`Target` s: for every model tensor and every optimizer state tensor,
+the DCP key, the logical shape and dtype, and this rank's piece(s) of it as
+views of the live memory. Saving writes from those views; loading reads into
+them, so the same description serves both directions.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..optim.base import ALGORITHMS, LOW_PRECISION, ShardedOptimizer
+from ._manifest import dtype_str, encode_group, model_key, optim_key
+from ._storage import FlatPieces, _is_dtensor
+
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+@dataclass
+class Target:
+    key: str  # DCP key
+    fqn: str
+    slot: str  # "model" or the optimizer state key
+    shape: tuple  # logical shape
+    dtype: torch.dtype  # stored dtype
+    value: object  # tensor, DTensor or FlatPieces (views of live memory)
+
+    @property
+    def storage_shape(self):
+        return (math.prod(self.shape),) if isinstance(self.value, FlatPieces) else tuple(self.shape)
+
+
+@dataclass
+class ParamInfo:
+    fqn: str
+    shape: tuple
+    dtype: torch.dtype
+    algorithm: str
+    group: int
+    state_keys: list
+    step_tensors: list  # the live "step" tensors (0-d) to read / fill
+
+
+@dataclass
+class Live:
+    model_targets: list = field(default_factory=list)
+    optim_targets: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)  # fqn -> ParamInfo (optimizer params, in order)
+    groups: list = field(default_factory=list)  # (live group dict, [fqn])
+    aliases: dict = field(default_factory=dict)  # tied-weight alias -> fqn
+    buffers: set = field(default_factory=set)
+    layout: str = "none"
+    world_size: int = 1
+    optimizer_class: str | None = None
+    refresh_master: list = field(default_factory=list)  # callables(fqn_set) run after a load
+    ds_stage: int | None = None
+
+    def targets(self):
+        return self.model_targets + self.optim_targets
+
+    def manifest_params(self) -> dict:
+        out = {}
+        for fqn, pi in self.params.items():
+            out[fqn] = {
+                "shape": list(pi.shape), "dtype": dtype_str(pi.dtype), "algorithm": pi.algorithm, "group": pi.group,
+                "state": list(pi.state_keys), "step": float(pi.step_tensors[0]) if pi.step_tensors else 0.0,
+            }
+        return out
+
+    def manifest_groups(self) -> list:
+        return [{"hyper": encode_group(g), "params": list(fqns)} for g, fqns in self.groups]
+
+
+def clean_name(name: str) -> str:
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
+def unwrap(model):
+    """(the user's module, the DeepSpeed engine or None), through DDP / DeepSpeed / torch.compile wrappers."""
+    engine = None
+    seen = 0
+    while model is not None and seen < 8:
+        seen += 1
+        tname = type(model).__name__
+        if tname in ("DeepSpeedEngine", "PipelineEngine", "DeepSpeedHybridEngine") and hasattr(model, "module"):
+            engine = model
+            model = model.module
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model, engine
+
+
+def model_tensors(module):
+    """[(fqn, tensor, kind)] for parameters (tied ones once) and persistent buffers; and aliases."""
+    out, aliases, seen = [], {}, {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        name = clean_name(name)
+        if id(p) in seen:
+            aliases[name] = seen[id(p)]
+            continue
+        seen[id(p)] = name
+        out.append((name, p, "param"))
+    for mname, mod in module.named_modules(remove_duplicate=False):
+        for bname, b in mod._buffers.items():
+            if b is None or bname in mod._non_persistent_buffers_set:
+                continue
+            name = clean_name(f"{mname}.{bname}" if mname else bname)
+            if id(b) in seen:
+                if name != seen[id(b)]:
+                    aliases[name] = seen[id(b)]
+                continue
+            seen[id(b)] = name
+            out.append((name, b, "buffer"))
+    return out, aliases
+
+
+# ---------------------------------------------------------------- pieces of a state tensor
+def _runs(shape, offsets, sizes):
+    """Flat element runs [(global_start, length)] of an N-D box, in the box's row-major order."""
+    shape, offsets, sizes = list(shape), list(offsets), list(sizes)
+    nd = len(shape)
+    if nd == 0:
+        return [(0, 1)]
+    k = nd - 1
+    while k > 0 and sizes[k] == shape[k]:
+        k -= 1
+    # dims > k are full; a run covers sizes[k] * prod(shape[k+1:]) elements
+    inner = math.prod(shape[k + 1:]) if k + 1 < nd else 1
+    strides = [math.prod(shape[d + 1:]) for d in range(nd)]
+    length = sizes[k] * inner
+    runs = []
+    for idx in itertools.product(*[range(offsets[d], offsets[d] + sizes[d]) for d in range(k)]):
+        start = sum(i * strides[d] for d, i in enumerate(idx)) + offsets[k] * strides[k]
+        runs.append((start, length))
+    return runs
+
+
+def dtensor_pieces(global_shape, mesh, placements, local: torch.Tensor):
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if mesh.get_coordinate() is None:
+        return []
+    sizes, offsets = compute_local_shape_and_global_offset(torch.Size(global_shape), mesh, placements)
+    if math.prod(sizes) == 0:
+        return []
+    if tuple(local.shape) != tuple(sizes):
+        raise ValueError(f"local shard shape {tuple(local.shape)} differs from its DTensor chunk {tuple(sizes)}")
+    flat = local.reshape(-1)
+    if flat.data_ptr() != local.data_ptr() and local.numel() > 0:
+        raise ValueError("a DTensor local shard is not contiguous; it cannot be loaded in place")
+    pieces, pos = [], 0
+    for start, n in _runs(global_shape, offsets, sizes):
+        pieces.append((start, flat[pos:pos + n]))
+        pos += n
+    return pieces
+
+
+def state_pieces(layout, i: int, p, v: torch.Tensor, describe: str):
+    """This rank's pieces of state tensor ``v`` of parameter ``p`` (index ``i``) in flat coordinates."""
+    numel = p.numel()
+    if _is_dtensor(v):
+        return dtensor_pieces(v.shape, v.device_mesh, v.placements, v._local_tensor)
+    if _is_dtensor(p):
+        return dtensor_pieces(p.shape, p.device_mesh, p.placements, v)
+    if getattr(layout, "name", "") == "zero1":
+        if layout.whole[i]:
+            if layout.owner[i] == layout.rank:
+                if v.numel() != numel:
+                    raise ValueError(f"{describe}: owner rank holds {tuple(v.shape)}, expected the whole matrix")
+                return [(0, v.reshape(-1))]
+            return []
+        r = layout.range[i]
+        if r is None:
+            return []
+        if v.dim() != 1 or v.numel() != r[1] - r[0]:
+            raise ValueError(f"{describe}: ZeRO-1 state {tuple(v.shape)} does not match owned range {r}")
+        return [(r[0], v)]
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"{describe}: state shape {tuple(v.shape)} differs from the parameter's {tuple(p.shape)}")
+    return [(0, v.reshape(-1))] if numel else []
+
+
+# ---------------------------------------------------------------- collect
+def _is_ds_zero(opt) -> bool:
+    return hasattr(opt, "round_robin_bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups")
+
+
+def collect(model, optimizer) -> Live:
+    module, engine = unwrap(model)
+    live = Live()
+    if dist.is_available() and dist.is_initialized():
+        live.world_size = dist.get_world_size()
+    name_of = {}
+    if module is not None:
+        tensors, live.aliases = model_tensors(module)
+        for fqn, t, kind in tensors:
+            if hasattr(t, "ds_id"):
+                raise NotImplementedError(
+                    f"shardopt checkpoints do not support DeepSpeed ZeRO-3 partitioned parameters ({fqn}); "
+                    "use ZeRO-1/2, or DeepSpeed's own checkpointing for ZeRO-3"
+                )
+            val = t.detach()
+            live.model_targets.append(Target(model_key(fqn), fqn, "model", tuple(t.shape), t.dtype, val))
+            if kind == "buffer":
+                live.buffers.add(fqn)
+            name_of[id(t)] = fqn
+    if optimizer is None and engine is not None:
+        optimizer = engine.optimizer
+    if optimizer is None:
+        return live
+    if _is_ds_zero(optimizer):
+        _collect_deepspeed(live, optimizer, name_of)
+        return live
+    if engine is not None and optimizer is not engine.optimizer and _is_ds_zero(engine.optimizer) \
+            and getattr(engine.optimizer, "optimizer", None) is optimizer:
+        _collect_deepspeed(live, engine.optimizer, name_of)
+        return live
+    if not isinstance(optimizer, ShardedOptimizer):
+        raise TypeError(
+            f"shardopt.checkpoint handles shardopt optimizers (Lion, AdamW, Muon), got {type(optimizer).__name__}"
+        )
+    _collect_sharded(live, optimizer, name_of)
+    return live
+
+
+def _fqn_for(p, i, names, name_of, gi):
+    fqn = name_of.get(id(p))
+    if fqn is None:
+        n = names[i]
+        if n.startswith("param_groups["):
+            raise ValueError(
+                f"shardopt.checkpoint cannot name {n} (shape {tuple(p.shape)}): it is not a parameter of the model "
+                "passed in. Pass the model the optimizer was built from, or give the groups 'param_names'"
+            )
+        fqn = clean_name(n[len("module."):] if n.startswith("module.") else n)
+    return fqn
+
+
+def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
+    layout = opt.layout
+    live.layout = layout.name
+    live.optimizer_class = type(opt).__name__
+    params, names, gidx = opt._flat_params()
+    group_fqns = [[] for _ in opt.param_groups]
+    for i, p in enumerate(params):
+        fqn = _fqn_for(p, i, names, name_of, gidx[i])
+        if fqn in live.params:
+            raise ValueError(f"parameter {fqn} appears twice in the optimizer's param groups")
+        group = opt.param_groups[gidx[i]]
+        st = opt.state[p]
+        keys = [k for k, v in st.items() if k != "step" and torch.is_tensor(v)]
+        describe = f"{fqn} (shape {tuple(p.shape)})"
+        for k in keys:
+            pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'")
+            live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), torch.float32,
+                                             FlatPieces(p.numel(), st[k].dtype, pieces)))
+        step = st.get("step")
+        live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], gidx[i], keys,
+                                     [step] if torch.is_tensor(step) else [])
+        group_fqns[gidx[i]].append(fqn)
+        if opt.master_weights and p.dtype in LOW_PRECISION and "master_param" in st:
+            live.refresh_master.append((fqn, _master_refresher(layout, i, st)))
+    live.groups = list(zip(opt.param_groups, group_fqns))
+
+
+def _master_refresher(layout, i, st):
+    def refresh():
+        pv = layout.param_view(i)
+        m = layout.local_state(st["master_param"])
+        if m.numel():
+            m.copy_(pv.detach().reshape(m.shape))
+    return refresh
+
+
+def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
+    inner = zo.optimizer
+    if not isinstance(inner, ShardedOptimizer):
+        raise TypeError(
+            f"shardopt.checkpoint.save/load inside DeepSpeed needs a shardopt optimizer; this engine runs "
+            f"{type(inner).__name__}. Use engine.save_checkpoint and `shardopt ckpt convert --from deepspeed`"
+        )
+    inner._ensure_layout()  # DeepSpeed swapped the params for its flat fp32 partitions
+    live.layout = "deepspeed-zero2" if getattr(zo, "partition_gradients", False) else "deepspeed-zero1"
+    live.ds_stage = 2 if getattr(zo, "partition_gradients", False) else 1
+    live.optimizer_class = type(inner).__name__
+    groups = []
+    for g, bit16 in enumerate(zo.round_robin_bit16_groups):
+        group = inner.param_groups[g]
+        flat = group["params"][0]
+        st = inner.state[flat]
+        keys = [k for k, v in st.items() if k != "step" and torch.is_tensor(v)]
+        fp32 = zo.single_partition_of_fp32_groups[g]
+        P = zo.partition_size[g]
+        rank = dist.get_rank(group=zo.real_dp_process_group[g])
+        base = rank * P
+        fqns = []
+        for p, off in zip(bit16, zo.round_robin_bit16_offsets[g]):
+            fqn = name_of.get(id(p))
+            if fqn is None:
+                raise ValueError(f"a DeepSpeed-managed parameter of shape {tuple(p.shape)} is not in the model")
+            n = p.numel()
+            lo, hi = max(off, base), min(off + n, base + P)
+            rng = [(lo - off, slice(lo - base, hi - base))] if lo < hi else []
+            for k in keys:
+                pieces = [(o, st[k][s]) for o, s in rng]
+                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), torch.float32,
+                                                 FlatPieces(n, torch.float32, pieces)))
+            low = p.dtype in LOW_PRECISION
+            if low:
+                pieces = [(o, fp32.data[s]) for o, s in rng]
+                live.optim_targets.append(Target(optim_key(fqn, "master_param"), fqn, "master_param", tuple(p.shape),
+                                                 torch.float32, FlatPieces(n, torch.float32, pieces)))
+            step = st.get("step")
+            live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], g,
+                                         keys + (["master_param"] if low else []),
+                                         [step] if torch.is_tensor(step) else [])
+            fqns.append(fqn)
+            live.refresh_master.append((fqn, _ds_refresher(p, fp32, rng, low)))
+        groups.append((group, fqns))
+    live.groups = groups
+
+
+def _ds_refresher(p, fp32, rng, low):
+    def refresh():
+        src = p.detach().reshape(-1)
+        for o, s in rng:
+            n = s.stop - s.start
+            fp32.data[s].copy_(src[o:o + n].float())
+    refresh.always = not low  # fp32 params: the master partition always follows the loaded weights
+    return refresh

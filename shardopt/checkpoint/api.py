@@ -1,0 +1,378 @@
+"""``save`` and ``load``: world-size-agnostic checkpoints of a model and a shardopt optimizer."""
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from . import _storage as S
+from ._live import Live, collect
+from ._manifest import (
+    EXTRA,
+    FORMAT,
+    VERSION,
+    LOW_PRECISION,
+    _Unrestorable,
+    decode_group,
+    dtype_str,
+    read_manifest,
+    write_manifest,
+)
+from .errors import (
+    AlgorithmMismatchError,
+    CheckpointError,
+    CorruptCheckpointError,
+    MissingEntryError,
+    ShapeMismatchError,
+)
+
+_ERRORS = {c.__name__: c for c in (CheckpointError, CorruptCheckpointError, MissingEntryError, ShapeMismatchError,
+                                   AlgorithmMismatchError)}
+_MAX_LISTED = 8
+
+
+def _world(group=None):
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group), dist.get_rank(group)
+    return 1, 0
+
+
+def _agree(errors: list, group=None) -> None:
+    """Raise the same kind of error on every rank if any rank found a problem; never hang.
+
+    ``errors`` are (class name, message). Every rank joins the one
+    all_gather_object whatever it found.
+    """
+    w, rank = _world(group)
+    if w > 1:
+        allerr: list = [None] * w
+        dist.all_gather_object(allerr, errors, group=group)
+    else:
+        allerr = [errors]
+    if not any(allerr):
+        return
+    mine = allerr[rank]
+    if mine:
+        src, errs = rank, mine
+    else:
+        src = next(r for r, e in enumerate(allerr) if e)
+        errs = allerr[src]
+    cls = _ERRORS.get(errs[0][0], CheckpointError)
+    lines = [m for _, m in errs]
+    msg = lines[0]
+    if len(lines) > 1:
+        more = lines[1:_MAX_LISTED]
+        msg += "\n  also: " + "\n  also: ".join(more)
+        if len(lines) > _MAX_LISTED:
+            msg += f"\n  ... and {len(lines) - _MAX_LISTED} more"
+    if src != rank:
+        msg = f"rank {src} reported: {msg}"
+    raise cls(msg)
+
+
+def _err(exc: BaseException) -> tuple:
+    name = type(exc).__name__
+    return (name if name in _ERRORS else "CheckpointError",
+            str(exc) if name in _ERRORS else f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- save
+def save(path: str, model, optimizer=None, extra=None, *, process_group=None) -> str:
+    """Write ``model`` (and ``optimizer``'s state) to the checkpoint directory ``path``.
+
+    Collective: every rank calls it. Works for a single device, ZeRO-1, FSDP2
+    and a shardopt optimizer inside a DeepSpeed ZeRO-1/2 engine (pass the
+    engine as ``model``). Each rank writes only the pieces it owns; the result
+    loads at any world size and in any layout (see :func:`load`).
+
+    The write goes to ``path.tmp`` and is renamed to ``path`` only once every
+    file is synced and checksummed, so a crash leaves the previous checkpoint
+    whole. ``extra`` (rank 0's, any picklable object: step, LR scheduler state,
+    RNG state, see :func:`rng_state`) is stored alongside and returned by
+    :func:`load`. Returns ``path``.
+    """
+    path = os.fspath(path).rstrip("/")
+    w, rank = _world(process_group)
+    errors, live = [], None
+    try:
+        live = collect(model, optimizer)
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        errors.append(_err(e))
+    if rank == 0 and not errors:
+        try:
+            S.prepare_tmp(path)
+        except OSError as e:
+            errors.append(("CheckpointError", f"cannot create {S.tmp_dir(path)}: {e}"))
+    _agree(errors, process_group)
+    tmp = S.tmp_dir(path)
+    state_dict = {t.key: t.value for t in live.targets() if t.value is not None and _numel(t) > 0}
+    S.dcp_save(state_dict, tmp, process_group=process_group)
+
+    errors = []
+    sums = {}
+    try:
+        md = S.read_metadata(tmp)
+        sums = S.storage_checksums(tmp, md, rank, w)
+    except Exception as e:  # noqa: BLE001
+        errors.append(_err(e))
+    if w > 1:
+        allsums: list = [None] * w
+        dist.all_gather_object(allsums, sums, group=process_group)
+        sums = {k: v for d in allsums for k, v in d.items()}
+    if rank == 0 and not errors:
+        try:
+            _finish(path, tmp, live, sums, extra)
+        except Exception as e:  # noqa: BLE001
+            errors.append(_err(e))
+    _agree(errors, process_group)
+    return path
+
+
+def _numel(t) -> int:
+    import math
+
+    return math.prod(t.shape)
+
+
+def _finish(path, tmp, live: Live, sums: dict, extra) -> None:
+    files = {}
+    files[".metadata"] = S.side_file_info(os.path.join(tmp, ".metadata"))
+    if extra is not None:
+        ep = os.path.join(tmp, EXTRA)
+        with open(ep, "wb") as f:
+            torch.save(extra, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files[EXTRA] = S.side_file_info(ep)
+    doc = build_manifest(live, sums, files)
+    _write_manifest_hook(tmp, doc)
+    S.commit(path)
+
+
+def _write_manifest_hook(directory: str, doc: dict) -> None:
+    # One function, so a test can stop a save right before it becomes visible.
+    write_manifest(directory, doc)
+
+
+def build_manifest(live: Live, sums: dict, files: dict) -> dict:
+    import shardopt
+
+    tensors = {}
+    for t in live.targets():
+        tensors[t.key] = {"fqn": t.fqn, "slot": t.slot, "shape": list(t.shape), "dtype": dtype_str(t.dtype),
+                          "storage": "flat" if t.slot != "model" else "full"}
+    model = {}
+    for t in live.model_targets:
+        model[t.fqn] = {"shape": list(t.shape), "dtype": dtype_str(t.dtype),
+                        "kind": "buffer" if t.fqn in live.buffers else "param"}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shardopt_version": shardopt.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "world_size": live.world_size,
+        "layout": live.layout,
+        "optimizer": live.optimizer_class,
+        "params": live.manifest_params(),
+        "param_groups": live.manifest_groups(),
+        "model": model,
+        "aliases": dict(live.aliases),
+        "tensors": tensors,
+        "checksums": sums,
+        "files": files,
+    }
+
+
+# ---------------------------------------------------------------- load
+def load(path: str, model, optimizer=None, *, strict: bool = True, process_group=None):
+    """Load checkpoint ``path`` into ``model`` (and ``optimizer``), in place; returns the saved ``extra``.
+
+    Collective. The checkpoint may come from any world size and layout (and
+    from ``shardopt ckpt split`` / ``convert``). Before reading, every rank
+    checks the manifest against the live model and optimizer (missing or
+    unexpected parameters with ``strict``, shapes, dtypes, the algorithm) and
+    the CRC-32 of every chunk it will read; on any problem all ranks raise the
+    same :class:`~shardopt.checkpoint.CheckpointError` subclass, naming the
+    file and the parameter.
+    """
+    path = os.fspath(path).rstrip("/")
+    errors = []
+    live = manifest = md = directory = None
+    try:
+        directory = S.resolve(path)
+        manifest = read_manifest(directory)
+        errs = S.verify_side_file(directory, manifest, ".metadata")
+        if errs:
+            raise CorruptCheckpointError(errs[0])
+        md = S.read_metadata(directory)
+        live = collect(model, optimizer)
+    except Exception as e:  # noqa: BLE001
+        errors.append(_err(e))
+    state_dict = {}
+    if not errors:
+        try:
+            errors += _check(directory, manifest, md, live, strict)
+            if not errors:
+                state_dict = _destinations(live, manifest)
+                items = S.read_items(state_dict, md)
+                errors += [("CorruptCheckpointError", m) for m in
+                           S.verify_chunks(directory, manifest, md, [it.storage_index for it in items])]
+                if EXTRA in manifest.get("files", {}):
+                    errors += [("CorruptCheckpointError", m) for m in S.verify_side_file(directory, manifest, EXTRA)]
+        except Exception as e:  # noqa: BLE001
+            errors.append(_err(e))
+    _agree(errors, process_group)
+    S.dcp_load(state_dict, directory, process_group=process_group)
+    _after_load(live, manifest)
+    extra = None
+    if EXTRA in manifest.get("files", {}):
+        extra = torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
+    return extra
+
+
+def _destinations(live: Live, manifest: dict) -> dict:
+    stored = manifest["tensors"]
+    out = {}
+    for t in live.targets():
+        if t.key not in stored or _numel(t) == 0:
+            continue  # e.g. master_param the checkpoint lacks: refreshed from the weights after the load
+        out[t.key] = t.value
+    return out
+
+
+def _check(directory, manifest, md, live: Live, strict: bool) -> list:
+    errors = []
+    mpath = os.path.join(directory, "shardopt.json")
+    stored = manifest.get("tensors", {})
+    params = manifest.get("params", {})
+    where = f"checkpoint {directory}"
+
+    def add(cls, msg):
+        errors.append((cls.__name__, msg))
+
+    # algorithm first: the clearest explanation when everything else differs too
+    for fqn, pi in live.params.items():
+        sp = params.get(fqn)
+        if sp is None:
+            continue
+        if sp["algorithm"] != pi.algorithm:
+            skeys = [k for k in sp["state"] if k != "master_param"]
+            lkeys = [k for k in pi.state_keys if k != "master_param"]
+            add(AlgorithmMismatchError,
+                f"{where} was written by {sp['algorithm']} for parameter '{fqn}' (state {', '.join(skeys) or 'none'}), "
+                f"but this optimizer runs {pi.algorithm} for it (state {', '.join(lkeys) or 'none'}); "
+                f"{sp['algorithm']} state cannot drive {pi.algorithm}. Build the optimizer the checkpoint came from, "
+                "or load the model weights only (optimizer=None)")
+    if errors:
+        return errors
+    live_fqns = set(live.params)
+    for fqn, pi in live.params.items():
+        if fqn not in params:
+            add(MissingEntryError,
+                f"{where} has no optimizer entry for parameter '{fqn}' (shape {tuple(pi.shape)}) in {mpath}; "
+                "it was saved from a different model or optimizer. Load with optimizer=None to take the weights only")
+    if strict and live.params:
+        for fqn in params:
+            if fqn not in live_fqns:
+                add(MissingEntryError,
+                    f"{where} has optimizer state for parameter '{fqn}' that this optimizer does not hold; "
+                    "pass strict=False to ignore it")
+    live_model = {t.fqn for t in live.model_targets}
+    if strict and live.model_targets:
+        for fqn in manifest.get("model", {}):
+            if fqn not in live_model and fqn not in live.aliases:
+                add(MissingEntryError,
+                    f"{where} has model tensor '{fqn}' that the model does not have; pass strict=False to ignore it")
+    for t in live.targets():
+        s = stored.get(t.key)
+        if s is None:
+            if t.slot == "master_param":
+                continue
+            if t.slot == "model" or t.fqn in params:
+                what = "model weight" if t.slot == "model" else f"optimizer state '{t.slot}'"
+                add(MissingEntryError, f"{where} has no entry for parameter '{t.fqn}' ({what}) in {mpath}")
+            continue
+        what = "model tensor" if t.slot == "model" else f"optimizer state '{t.slot}' of parameter"
+        if tuple(s["shape"]) != tuple(t.shape):
+            add(ShapeMismatchError,
+                f"{where}: {what} '{t.fqn}' has shape {tuple(s['shape'])} in the checkpoint but {tuple(t.shape)} "
+                "in the model; the model's architecture differs from the one saved")
+            continue
+        if s["dtype"] != dtype_str(t.dtype):
+            add(ShapeMismatchError,
+                f"{where}: {what} '{t.fqn}' is {s['dtype']} in the checkpoint but {dtype_str(t.dtype)} in the "
+                "model; cast the model to the saved dtype before loading (or save again in this dtype)")
+            continue
+        dm = md.state_dict_metadata.get(t.key)
+        if dm is None:
+            add(CorruptCheckpointError,
+                f"{os.path.join(directory, '.metadata')} lacks '{t.key}' (parameter '{t.fqn}') that {mpath} lists")
+            continue
+        if tuple(getattr(dm, "size", ())) != tuple(t.storage_shape):
+            add(CorruptCheckpointError,
+                f"{os.path.join(directory, '.metadata')} stores '{t.key}' (parameter '{t.fqn}') with shape "
+                f"{tuple(dm.size)}, expected {tuple(t.storage_shape)}")
+    # a parameter's dtype decides whether it has a master copy: compare the params too
+    for fqn, pi in live.params.items():
+        sp = params.get(fqn)
+        if sp and sp["dtype"] != dtype_str(pi.dtype) and not any(t.fqn == fqn and t.slot == "model"
+                                                                  for t in live.model_targets):
+            add(ShapeMismatchError,
+                f"{where}: parameter '{fqn}' is {sp['dtype']} in the checkpoint but {dtype_str(pi.dtype)} here")
+    return errors
+
+
+def _after_load(live: Live, manifest: dict) -> None:
+    params = manifest.get("params", {})
+    stored = manifest.get("tensors", {})
+    for fqn, pi in live.params.items():
+        sp = params.get(fqn)
+        if sp is None:
+            continue
+        for st in pi.step_tensors:
+            st.fill_(float(sp.get("step", 0.0)))
+    for fqn, refresh in live.refresh_master:
+        has_master = f"optim.{fqn}.master_param" in stored
+        if getattr(refresh, "always", False) or not has_master:
+            refresh()
+    # hyperparameters (lr after a scheduler, betas, ...) as torch.optim.Optimizer.load_state_dict restores them
+    saved_groups = manifest.get("param_groups", [])
+    for group, fqns in live.groups:
+        if not fqns or fqns[0] not in params:
+            continue
+        gi = params[fqns[0]]["group"]
+        if gi >= len(saved_groups):
+            continue
+        for k, v in decode_group(saved_groups[gi]["hyper"]).items():
+            if k == "algorithm" or isinstance(v, _Unrestorable):
+                continue
+            group[k] = v
+    for fqn in params:
+        if params[fqn].get("dtype") in LOW_PRECISION and f"optim.{fqn}.master_param" not in stored and fqn in live.params:
+            warnings.warn(f"shardopt: checkpoint has no fp32 master copy of '{fqn}'; it was rebuilt from the "
+                          "low-precision weights", RuntimeWarning, stacklevel=3)
+            break
+
+
+# ---------------------------------------------------------------- helpers
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU, CUDA if present, Python ``random``) for ``extra``."""
+    import random
+
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import random
+
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
