@@ -1,0 +1,553 @@
+// Fused multi-tensor Lion / AdamW steps for CPU tensors (shardopt `cpu` backend).
+//
+// One call updates every tensor of the argument lists.  The work is cut into
+// (tensor, chunk) units of at most kChunk elements and the units are shared
+// out over OpenMP threads, so a list of many small tensors and a single huge
+// tensor both keep every core busy.
+//
+// Numerics (see shardopt/kernels/torch_ops.py, the reference):
+//   * all arithmetic is fp32 with the same order of operations as torch_ops;
+//     the scalars are rounded to fp32 exactly like torch does it (Python
+//     doubles cast to float, `1 - beta` taken in double first);
+//   * only plain IEEE mul/add/sub/div/sqrt are used, and the file must be
+//     compiled with -ffp-contract=off (no FMA contraction) and without
+//     -ffast-math, so an element's result never depends on whether it lands
+//     in the vector body or a scalar remainder.  A ZeRO-1 partition may start
+//     at any element; the results are bitwise identical wherever it starts;
+//   * bf16 params are widened exactly, updated in fp32 and stored with
+//     round-to-nearest-even (like Tensor.copy_ from fp32);
+//   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float()).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__F16C__) || defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__FAST_MATH__)
+#error "fused_optim.cpp must not be compiled with -ffast-math (results must be IEEE exact)"
+#endif
+
+#if defined(_OPENMP)
+#define SHARDOPT_SIMD _Pragma("omp simd")
+#elif defined(__clang__)
+#define SHARDOPT_SIMD _Pragma("clang loop vectorize(enable)")
+#elif defined(__GNUC__)
+#define SHARDOPT_SIMD _Pragma("GCC ivdep")
+#else
+#define SHARDOPT_SIMD
+#endif
+
+namespace {
+
+// Elements per work unit: 32K fp32 = 128 KiB per stream, big enough to
+// amortize scheduling, small enough to balance a handful of tensors.
+constexpr int64_t kChunk = 32768;
+// Below this many elements in total a single thread does the whole call
+// (starting a parallel region costs more than it saves).
+constexpr int64_t kSerialBelow = 1 << 15;
+// fp16 grads are widened into a stack buffer of this many floats at a time.
+constexpr int64_t kHalfBlock = 2048;
+
+// ---------------------------------------------------------------- storage
+
+struct bf16_storage {
+  uint16_t x;
+};
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+inline float load_f32(const float* p, int64_t i) { return p[i]; }
+inline float load_f32(const double* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load_f32(const bf16_storage* p, int64_t i) {
+  return bits_to_float(static_cast<uint32_t>(p[i].x) << 16);
+}
+
+inline void store_f32(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_f32(bf16_storage* p, int64_t i, float v) {
+  // Round to nearest even; NaN becomes the canonical quiet NaN 0x7FC0.
+  const uint32_t u = float_to_bits(v);
+  const uint32_t bias = ((u >> 16) & 1u) + 0x7FFFu;
+  const uint32_t r = (u + bias) >> 16;
+  p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : r);
+}
+
+// fp16 -> fp32 for a block (exact conversion).
+void half_block_to_float(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
+  }
+#endif
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// ------------------------------------------------------------------- Lion
+
+struct LionScalars {
+  float lr, b1, omb1, b2, omb2, wd;
+};
+
+template <bool WD, typename PT, typename GT>
+void lion_block(PT* __restrict p, const GT* __restrict g, float* __restrict m, int64_t n,
+                const LionScalars& s) {
+  const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float pf = load_f32(p, i);
+    const float gf = load_f32(g, i);
+    const float mf = m[i];
+    const float c = mf * b1 + gf * omb1;
+    // torch.sign: (c > 0) - (c < 0); sign(0) = sign(-0) = sign(nan) = 0.
+    float u = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
+    if (WD) u = u + pf * wd;
+    store_f32(p, i, pf - u * lr);
+    m[i] = mf * b2 + gf * omb2;
+  }
+}
+
+template <bool WD, typename PT, typename GT>
+void lion_range(PT* p, const GT* g, float* m, int64_t n, const LionScalars& s) {
+  lion_block<WD>(p, g, m, n, s);
+}
+
+template <bool WD, typename PT>
+void lion_range(PT* p, const at::Half* g, float* m, int64_t n, const LionScalars& s) {
+  alignas(64) float buf[kHalfBlock];
+  for (int64_t off = 0; off < n; off += kHalfBlock) {
+    const int64_t len = std::min(kHalfBlock, n - off);
+    half_block_to_float(g + off, buf, len);
+    lion_block<WD>(p + off, static_cast<const float*>(buf), m + off, len, s);
+  }
+}
+
+// ------------------------------------------------------------------ AdamW
+
+struct AdamWScalars {
+  float b1, omb1, b2, omb2, eps, decay, step_size, bc2_sqrt;
+};
+
+// sqrt over a block.  IEEE sqrt is correctly rounded, so the vector and
+// scalar forms agree bitwise.  (The compiler will not vectorize std::sqrt
+// itself unless -fno-math-errno is given, because of errno.)
+inline void sqrt_block(const float* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_sqrt_ps(_mm512_loadu_ps(src + i)));
+#endif
+#if defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_sqrt_ps(_mm256_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = std::sqrt(src[i]);
+}
+
+// With -fno-math-errno (passed by the JIT loader) the compiler vectorizes
+// std::sqrt and AdamW runs as one pass per element.  Without it (e.g. a
+// prebuilt extension compiled with other flags) the "split" form is used:
+// the same operations in the same order, done in three passes over an
+// L1-resident sub-block with an intrinsic sqrt in the middle.  Both forms
+// give bitwise identical results; the split one is always compiled so the
+// tests can check that.
+#if defined(__NO_MATH_ERRNO__)
+constexpr bool kOnePassAdamW = true;
+#else
+constexpr bool kOnePassAdamW = false;
+#endif
+
+template <bool WD, typename PT, typename GT>
+void adamw_block_onepass(PT* __restrict p, const GT* __restrict g, float* __restrict m,
+                         float* __restrict v, int64_t n, const AdamWScalars& s) {
+  const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
+  const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = load_f32(p, i);
+    const float gf = load_f32(g, i);
+    if (WD) pf = pf * decay;
+    const float mf = m[i] * b1 + gf * omb1;
+    const float vf = v[i] * b2 + (gf * gf) * omb2;
+    m[i] = mf;
+    v[i] = vf;
+    const float denom = std::sqrt(vf) / bc2_sqrt + eps;
+    store_f32(p, i, pf - (mf / denom) * step_size);
+  }
+}
+
+template <bool WD, typename PT, typename GT>
+void adamw_block_split(PT* __restrict p, const GT* __restrict g, float* __restrict m,
+                       float* __restrict v, int64_t n, const AdamWScalars& s) {
+  constexpr int64_t kSub = 512;
+  alignas(64) float root[kSub];
+  const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
+  const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
+  for (int64_t off = 0; off < n; off += kSub) {
+    const int64_t len = std::min(kSub, n - off);
+    PT* __restrict pp = p + off;
+    const GT* __restrict gg = g + off;
+    float* __restrict mm = m + off;
+    float* __restrict vv = v + off;
+    SHARDOPT_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      const float gf = load_f32(gg, i);
+      mm[i] = mm[i] * b1 + gf * omb1;
+      vv[i] = vv[i] * b2 + (gf * gf) * omb2;
+    }
+    sqrt_block(vv, root, len);
+    SHARDOPT_SIMD
+    for (int64_t i = 0; i < len; ++i) {
+      float pf = load_f32(pp, i);
+      if (WD) pf = pf * decay;
+      const float denom = root[i] / bc2_sqrt + eps;
+      store_f32(pp, i, pf - (mm[i] / denom) * step_size);
+    }
+  }
+}
+
+template <bool WD, bool SPLIT, typename PT, typename GT>
+inline void adamw_block(PT* p, const GT* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+  if constexpr (kOnePassAdamW && !SPLIT)
+    adamw_block_onepass<WD>(p, g, m, v, n, s);
+  else
+    adamw_block_split<WD>(p, g, m, v, n, s);
+}
+
+template <bool WD, bool SPLIT, typename PT, typename GT>
+void adamw_range(PT* p, const GT* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+  adamw_block<WD, SPLIT>(p, g, m, v, n, s);
+}
+
+template <bool WD, bool SPLIT, typename PT>
+void adamw_range(PT* p, const at::Half* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+  alignas(64) float buf[kHalfBlock];
+  for (int64_t off = 0; off < n; off += kHalfBlock) {
+    const int64_t len = std::min(kHalfBlock, n - off);
+    half_block_to_float(g + off, buf, len);
+    adamw_block<WD, SPLIT>(p + off, static_cast<const float*>(buf), m + off, v + off, len, s);
+  }
+}
+
+// ------------------------------------------------------- validation, units
+
+enum class PKind : uint8_t { F32, BF16 };
+enum class GKind : uint8_t { F32, BF16, F16, F64 };
+
+struct TensorRef {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;  // AdamW only
+  int64_t numel;
+  PKind pk;
+  GKind gk;
+};
+
+struct Unit {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes() << " (" << t.scalar_type() << ")";
+  return os.str();
+}
+
+void check_tensor(const char* fn, const char* list, int64_t i, const at::Tensor& t,
+                  const at::Tensor& ref) {
+  TORCH_CHECK(t.defined(), fn, ": ", list, "[", i, "] is undefined (None)");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", list, "[", i, "] must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, fn, ": ", list, "[", i, "] must be a dense (strided) tensor");
+  TORCH_CHECK(t.numel() == ref.numel(), fn, ": ", list, "[", i, "] has shape ", shape_str(t),
+              " with ", t.numel(), " elements but params[", i, "] has shape ", shape_str(ref), " with ",
+              ref.numel(), " elements");
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", list, "[", i, "] with shape ", shape_str(t),
+              " and strides ", t.strides(), " must be contiguous");
+}
+
+std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& params,
+                               const std::vector<at::Tensor>& grads,
+                               const std::vector<at::Tensor>& exp_avgs,
+                               const std::vector<at::Tensor>* exp_avg_sqs) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n &&
+                  (exp_avg_sqs == nullptr || exp_avg_sqs->size() == n),
+              fn, ": tensor lists must have equal lengths, got params=", n, ", grads=", grads.size(),
+              ", exp_avgs=", exp_avgs.size(),
+              exp_avg_sqs ? ", exp_avg_sqs=" + std::to_string(exp_avg_sqs->size()) : std::string());
+  std::vector<TensorRef> refs;
+  refs.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const at::Tensor& p = params[k];
+    TORCH_CHECK(p.defined(), fn, ": params[", i, "] is undefined (None)");
+    check_tensor(fn, "params", i, p, p);
+    check_tensor(fn, "grads", i, grads[k], p);
+    check_tensor(fn, "exp_avgs", i, exp_avgs[k], p);
+    TensorRef r{};
+    r.numel = p.numel();
+    switch (p.scalar_type()) {
+      case at::kFloat: r.pk = PKind::F32; break;
+      case at::kBFloat16: r.pk = PKind::BF16; break;
+      default:
+        TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
+                    "; only float32 and bfloat16 params are supported");
+    }
+    switch (grads[k].scalar_type()) {
+      case at::kFloat: r.gk = GKind::F32; break;
+      case at::kBFloat16: r.gk = GKind::BF16; break;
+      case at::kHalf: r.gk = GKind::F16; break;
+      case at::kDouble: r.gk = GKind::F64; break;
+      default:
+        TORCH_CHECK(false, fn, ": grads[", i, "] has dtype ", grads[k].scalar_type(),
+                    "; expected float32, bfloat16, float16 or float64");
+    }
+    TORCH_CHECK(exp_avgs[k].scalar_type() == at::kFloat, fn, ": exp_avgs[", i, "] has dtype ",
+                exp_avgs[k].scalar_type(), "; optimizer state must be float32");
+    if (exp_avg_sqs) {
+      const at::Tensor& v = (*exp_avg_sqs)[k];
+      check_tensor(fn, "exp_avg_sqs", i, v, p);
+      TORCH_CHECK(v.scalar_type() == at::kFloat, fn, ": exp_avg_sqs[", i, "] has dtype ",
+                  v.scalar_type(), "; optimizer state must be float32");
+    }
+    if (r.numel == 0) continue;
+    r.p = p.data_ptr();
+    r.g = grads[k].data_ptr();
+    r.m = exp_avgs[k].data_ptr<float>();
+    r.v = exp_avg_sqs ? (*exp_avg_sqs)[k].data_ptr<float>() : nullptr;
+    refs.push_back(r);
+  }
+  return refs;
+}
+
+// Splits every tensor into units of at most kChunk elements.  Tensors are
+// cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail.
+std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total) {
+  std::vector<Unit> units;
+  int64_t sum = 0;
+  for (const auto& r : refs) sum += (r.numel + kChunk - 1) / kChunk;
+  units.reserve(static_cast<size_t>(sum));
+  *total = 0;
+  for (size_t t = 0; t < refs.size(); ++t) {
+    const int64_t n = refs[t].numel;
+    *total += n;
+    const int64_t pieces = (n + kChunk - 1) / kChunk;
+    const int64_t base = n / pieces, extra = n % pieces;
+    int64_t begin = 0;
+    for (int64_t k = 0; k < pieces; ++k) {
+      const int64_t len = base + (k < extra ? 1 : 0);
+      units.push_back(Unit{static_cast<int64_t>(t), begin, begin + len});
+      begin += len;
+    }
+  }
+  return units;
+}
+
+int pick_threads(int64_t total, int64_t n_units) {
+  if (total < kSerialBelow || n_units < 2) return 1;
+  int nt = at::get_num_threads();
+  if (nt < 1) nt = 1;
+  return static_cast<int>(std::min<int64_t>(nt, n_units));
+}
+
+template <typename F>
+void run_units(const std::vector<Unit>& units, int nthreads, const F& body) {
+  const int64_t nu = static_cast<int64_t>(units.size());
+#ifdef _OPENMP
+  if (nthreads > 1) {
+    // Static schedule: each thread streams through one contiguous run of
+    // units (units are near-equal in size, so the split is balanced).
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < nu; ++k) body(units[k]);
+    return;
+  }
+#endif
+  (void)nthreads;
+  for (int64_t k = 0; k < nu; ++k) body(units[k]);
+}
+
+// -------------------------------------------------------------- dispatch
+
+template <bool WD, typename PT>
+void lion_unit_p(const TensorRef& r, PT* p, int64_t b, int64_t n, const LionScalars& s) {
+  float* m = r.m + b;
+  switch (r.gk) {
+    case GKind::F32: lion_range<WD>(p, static_cast<const float*>(r.g) + b, m, n, s); break;
+    case GKind::BF16: lion_range<WD>(p, static_cast<const bf16_storage*>(r.g) + b, m, n, s); break;
+    case GKind::F16: lion_range<WD>(p, static_cast<const at::Half*>(r.g) + b, m, n, s); break;
+    case GKind::F64: lion_range<WD>(p, static_cast<const double*>(r.g) + b, m, n, s); break;
+  }
+}
+
+template <bool WD>
+void lion_unit(const TensorRef& r, const Unit& u, const LionScalars& s) {
+  const int64_t n = u.end - u.begin;
+  if (r.pk == PKind::F32)
+    lion_unit_p<WD>(r, static_cast<float*>(r.p) + u.begin, u.begin, n, s);
+  else
+    lion_unit_p<WD>(r, static_cast<bf16_storage*>(r.p) + u.begin, u.begin, n, s);
+}
+
+template <bool WD, bool SPLIT, typename PT>
+void adamw_unit_p(const TensorRef& r, PT* p, int64_t b, int64_t n, const AdamWScalars& s) {
+  float* m = r.m + b;
+  float* v = r.v + b;
+  switch (r.gk) {
+    case GKind::F32: adamw_range<WD, SPLIT>(p, static_cast<const float*>(r.g) + b, m, v, n, s); break;
+    case GKind::BF16: adamw_range<WD, SPLIT>(p, static_cast<const bf16_storage*>(r.g) + b, m, v, n, s); break;
+    case GKind::F16: adamw_range<WD, SPLIT>(p, static_cast<const at::Half*>(r.g) + b, m, v, n, s); break;
+    case GKind::F64: adamw_range<WD, SPLIT>(p, static_cast<const double*>(r.g) + b, m, v, n, s); break;
+  }
+}
+
+template <bool WD, bool SPLIT>
+void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s) {
+  const int64_t n = u.end - u.begin;
+  if (r.pk == PKind::F32)
+    adamw_unit_p<WD, SPLIT>(r, static_cast<float*>(r.p) + u.begin, u.begin, n, s);
+  else
+    adamw_unit_p<WD, SPLIT>(r, static_cast<bf16_storage*>(r.p) + u.begin, u.begin, n, s);
+}
+
+// ------------------------------------------------------------ entry points
+
+void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
+               double weight_decay) {
+  const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr);
+  if (refs.empty()) return;
+  LionScalars s;
+  s.lr = static_cast<float>(lr);
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.wd = static_cast<float>(weight_decay);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  if (weight_decay != 0.0)
+    run_units(units, nt, [&](const Unit& u) { lion_unit<true>(refs[u.tensor], u, s); });
+  else
+    run_units(units, nt, [&](const Unit& u) { lion_unit<false>(refs[u.tensor], u, s); });
+}
+
+template <bool SPLIT>
+void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avgs,
+                     const std::vector<at::Tensor>& exp_avg_sqs, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int64_t step) {
+  TORCH_CHECK(step >= 1, "adamw_step: step must be >= 1 (already incremented), got ", step);
+  const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs);
+  if (refs.empty()) return;
+  // Same double-precision formulas as torch_ops.adamw_scalars.
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  AdamWScalars s;
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.step_size = static_cast<float>(lr / bc1);
+  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  int64_t total = 0;
+  const auto units = make_units(refs, &total);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  if (weight_decay != 0.0)
+    run_units(units, nt, [&](const Unit& u) { adamw_unit<true, SPLIT>(refs[u.tensor], u, s); });
+  else
+    run_units(units, nt, [&](const Unit& u) { adamw_unit<false, SPLIT>(refs[u.tensor], u, s); });
+}
+
+void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  adamw_step_impl<false>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+                         step);
+}
+
+// Same as adamw_step but always the split (intrinsic-sqrt) form; for tests.
+void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& exp_avgs,
+                      const std::vector<at::Tensor>& exp_avg_sqs, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, int64_t step) {
+  adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+                        step);
+}
+
+std::string build_info() {
+  std::ostringstream os;
+  os << "chunk=" << kChunk;
+#ifdef _OPENMP
+  os << " openmp=" << _OPENMP;
+#else
+  os << " openmp=off";
+#endif
+#if defined(__AVX512F__)
+  os << " simd=avx512";
+#elif defined(__AVX2__)
+  os << " simd=avx2";
+#else
+  os << " simd=baseline";
+#endif
+  os << (kOnePassAdamW ? " adamw=onepass" : " adamw=split");
+#if defined(__FP_FAST_FMAF)
+  os << " fma_hw=1 (contraction off)";
+#endif
+  return os.str();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "shardopt fused multi-tensor Lion/AdamW CPU kernels";
+  m.def("lion_step", &lion_step, "Fused multi-tensor Lion step (in place)", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("weight_decay"));
+  m.def("adamw_step", &adamw_step, "Fused multi-tensor AdamW step (in place)", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("step"));
+  m.def("_adamw_step_split", &adamw_step_split,
+        "adamw_step forced to the split (three-pass) form; for tests", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("step"));
+  m.def("build_info", &build_info, "Compile-time configuration of the kernels");
+}
