@@ -52,11 +52,10 @@ setup(
     package_data={"shardopt": ["data/*.txt"]},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "ninja", "matplotlib", "tqdm", "accelerate>=1.0", "triton"],
+        "test": ["pytest>=7", "ninja", "matplotlib", "tqdm", "accelerate>=1.0", "triton"],
         "deepspeed": ["deepspeed>=0.16", "transformers"],
         "all": [
             "pytest>=7",
-            "pytest-timeout",
             "ninja",
             "matplotlib",
             "tqdm",

@@ -1,0 +1,287 @@
+"""``shardopt bench``: time optimizer steps against the peers, and count state and traffic.
+
+    shardopt bench --device cpu            # one step of each optimizer, ~20 M fp32 params
+    shardopt bench --distributed           # ZeRO-1 on W = 1, 2, 4 CPU ranks: state bytes, step time, bytes sent
+    shardopt bench --device cuda           # the same table on a GPU (torch / triton backends)
+
+Ratios are measured side by side in one run; absolute times depend on the
+machine. ``--json PATH`` writes the rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def transformer_shapes(hidden: int, layers: int, vocab: int) -> list[tuple]:
+    """A GPT-style parameter set: embedding, per layer qkv/proj/fc1/fc2 + norms and biases."""
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden,), (hidden,), (3 * hidden, hidden), (3 * hidden,), (hidden, hidden), (hidden,),
+                   (hidden,), (hidden,), (4 * hidden, hidden), (4 * hidden,), (hidden, 4 * hidden), (hidden,)]
+    shapes += [(hidden,), (hidden,)]
+    return shapes
+
+
+def _params(shapes, device, dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype) * 0.02) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g).to(device=device, dtype=dtype) * 1e-3
+    return ps
+
+
+def _time(step, iters: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _copy_bandwidth(n: int, device, iters: int) -> float:
+    """GB/s of a plain fp32 tensor copy (read + write), the roofline for elementwise steps."""
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    ms = _time(lambda: b.copy_(a), iters, 2, device)
+    return 2 * n * 4 / ms / 1e6
+
+
+def _elementwise_rows(shapes, device, iters, deepspeed: bool):
+    import shardopt
+    from shardopt.kernels import torch_ops
+
+    rows = []
+    n = sum(torch.Size(s).numel() for s in shapes)
+    # bytes touched per element: Lion p,g,m read + p,m write = 5*4; AdamW p,g,m,v read + p,m,v write = 7*4
+    def add(name, make, bytes_per_elem, peer=False):
+        try:
+            step = make()
+        except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+            print(f"  skip {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", file=sys.stderr)
+            return
+        ms = _time(step, iters, 2, device)
+        rows.append({"name": name, "ms": ms, "GB/s": n * bytes_per_elem / ms / 1e6, "peer": peer,
+                     "algo": "lion" if "Lion" in name or "lion" in name else "adamw"})
+        print(f"  {name:<36} {ms:9.2f} ms", file=sys.stderr)
+
+    def ours(cls, backend, **kw):
+        def make():
+            ps = _params(shapes, device)
+            opt = cls(ps, backend=backend, sharding="none", nonfinite=None, **kw)
+            return opt.step
+        return make
+
+    def torch_adamw(**kw):
+        def make():
+            ps = _params(shapes, device)
+            return torch.optim.AdamW(ps, lr=1e-3, **kw).step
+        return make
+
+    def foreach_lion():
+        ps = _params(shapes, device)
+        ms_ = [torch.zeros_like(p) for p in ps]
+        grads = [p.grad for p in ps]
+        # the textbook foreach Lion (lerp/sign/add), as a user would write it
+        def step():
+            with torch.no_grad():
+                c = torch._foreach_lerp(ms_, grads, 0.1)
+                torch._foreach_sign_(c)
+                torch._foreach_add_(ps, c, alpha=-1e-4)
+                torch._foreach_lerp_(ms_, grads, 0.01)
+        return step
+
+    backends = ["torch", "cpu"] if device.type == "cpu" else ["torch", "triton"]
+    add("torch.optim.AdamW foreach", torch_adamw(foreach=True), 28, peer=True)
+    add("torch.optim.AdamW fused", torch_adamw(fused=True), 28, peer=True)
+    add("foreach Lion (lerp/sign)", foreach_lion, 20, peer=True)
+    if deepspeed:
+        if device.type == "cpu":
+            def ds(cls_name):
+                def make():
+                    from deepspeed.ops import adam, lion  # noqa: F401
+                    mod = {"DeepSpeedCPUAdam": "deepspeed.ops.adam", "DeepSpeedCPULion": "deepspeed.ops.lion"}[cls_name]
+                    cls = getattr(__import__(mod, fromlist=[cls_name]), cls_name)
+                    ps = _params(shapes, device)
+                    return cls(ps, lr=1e-3).step
+                return make
+            add("DeepSpeedCPUAdam", ds("DeepSpeedCPUAdam"), 28, peer=True)
+            add("DeepSpeedCPULion", ds("DeepSpeedCPULion"), 20, peer=True)
+        else:
+            def dsf(cls_name):
+                def make():
+                    mod = {"FusedAdam": "deepspeed.ops.adam", "FusedLion": "deepspeed.ops.lion"}[cls_name]
+                    cls = getattr(__import__(mod, fromlist=[cls_name]), cls_name)
+                    ps = _params(shapes, device)
+                    return cls(ps, lr=1e-3).step
+                return make
+            add("DeepSpeed FusedAdam", dsf("FusedAdam"), 28, peer=True)
+            add("DeepSpeed FusedLion", dsf("FusedLion"), 20, peer=True)
+    for b in backends:
+        add(f"shardopt.Lion backend={b}", ours(shardopt.Lion, b, lr=1e-4), 20)
+        add(f"shardopt.AdamW backend={b}", ours(shardopt.AdamW, b, lr=1e-3), 28)
+    return rows, n
+
+
+def _muon_rows(device, iters, hidden, layers):
+    import shardopt
+
+    shapes = [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
+    rows = []
+    for name, make in (
+        ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3)),
+        ("shardopt.Muon ns_dtype=bf16", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.bfloat16, sharding="none", nonfinite=None)),
+        ("shardopt.Muon ns_dtype=fp32", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.float32, sharding="none", nonfinite=None)),
+    ):
+        ps = _params(shapes, device)
+        opt = make(ps)
+        ms = _time(opt.step, iters, 1, device)
+        rows.append({"name": name, "ms": ms, "peer": name.startswith("torch"), "algo": "muon"})
+        print(f"  {name:<36} {ms:9.2f} ms", file=sys.stderr)
+    return rows, shapes
+
+
+def _print_table(rows, copy_gbs=None):
+    best_peer = {}
+    for r in rows:
+        if r["peer"]:
+            best_peer[r["algo"]] = min(best_peer.get(r["algo"], float("inf")), r["ms"])
+    hdr = f"{'step':<38} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'vs best peer':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        gbs = r.get("GB/s")
+        pct = f"{100 * gbs / copy_gbs:6.1f}%" if gbs and copy_gbs else "      -"
+        ratio = best_peer.get(r["algo"], float("nan")) / r["ms"]
+        r["speedup_vs_best_peer"] = ratio
+        print(f"{r['name']:<38} {r['ms']:9.2f} {gbs or 0:8.1f} {pct:>7} {ratio:12.2f}x")
+
+
+# ---------------------------------------------------------------- distributed
+def _dist_worker(rank, world, port, shapes, iters, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    import shardopt
+    from shardopt.sharding import comm
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res = {}
+    for algo in ("lion", "adamw", "muon"):
+        ps = _params(shapes, torch.device("cpu"))
+        if algo == "muon":
+            groups = [{"params": [p for p in ps if p.dim() == 2 and p.shape[0] != shapes[0][0]], "ns_dtype": torch.float32},
+                      {"params": [p for p in ps if p.dim() != 2 or p.shape[0] == shapes[0][0]], "algorithm": "adamw"}]
+            opt = shardopt.Muon(groups, lr=1e-3, nonfinite=None)
+        else:
+            opt = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[algo](ps, lr=1e-4, nonfinite=None)
+        opt.step()
+        comm.reset_counters()
+        opt.step()
+        traffic = dict(comm.COUNTERS)
+        dist.barrier()
+        ms = _time(opt.step, iters, 0, torch.device("cpu"))
+        res[algo] = {"state_bytes": opt.state_bytes(), "ms": ms, "traffic": traffic, "layout": opt.layout.name}
+    out[rank] = res
+    dist.destroy_process_group()
+
+
+def _run_distributed(args):
+    import torch.multiprocessing as mp
+
+    shapes = transformer_shapes(args.hidden, args.layers, args.vocab)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    print(f"ZeRO-1 on CPU gloo ranks: {n / 1e6:.1f} M fp32 params in {len(shapes)} tensors", file=sys.stderr)
+    table = []
+    for world in args.worlds:
+        from ..sharding import comm  # noqa: F401 - import check before spawning
+
+        with mp.Manager() as mgr:
+            out = mgr.dict()
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.start_processes(_dist_worker, args=(world, port, shapes, args.iters, out), nprocs=world,
+                               start_method="spawn")
+            res = dict(out)
+        for algo in ("lion", "adamw", "muon"):
+            for rank in range(world):
+                r = res[rank][algo]
+                table.append({"world": world, "rank": rank, "algo": algo, **r})
+    print(f"{'W':>2} {'rank':>4} {'algo':<6} {'layout':<6} {'state MB':>9} {'step ms':>8} {'all-gather MB':>14} "
+          f"{'reduce-scatter MB':>18} {'all-to-all MB':>14}")
+    for t in table:
+        tr = t["traffic"]
+        print(f"{t['world']:>2} {t['rank']:>4} {t['algo']:<6} {t['layout']:<6} {t['state_bytes'] / 1e6:9.2f} {t['ms']:8.1f} "
+              f"{tr.get('all_gather', 0) / 1e6:14.3f} {tr.get('reduce_scatter', 0) / 1e6:18.3f} "
+              f"{tr.get('all_to_all', 0) / 1e6:14.3f}")
+    for world in args.worlds:
+        if world == 1:
+            continue
+        ag = {t["algo"]: t["traffic"].get("all_gather", 0) for t in table if t["world"] == world and t["rank"] == 0}
+        other = {t["algo"]: sum(v for k, v in t["traffic"].items() if k not in ("all_gather", "all_reduce"))
+                 for t in table if t["world"] == world and t["rank"] == 0}
+        verdict = "equal" if ag["muon"] == ag["adamw"] and other["muon"] == 0 else "DIFFERENT"
+        print(f"W={world}: Muon all-gather {ag['muon']:,} B vs AdamW {ag['adamw']:,} B per step ({verdict}); "
+              f"Muon other traffic {other['muon']:,} B")
+    return table
+
+
+# ---------------------------------------------------------------- entry points
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmark optimizer steps against torch/DeepSpeed peers",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--distributed", action="store_true", help="ZeRO-1 state bytes, step time and traffic on W CPU ranks")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--muon-hidden", type=int, default=256, help="hidden size of the Muon matrices (NS is O(n^3))")
+    p.add_argument("--muon-layers", type=int, default=4)
+    p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed peers (they JIT-build ~50 s each)")
+    p.add_argument("--no-muon", action="store_true")
+    p.add_argument("--json", help="write the rows to this file")
+    return p
+
+
+def run(args) -> int:
+    if args.distributed:
+        rows = _run_distributed(args)
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("shardopt bench: --device cuda needs a CUDA GPU", file=sys.stderr)
+            return 2
+        shapes = transformer_shapes(args.hidden, args.layers, args.vocab)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        print(f"one optimizer step, {n / 1e6:.1f} M fp32 params in {len(shapes)} tensors, device {device}, "
+              f"{torch.get_num_threads()} threads", file=sys.stderr)
+        copy_gbs = _copy_bandwidth(n, device, args.iters)
+        print(f"  copy bandwidth {copy_gbs:.1f} GB/s", file=sys.stderr)
+        rows, _ = _elementwise_rows(shapes, device, args.iters, not args.no_deepspeed)
+        if not args.no_muon:
+            mrows, mshapes = _muon_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
+            rows += mrows
+        _print_table(rows, copy_gbs)
+        rows = {"params": n, "tensors": len(shapes), "copy_GBps": copy_gbs, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0
