@@ -50,19 +50,26 @@ def _full(params):
     return [p.full_tensor().detach().clone() for p in params]
 
 
-def _equivalence_cases(world, mesh_shape=None):
+def _equivalence_cases(world, mesh_shape=None, **extra):
+    from shardopt.sharding import comm
+
     out = {}
     for name in CASE_IDS:
         m = _shard(world, mesh_shape)
         ps = list(m.parameters())
-        opt = build(name, ps, backend="torch")
+        opt = build(name, ps, backend="torch", **extra)
         assert opt.layout.name == "fsdp2"
-        _train(opt, ps, 0, STEPS)
+        _train(opt, ps, 0, STEPS - 1)
+        comm.reset_counters()
+        _train(opt, ps, STEPS - 1, STEPS)
+        a2a = comm.COUNTERS["all_to_all"]
+        shard_bytes = sum(p.to_local().numel() * 4 for p in ps if p.dim() == 2)
         placements_ok = all(
             v.placements == p.placements and v.device_mesh == p.device_mesh
             for p in ps for k, v in opt.state[p].items() if k != "step"
         )
-        out[name] = dict(params=_full(ps), bytes=opt.state_bytes(), ns=list(opt.ns_shapes), placements_ok=placements_ok)
+        out[name] = dict(params=_full(ps), bytes=opt.state_bytes(), ns=list(opt.ns_shapes), placements_ok=placements_ok,
+                         a2a=a2a, shard_bytes=shard_bytes)
     return out
 
 
@@ -72,7 +79,7 @@ def _job_w2(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    res = {"cases": _equivalence_cases(world)}
+    res = {"cases": _equivalence_cases(world), "bf16_comm": _equivalence_cases(world, comm_dtype=torch.bfloat16)}
     # an optimizer built before fully_shard, parameters swapped afterwards (what accelerate does)
     m = Holder()
     old = list(m.parameters())
@@ -140,6 +147,14 @@ def test_fsdp2_equivalence_state_placement_swap_tp(world):
         if name.startswith("muon"):
             seen = sorted(s for r in res for s in r["cases"][name]["ns"])
             assert seen == sorted(s for s in SHAPES if len(s) == 2)  # once each, full shape
+            for r in res:
+                c = r["cases"][name]
+                # the gather step sends at most 2x the local shard bytes (two all-to-alls, nothing per parameter)
+                assert 0 < c["a2a"] <= 2 * c["shard_bytes"], (c["a2a"], c["shard_bytes"])
+                # comm_dtype=bf16 halves the traffic and stays within bf16 tolerance
+                b = r["bf16_comm"][name]
+                assert b["a2a"] * 2 == c["a2a"]
+                assert 0 < max_rel_err(b["params"], ref) < 2e-2
     # per-shard NS is a large, detectable difference; ours matches the full-matrix reference
     ours = [p for p in res[0]["cases"]["muon"]["params"] if p.dim() == 2]
     wrong = _per_shard_muon_reference(world)

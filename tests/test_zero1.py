@@ -32,7 +32,9 @@ def _trajectories(rank, world):
                         p.grad = g
                     opt.step()
                     norms.append(opt.last_grad_norm)
+                table = opt.summary(print_fn=None)
                 out[(name, dtype, clip)] = dict(
+                    table=table,
                     params=[p.detach().clone() for p in ps], numel=opt.state_numel(), ns=list(opt.ns_shapes),
                     norms=norms, keys=sorted((i, tuple(sorted(st))) for i, st in enumerate(opt.state_dict()["state"].values())),
                 )
@@ -76,6 +78,11 @@ def test_zero1_equivalence_memory_and_ns_ownership(world):
             else:
                 assert got <= kinds * (math.ceil(n_params / world) + align), (rank, got, total)
         assert sum(res[r][(name, dtype, clip)]["numel"] for r in range(world)) >= total
+        # the summary table lists every rank with what it holds
+        table = r0["table"]
+        assert [t["rank"] for t in table] == list(range(world))
+        assert [t["state_bytes"] for t in table] == [res[r][(name, dtype, clip)]["numel"] * 4 for r in range(world)]
+        assert sum(t["owned_elements"] for t in table) >= n_params
         # 3. Muon: each matrix orthogonalized exactly once in the group, as a full matrix
         if name.startswith("muon"):
             seen = sorted(s for r in range(world) for s in res[r][(name, dtype, clip)]["ns"])
