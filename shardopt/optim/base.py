@@ -165,22 +165,21 @@ class ShardedOptimizer(Optimizer):
         return params, names, gidx
 
     def _ensure_layout(self):
+        """(Re)build the layout when the parameter list changed.
+
+        accelerate swaps in the FSDP2 DTensor parameters after the optimizer
+        is built; state made for the old parameters is then rebuilt for the new
+        ones, which is only safe before the first step.
+        """
         params, names, gidx = self._flat_params()
         key = tuple(id(p) for p in params)
         if self._layout is not None and key == self._layout_key:
             return
-        old_state = {}
-        if self._layout is not None:
-            # parameters were swapped (e.g. by accelerate after fully_shard): carry state only if untouched
-            old_params, _, _ = self._old_flat
-            for op in old_params:
-                st = self.state.get(op)
-                if st and float(st.get("step", 0)) > 0:
-                    raise RuntimeError(
-                        "shardopt: the optimizer's parameters were replaced after training steps were taken; "
-                        "build the optimizer after wrapping the model (or before any step)"
-                    )
-            old_state = {}
+        if self._layout is not None and any(float(st.get("step", 0)) > 0 for st in self.state.values()):
+            raise RuntimeError(
+                "shardopt: the optimizer's parameters were replaced after training steps were taken; "
+                "build the optimizer after wrapping the model (or swap parameters before the first step)"
+            )
         whole = [ALGORITHMS[self.param_groups[g]["algorithm"]].matrix for g in gidx]
         self._layout = make_layout(
             params, names, whole, self.sharding, self.process_group, self.reduce_gradients,
@@ -188,16 +187,16 @@ class ShardedOptimizer(Optimizer):
             comm_dtype=self.comm_dtype,
         )
         self._layout_key = key
-        self._old_flat = (params, names, gidx)
         self._names, self._gidx = names, gidx
-        self.state = type(self.state)()  # defaultdict(dict)
-        self.state.update(old_state)
+        self.state = type(self.state)()  # defaultdict(dict), as torch.optim keeps it
         self._init_state()
 
     def _init_state(self):
         layout = self._layout
         params, names, gidx = self._flat_params()
         for i, p in enumerate(params):
+            if p in self.state:  # carried over by _ensure_layout
+                continue
             algo = ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]]
             shape = layout.local_shape(i)
             dev = p.device if not _is_dtensor(p) else p.to_local().device
@@ -214,6 +213,34 @@ class ShardedOptimizer(Optimizer):
         return self._layout
 
     # ------------------------------------------------------------------ state_dict
+    def state_dict(self):
+        self._ensure_layout()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict):
+        """torch.optim semantics for a state_dict of this rank's own layout.
+
+        A state_dict from another world size or layout has other local shapes;
+        that is refused (use ``shardopt.checkpoint`` to reshard) rather than
+        loaded into the wrong elements.
+        """
+        self._ensure_layout()
+        super().load_state_dict(state_dict)
+        params = self._flat_params()[0]
+        for i, p in enumerate(params):
+            want = tuple(self._layout.local_shape(i))
+            for k, v in self.state[p].items():
+                if k == "step" or not torch.is_tensor(v):
+                    continue
+                have = tuple((v.to_local() if _is_dtensor(v) else v).shape)
+                if have != want:
+                    raise ValueError(
+                        f"shardopt: state '{k}' of {self._describe(i)} has local shape {have}, but this rank's "
+                        f"{self._layout.name} layout (world size {self._layout.world_size}) expects {want}. "
+                        "The state_dict was saved with another world size or layout: load it with "
+                        "shardopt.checkpoint.load, which reshards"
+                    )
+
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
         # State stays fp32 whatever the parameter dtype (torch would cast it to bf16).
@@ -221,6 +248,20 @@ class ShardedOptimizer(Optimizer):
             return value
         dev = param.to_local().device if _is_dtensor(param) else param.device
         return value.to(device=dev) if not _is_dtensor(value) else value
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch's load_state_dict calls Optimizer._process_value_according_to_param_policy by class
+        # name, so the override above is not used and fp32 state of bf16 params arrives as bf16.
+        # Put back the saved values in their saved dtype.
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for k, v in state_dict["state"].get(pid, {}).items():
+                cur = self.state[p].get(k)
+                if (k != "step" and torch.is_tensor(v) and torch.is_tensor(cur) and not _is_dtensor(cur)
+                        and cur.dtype != v.dtype):
+                    self.state[p][k] = v.detach().to(device=cur.device, copy=True)
 
     # ------------------------------------------------------------------ reporting
     def state_bytes(self) -> int:
