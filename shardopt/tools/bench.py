@@ -108,27 +108,18 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
     add("torch.optim.AdamW fused", torch_adamw(fused=True), 28, peer=True)
     add("foreach Lion (lerp/sign)", foreach_lion, 20, peer=True)
     if deepspeed:
-        if device.type == "cpu":
-            def ds(cls_name):
-                def make():
-                    from deepspeed.ops import adam, lion  # noqa: F401
-                    mod = {"DeepSpeedCPUAdam": "deepspeed.ops.adam", "DeepSpeedCPULion": "deepspeed.ops.lion"}[cls_name]
-                    cls = getattr(__import__(mod, fromlist=[cls_name]), cls_name)
-                    ps = _params(shapes, device)
-                    return cls(ps, lr=1e-3).step
-                return make
-            add("DeepSpeedCPUAdam", ds("DeepSpeedCPUAdam"), 28, peer=True)
-            add("DeepSpeedCPULion", ds("DeepSpeedCPULion"), 20, peer=True)
-        else:
-            def dsf(cls_name):
-                def make():
-                    mod = {"FusedAdam": "deepspeed.ops.adam", "FusedLion": "deepspeed.ops.lion"}[cls_name]
-                    cls = getattr(__import__(mod, fromlist=[cls_name]), cls_name)
-                    ps = _params(shapes, device)
-                    return cls(ps, lr=1e-3).step
-                return make
-            add("DeepSpeed FusedAdam", dsf("FusedAdam"), 28, peer=True)
-            add("DeepSpeed FusedLion", dsf("FusedLion"), 20, peer=True)
+        def ds(module, cls_name):
+            def make():
+                cls = getattr(__import__(module, fromlist=[cls_name]), cls_name)
+                return cls(_params(shapes, device), lr=1e-3).step
+            return make
+
+        # DeepSpeed's CPU optimizers on CPU, its fused CUDA ones on GPUs
+        cpu = device.type == "cpu"
+        add("DeepSpeed" + ("CPUAdam" if cpu else " FusedAdam"),
+            ds("deepspeed.ops.adam", "DeepSpeedCPUAdam" if cpu else "FusedAdam"), 28, peer=True)
+        add("DeepSpeed" + ("CPULion" if cpu else " FusedLion"),
+            ds("deepspeed.ops.lion", "DeepSpeedCPULion" if cpu else "FusedLion"), 20, peer=True)
     for b in backends:
         add(f"shardopt.Lion backend={b}", ours(shardopt.Lion, b, lr=1e-4), 20)
         add(f"shardopt.AdamW backend={b}", ours(shardopt.AdamW, b, lr=1e-3), 28)
