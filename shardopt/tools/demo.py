@@ -1,0 +1,406 @@
+"""``shardopt demo``: the whole product on a laptop-class CPU, in about two minutes.
+
+It trains a small character-level GPT on the text shipped in ``shardopt/data``
+with 2 gloo ranks on CPU (on a machine with several GPUs: one rank per GPU,
+NCCL), with Lion, AdamW and Muon one after another from the same seed and
+data. It shows a progress bar, each optimizer's ``summary()`` table, and a
+final table of per-rank optimizer-state bytes against unsharded, step time and
+final loss; it draws ``loss.png`` and saves a world-size-agnostic checkpoint
+that ``--resume PATH --nproc 1`` continues at another world size.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) it runs in place on the
+launched ranks instead of spawning its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+from pathlib import Path
+
+from . import CommandError
+
+OPTIMIZERS = ("lion", "adamw", "muon")
+LAYOUTS = ("zero1", "fsdp2", "deepspeed", "none")
+DEFAULT_STEPS = 150
+DEFAULT_RESUME_STEPS = 50
+DEFAULT_OUT = "shardopt_demo_out"
+META = "demo.json"
+# A resumed run "continues without a jump" when the held-out loss right after
+# loading matches the one measured at save time (the weights came back intact)
+# and its first training losses sit no higher than the last ones before the save
+# plus this margin (the optimizer state came back too: a fresh AdamW/Muon state
+# at full lr makes the loss spike by more than this).
+EVAL_RTOL = 1e-3
+JUMP_MARGIN = 0.05
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a small GPT with Lion/AdamW/Muon on 2 CPU ranks, compare them, checkpoint and resume",
+        description=(
+            "Train a small GPT-style model on a text corpus shipped with shardopt, with sharded optimizer state. "
+            "Runs 2 gloo ranks on CPU by default (one rank per GPU with NCCL when there are several GPUs). "
+            "Prints per-rank optimizer-state bytes, step time and final loss, writes loss.png, saves a checkpoint, "
+            "and with --resume PATH --nproc N continues that checkpoint at another world size."
+        ),
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS + ("all",), default=None,
+                   help="which optimizer to train (default: all three, one after another, same seed and data; "
+                        "with --resume: every optimizer in the checkpoint)")
+    p.add_argument("--layout", choices=LAYOUTS, default="zero1",
+                   help="how the optimizer state is sharded: zero1 (default; the optimizer reduce-scatters the "
+                        "gradients), fsdp2 (fully_shard over a device mesh), deepspeed (a DeepSpeed ZeRO-1 JSON "
+                        "config naming shardopt's optimizer), none (DDP with replicated state, the baseline)")
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="number of ranks (default: one per GPU when there are 2 or more, else 2)")
+    p.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue from a checkpoint directory written by an earlier demo "
+                        "(e.g. shardopt_demo_out/checkpoint), at any --nproc")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train (default: cuda if available, else cpu)")
+    adv = p.add_argument_group("advanced")
+    adv.add_argument("--steps", type=_positive_int, default=None,
+                     help=f"training steps per optimizer (default {DEFAULT_STEPS}; {DEFAULT_RESUME_STEPS} when resuming)")
+    adv.add_argument("--out", metavar="DIR", default=None,
+                     help=f"output directory for loss.png, results.json and checkpoint/ (default ./{DEFAULT_OUT}; "
+                          "with --resume: the directory holding the checkpoint)")
+    adv.add_argument("--seed", type=int, default=0, help="seed for the model and the data stream (default 0)")
+    adv.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto",
+                     help="optimizer kernel backend (default auto)")
+    adv.add_argument("--no-checkpoint", action="store_true", help="do not save a checkpoint at the end")
+    # for tests: a smaller model
+    adv.add_argument("--size", choices=("default", "tiny"), default="default", help=argparse.SUPPRESS)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# ---------------------------------------------------------------------------- planning
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was given but torch sees no CUDA device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _read_meta(path: Path) -> dict:
+    meta_file = path / META
+    if not path.exists():
+        raise CommandError(f"--resume {path}: no such directory")
+    if not meta_file.is_file():
+        hint = f"; did you mean {path.parent}?" if (path.parent / META).is_file() else ""
+        raise CommandError(f"--resume {path}: not a demo checkpoint (no {META} in it){hint}")
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--resume {path}: cannot read {meta_file}: {e}") from None
+
+
+def make_plan(args) -> dict:
+    """Turn the parsed flags into the plan every rank follows; all user errors surface here."""
+    import torch
+
+    from ._demo_model import SIZES
+
+    device = _resolve_device(args.device)
+    ngpu = torch.cuda.device_count() if device == "cuda" else 0
+    resume = Path(args.resume) if args.resume else None
+    meta = _read_meta(resume) if resume else None
+
+    if meta:
+        saved = meta["optimizers"]
+        if args.optimizer in (None, "all"):
+            optimizers = list(saved)
+        elif args.optimizer in saved:
+            optimizers = [args.optimizer]
+        else:
+            raise CommandError(f"--resume {resume}: it holds {', '.join(saved)}, not {args.optimizer}")
+        size, seed = meta["size"], meta["seed"]
+        if args.seed not in (0, seed):
+            raise CommandError(f"--seed {args.seed} differs from the checkpoint's seed {seed}; leave it out")
+    else:
+        optimizers = list(OPTIMIZERS) if args.optimizer in (None, "all") else [args.optimizer]
+        size, seed = args.size, args.seed
+
+    if _under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc is not None and args.nproc != world:
+            raise CommandError(f"--nproc {args.nproc} disagrees with torchrun's WORLD_SIZE={world}; leave --nproc out")
+    else:
+        world = args.nproc or (ngpu if ngpu >= 2 else 2)
+    cfg = SIZES[size]
+    if cfg.global_batch % world:
+        raise CommandError(
+            f"--nproc {world}: the demo's global batch of {cfg.global_batch} sequences must split evenly across ranks; "
+            f"use a divisor of {cfg.global_batch}"
+        )
+    if args.layout == "deepspeed":
+        _check_deepspeed()
+
+    # NCCL needs a GPU per rank; more ranks than GPUs share them over gloo.
+    dist_backend = "nccl" if device == "cuda" and world <= ngpu else "gloo"
+    cores = os.cpu_count() or 1
+    out = Path(args.out) if args.out else (resume.parent if resume else Path(DEFAULT_OUT))
+    steps = args.steps or (DEFAULT_RESUME_STEPS if resume else DEFAULT_STEPS)
+    return {
+        "optimizers": optimizers,
+        "layout": args.layout,
+        "world": world,
+        "device": device,
+        "dist_backend": dist_backend,
+        "backend": args.backend,
+        "size": size,
+        "seed": seed,
+        "steps": steps,
+        "out": str(out),
+        "checkpoint_dir": None if args.no_checkpoint else str(out / "checkpoint"),
+        "resume_dir": str(resume) if resume else None,
+        "resume_meta": meta,
+        "threads_per_rank": max(1, cores // world) if device == "cpu" else None,
+    }
+
+
+def _check_deepspeed():
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise CommandError("--layout deepspeed needs DeepSpeed: pip install deepspeed")
+        if importlib.util.find_spec("shardopt.deepspeed") is None:
+            raise CommandError("--layout deepspeed needs shardopt.deepspeed, which this install does not have")
+    except (ImportError, ValueError) as e:
+        raise CommandError(f"--layout deepspeed: {e}") from None
+
+
+# ---------------------------------------------------------------------------- running
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prebuild_kernels(plan: dict):
+    """Build the C++ CPU kernels once here, not racing in every rank."""
+    if plan["device"] == "cpu" and plan["backend"] in ("auto", "cpu"):
+        from ..kernels import cpu
+
+        cpu.available()
+
+
+def _spawn(plan: dict):
+    import torch.multiprocessing as mp
+
+    from ._demo_worker import spawn_main
+
+    world = plan["world"]
+    with tempfile.TemporaryDirectory(prefix="shardopt-demo-") as tmp:
+        result_file = os.path.join(tmp, "results.pt")
+        try:
+            mp.start_processes(spawn_main, args=(world, _free_port(), plan, result_file), nprocs=world,
+                               join=True, start_method="spawn")
+        except Exception as e:  # noqa: BLE001 - turned into one line below
+            _raise_rank_failure(tmp, result_file, world, plan, e)
+        import torch
+
+        return torch.load(result_file, weights_only=False)["ok"]
+
+
+def _raise_rank_failure(tmp, result_file, world, plan, exc):
+    import torch
+
+    failures = []
+    for r in range(world):
+        f = f"{result_file}.rank{r}"
+        if os.path.exists(f):
+            failures.append((r, torch.load(f, weights_only=False)))
+    if not failures:
+        raise CommandError(f"a rank exited without reporting an error: {exc}") from None
+    # the first rank to fail is usually the cause; the others time out or see a broken connection
+    r, info = failures[0]
+    log = Path(plan["out"]) / "demo_error.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(f"--- rank {rr} ---\n{i['traceback']}\n" for rr, i in failures))
+        where = f" (tracebacks in {log})"
+    except OSError:
+        where = ""
+    raise CommandError(f"rank {r} failed: {info['error']}{where}") from None
+
+
+def run(args) -> int:
+    plan = make_plan(args)
+    if _under_torchrun():
+        from ._demo_worker import run_rank
+
+        if int(os.environ["RANK"]) == 0:
+            _announce(plan)
+        results = run_rank(plan)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    else:
+        _announce(plan)
+        _prebuild_kernels(plan)
+        results = _spawn(plan)
+    report(plan, results)
+    return 0
+
+
+def _ranks(n) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
+def _announce(plan: dict):
+    from ._demo_model import SIZES, TinyGPT, num_params
+
+    cfg = SIZES[plan["size"]]
+    what = "resuming " + ", ".join(plan["optimizers"]) if plan["resume_dir"] else ", ".join(plan["optimizers"])
+    ranks = f"{_ranks(plan['world'])} ({plan['dist_backend']}) on {plan['device']}"
+    import torch
+
+    with torch.device("meta"):
+        n = num_params(TinyGPT(cfg))
+    print(f"shardopt demo: {what} | {plan['layout']} | {ranks} | {n / 1e6:.2f}M-param GPT, "
+          f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens", flush=True)
+
+
+# ---------------------------------------------------------------------------- reporting
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def results_table(results: list[dict]) -> list[str]:
+    """One row per (optimizer, rank): state bytes against unsharded, step time, final loss."""
+    head = (f"{'optimizer':<9} {'layout':<16} {'rank':>4} {'state bytes':>12} {'unsharded':>11} {'share':>6} "
+            f"{'step ms':>8} {'final loss':>10}")
+    lines = [head, "-" * len(head)]
+    for res in results:
+        full = res["unsharded_state_bytes"]
+        for r, b in enumerate(res["state_bytes"]):
+            if r == 0:
+                name, layout = res["optimizer"], res["layout"]
+                ms, loss = f"{res['step_time_s'] * 1e3:.1f}", f"{statistics.fmean(res['losses'][-10:]):.3f}"
+            else:
+                name = layout = ms = loss = ""
+            share = f"{b / full:.0%}" if full else "-"
+            lines.append(f"{name:<9} {layout:<16} {r:>4} {_fmt_bytes(b):>12} {_fmt_bytes(full):>11} {share:>6} "
+                         f"{ms:>8} {loss:>10}")
+    lines.append("state bytes: optimizer state this rank holds; unsharded: what each rank would hold without "
+                 "sharding; final loss: mean of the last 10 steps")
+    return lines
+
+
+def continuity(res: dict) -> dict:
+    """Whether a resumed run picked up where the saved one stopped (see EVAL_RTOL / JUMP_MARGIN)."""
+    rz = res["resumed"]
+    before = [l for s, l in zip(res["history"]["step"], res["history"]["loss"]) if s <= rz["from_step"]][-10:]
+    after = res["losses"][:5]
+    ev0, ev1 = rz.get("eval_at_save"), rz.get("eval_after_load")
+    weights_ok = ev0 is not None and ev1 is not None and abs(ev1 - ev0) <= EVAL_RTOL * abs(ev0)
+    b, a = (statistics.fmean(before) if before else float("nan")), statistics.fmean(after)
+    loss_ok = bool(before) and a <= b + JUMP_MARGIN
+    return {"before": b, "after": a, "eval_at_save": ev0, "eval_after_load": ev1,
+            "weights_ok": weights_ok, "loss_ok": loss_ok, "ok": weights_ok and loss_ok}
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("loss.png skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return False
+    fig = Figure(figsize=(8, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {"lion": "tab:orange", "adamw": "tab:blue", "muon": "tab:green"}
+    for res in results:
+        c = colors.get(res["optimizer"], None)
+        rz = res["resumed"]
+        if rz:
+            hs = [(s, l) for s, l in zip(res["history"]["step"], res["history"]["loss"]) if s <= rz["from_step"]]
+            if hs:
+                ax.plot(*zip(*hs), color=c, lw=1.2,
+                        label=f"{res['optimizer']} ({_ranks(rz.get('saved_world_size', '?'))}, {rz.get('saved_layout', '?')})")
+            ax.plot(res["steps"], res["losses"], color=c, lw=1.2, ls="--",
+                    label=f"{res['optimizer']} resumed ({_ranks(res['world_size'])}, {res['layout']})")
+            ax.axvline(rz["from_step"], color="grey", lw=0.8, ls=":")
+        else:
+            ax.plot(res["steps"], res["losses"], color=c, lw=1.2,
+                    label=f"{res['optimizer']} ({_ranks(res['world_size'])}, {res['layout']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/char)")
+    ax.set_title("shardopt demo: small GPT on the bundled corpus")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return True
+
+
+def report(plan: dict, results: list[dict]):
+    out = Path(plan["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    print()
+    for line in results_table(results):
+        print(line)
+    checks = {}
+    for res in results:
+        if res["resumed"]:
+            c = continuity(res)
+            checks[res["optimizer"]] = c
+            rz = res["resumed"]
+            verdict = "continues without a jump" if c["ok"] else "JUMPED: the state did not come back intact"
+            print(f"{res['optimizer']}: resumed at step {rz['from_step']} "
+                  f"(saved by {_ranks(rz.get('saved_world_size', '?'))}, {rz.get('saved_layout', '?')}; now "
+                  f"{_ranks(res['world_size'])}, {res['layout']}): "
+                  f"held-out loss {c['eval_at_save']:.4f} at save, {c['eval_after_load']:.4f} after load; "
+                  f"training loss {c['before']:.3f} before -> {c['after']:.3f} after: {verdict}", flush=True)
+    png = out / "loss.png"
+    if plot(results, png):
+        print(f"loss curves: {png}")
+    summary = {"plan": {k: v for k, v in plan.items() if k != "resume_meta"}, "results": results, "continuity": checks}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    ckpt = plan.get("checkpoint_dir")
+    if ckpt:
+        meta_file = Path(ckpt) / META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta.get("size", plan["size"]) != plan["size"] or meta.get("seed", plan["seed"]) != plan["seed"]:
+            meta = {}  # a different model/seed was saved here before: start the listing afresh
+        steps = dict(meta.get("step", {}))
+        steps.update({r["optimizer"]: r["steps"][-1] for r in results})
+        names = list(meta.get("optimizers", []))
+        names += [r["optimizer"] for r in results if r["optimizer"] not in names]
+        meta = {"version": 1, "optimizers": names, "size": plan["size"], "seed": plan["seed"],
+                "layout": plan["layout"], "world_size": plan["world"], "step": steps}
+        Path(ckpt).mkdir(parents=True, exist_ok=True)
+        meta_file.write_text(json.dumps(meta, indent=1))
+        other = 1 if plan["world"] != 1 else 2
+        print(f"checkpoint: {ckpt}  (continue it at another world size: "
+              f"shardopt demo --resume {ckpt} --nproc {other})")
+    if checks and not all(c["ok"] for c in checks.values()):
+        raise CommandError("the resumed loss curve did not continue from the checkpoint (see above)")
