@@ -189,13 +189,13 @@ def _dist_on(group=None) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def dcp_save(state_dict: dict, directory: str, *, process_group=None, per_item_files=False) -> None:
+def dcp_save(state_dict: dict, directory: str, *, process_group=None, per_item_files=False, no_dist=None) -> None:
     writer = FileSystemWriter(directory, single_file_per_rank=not per_item_files, sync_files=True, overwrite=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
         warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
         dcp.save(state_dict, storage_writer=writer, planner=SavePlanner(), process_group=process_group,
-                 no_dist=not _dist_on())
+                 no_dist=(not _dist_on()) if no_dist is None else no_dist)
 
 
 def dcp_load(state_dict: dict, directory: str, *, process_group=None, no_dist=None) -> None:
@@ -223,9 +223,10 @@ class _Direct:
         self.dest = dest
 
     def resolve_tensor(self, read_item):
-        from torch.distributed.checkpoint.utils import narrow_tensor_by_index
-
-        return narrow_tensor_by_index(self.dest, read_item.dest_offsets, read_item.lengths)
+        t = self.dest
+        for d, (off, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            t = t.narrow(d, off, n)
+        return t
 
     def commit_tensor(self, read_item, tensor):
         pass
