@@ -62,6 +62,7 @@ def build_parser(argv: list[str]):
     parser = _Parser(prog="shardopt", description="Sharded, fused Lion / AdamW / Muon for PyTorch data parallelism.")
     parser.add_argument("--version", action="version", version=f"shardopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,ckpt}", parser_class=_Parser)
+    parser.subparsers = sub
     chosen = _selected(argv)
     runners, unavailable = {}, {}
     for name, (_, add_fn, run_fn, help_text) in COMMANDS.items():
@@ -73,7 +74,7 @@ def build_parser(argv: list[str]):
                 continue
             unavailable[name] = why
         # not selected (or unavailable): a placeholder that lists it in --help
-        sub.add_parser(name, help=help_text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser, runners, unavailable
 
 
@@ -82,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, runners, unavailable = build_parser(argv)
-    args = parser.parse_args(argv)
+    # known args first: an unavailable command must report itself, not its flags
+    args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if args.command in unavailable:
         print(f"shardopt {args.command}: error: {unavailable[args.command]}", file=sys.stderr)
         return 1
+    if rest:
+        parser.subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         rc = runners[args.command](args)
     except KeyboardInterrupt:
