@@ -9,6 +9,7 @@ gradient on every rank (``cases.make_grads``), fresh random per step.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -623,6 +624,11 @@ def _ds_engine(kind):
     if kind == "lion":  # shardopt Lion as DeepSpeed's client optimizer, ZeRO-1
         opt = shardopt.Lion(model.parameters(), lr=1e-2, weight_decay=0.1, sharding="none", backend="torch")
         eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config={**DS_CFG, "zero_optimization": {"stage": 1}})
+    elif kind == "lion-config":  # the same, named in the DeepSpeed config through `import shardopt.deepspeed`
+        importlib.import_module("shardopt.deepspeed")  # registers "shardopt.Lion" with DeepSpeed
+        cfg = {**DS_CFG, "zero_optimization": {"stage": 1},
+               "optimizer": {"type": "shardopt.Lion", "params": {"lr": 1e-2, "weight_decay": 0.1, "backend": "torch"}}}
+        eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     else:  # DeepSpeed's own AdamW, ZeRO-2
         cfg = {**DS_CFG, "zero_optimization": {"stage": 2},
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}}
@@ -662,7 +668,7 @@ def _ds_job_w4(rank, world, d):
     for k in range(K, 2 * K):
         _ds_step(eng, eng.backward, eng.step, k)
     out["converted"] = _weights(model)
-    model, eng = _ds_engine("lion")
+    model, eng = _ds_engine("lion-config")
     assert C.load(f"{d}/so2", eng) == {"step": K}
     for k in range(K, 2 * K):
         _ds_step(eng, eng.backward, eng.step, k)
@@ -678,6 +684,17 @@ def _plain_resume(path, cls, **kw):
         opt.zero_grad()
         _ds_step(model, lambda loss: loss.backward(), opt.step, k)
     return _weights(model)
+
+
+def _same_consolidated(a, b, tmp):
+    offline.consolidate(a, f"{tmp}/a.pt")
+    offline.consolidate(b, f"{tmp}/b.pt")
+    sa, sb = torch.load(f"{tmp}/a.pt", weights_only=False), torch.load(f"{tmp}/b.pt", weights_only=False)
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+        assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for k in sa["state"][i])
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
 
 
 @pytest.mark.slow
@@ -698,6 +715,20 @@ def test_deepspeed_round_trip(tmp_path):
     for src in ("conv", "so2"):
         got = _plain_resume(f"{d}/{src}", shardopt.Lion)
         assert all(torch.equal(a, b) for a, b in zip(got, ref["lion"])), src
+    # DeepSpeed's own Lion names its momentum exp_avg and has no "algorithm" key: rewrite the rank files
+    # that way, and the conversion must give the same checkpoint
+    shutil.copytree(f"{d}/ds2", f"{d}/ds2lion")
+    for r in range(2):
+        f = f"{d}/ds2lion/t/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        sd = torch.load(f, weights_only=False)
+        base = sd["optimizer_state_dict"]["base_optimizer_state"]
+        base["state"] = {i: {("exp_avg" if k == "momentum_buffer" else k): v for k, v in st.items()}
+                         for i, st in base["state"].items()}
+        for g in base["param_groups"]:
+            del g["algorithm"]
+        torch.save(sd, f)
+    ds_convert.from_deepspeed(f"{d}/ds2lion", f"{d}/conv_lion")
+    _same_consolidated(f"{d}/conv", f"{d}/conv_lion", str(tmp_path))
     # DeepSpeed's own AdamW (ZeRO-2) -> shardopt AdamW at W=1
     ds_convert.from_deepspeed(f"{d}/ds2adam", f"{d}/conv_adam")
     assert offline.inspect(f"{d}/conv_adam")["algorithms"] == ["adamw"]
