@@ -398,3 +398,15 @@ def test_disable_env_falls_back_to_torch_with_one_warning():
     assert "SHARDOPT_DISABLE_CPP" in lines["ERROR"]
     assert "SHARDOPT_DISABLE_CPP" in lines["MSG"]
     assert "building C++" not in out.stderr
+
+
+def test_version_counters_are_bumped(ext):
+    """Like an in-place ATen op, so autograd notices a modified saved tensor."""
+    p, g, m, v = torch.ones(9), torch.ones(9), torch.zeros(9), torch.zeros(9)
+    before = (p._version, m._version, v._version, g._version)
+    cpu.adamw_step([p], [g], [m], [v], step=1, weight_decay=0.0, **ADAMW_HP)
+    after = (p._version, m._version, v._version, g._version)
+    assert all(b > a for a, b in zip(before[:3], after[:3]))
+    assert after[3] == before[3]
+    cpu.lion_step([p], [g], [m], weight_decay=0.0, **LION_HP)
+    assert p._version > after[0] and m._version > after[1]

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,6 +42,14 @@
 #error "fused_optim.cpp must not be compiled with -ffast-math (results must be IEEE exact)"
 #endif
 
+// No FMA contraction in the kernels below, even if a build forgets
+// -ffp-contract=off (GCC's default for C++ is "fast").
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #if defined(_OPENMP)
 #define SHARDOPT_SIMD _Pragma("omp simd")
 #elif defined(__clang__)
@@ -55,10 +64,15 @@ namespace {
 
 // Elements per work unit: 32K fp32 = 128 KiB per stream, big enough to
 // amortize scheduling, small enough to balance a handful of tensors.
-constexpr int64_t kChunk = 32768;
-// Below this many elements in total a single thread does the whole call
-// (starting a parallel region costs more than it saves).
-constexpr int64_t kSerialBelow = 1 << 15;
+#ifndef SHARDOPT_CHUNK_ELEMS
+#define SHARDOPT_CHUNK_ELEMS 32768
+#endif
+constexpr int64_t kChunk = SHARDOPT_CHUNK_ELEMS;
+// Each thread of a call gets at least this many elements (see pick_threads).
+#ifndef SHARDOPT_MIN_PER_THREAD
+#define SHARDOPT_MIN_PER_THREAD (1 << 17)
+#endif
+constexpr int64_t kMinPerThread = SHARDOPT_MIN_PER_THREAD;
 // fp16 grads are widened into a stack buffer of this many floats at a time.
 constexpr int64_t kHalfBlock = 2048;
 
@@ -352,6 +366,12 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
   return refs;
 }
 
+// The kernels write through raw pointers; bump the version counters like an
+// in-place ATen op would, so autograd can detect a stale saved tensor.
+void bump_versions(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts) t.unsafeGetTensorImpl()->bump_version();
+}
+
 // Splits every tensor into units of at most kChunk elements.  Tensors are
 // cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail.
 std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total) {
@@ -375,27 +395,54 @@ std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total)
   return units;
 }
 
+// Threads for a call: one per kMinPerThread elements, at most torch's
+// intra-op thread count.  Small calls stay on the calling thread: waking
+// sleeping OpenMP workers costs tens of microseconds on an idle machine and
+// milliseconds on a busy one, more than such a call takes serially.
 int pick_threads(int64_t total, int64_t n_units) {
-  if (total < kSerialBelow || n_units < 2) return 1;
   int nt = at::get_num_threads();
   if (nt < 1) nt = 1;
-  return static_cast<int>(std::min<int64_t>(nt, n_units));
+  const int64_t by_work = total / kMinPerThread;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({nt, n_units, by_work})));
 }
 
+struct alignas(64) PaddedCounter {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
+// Runs body(unit) for every unit.  Thread t owns the t-th contiguous run of
+// units (so each thread streams through contiguous memory); a thread that
+// finishes its run takes the remaining units of the others' runs.  A worker
+// that starts late (busy machine) therefore delays the call by its start-up
+// only, not by a whole share of the work.
 template <typename F>
 void run_units(const std::vector<Unit>& units, int nthreads, const F& body) {
   const int64_t nu = static_cast<int64_t>(units.size());
 #ifdef _OPENMP
   if (nthreads > 1) {
-    // Static schedule: each thread streams through one contiguous run of
-    // units (units are near-equal in size, so the split is balanced).
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t k = 0; k < nu; ++k) body(units[k]);
+    std::vector<PaddedCounter> runs(static_cast<size_t>(nthreads));
+    for (int t = 0; t < nthreads; ++t) {
+      runs[t].next.store(nu * t / nthreads, std::memory_order_relaxed);
+      runs[t].end = nu * (t + 1) / nthreads;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num();
+      for (int j = 0; j < nthreads; ++j) {
+        PaddedCounter& run = runs[static_cast<size_t>((tid + j) % nthreads)];
+        for (;;) {
+          const int64_t k = run.next.fetch_add(1, std::memory_order_relaxed);
+          if (k >= run.end) break;
+          body(units[static_cast<size_t>(k)]);
+        }
+      }
+    }
     return;
   }
 #endif
   (void)nthreads;
-  for (int64_t k = 0; k < nu; ++k) body(units[k]);
+  for (int64_t k = 0; k < nu; ++k) body(units[static_cast<size_t>(k)]);
 }
 
 // -------------------------------------------------------------- dispatch
@@ -448,6 +495,8 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                double weight_decay) {
   const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr);
   if (refs.empty()) return;
+  bump_versions(params);
+  bump_versions(exp_avgs);
   LionScalars s;
   s.lr = static_cast<float>(lr);
   s.b1 = static_cast<float>(beta1);
@@ -473,6 +522,9 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
   TORCH_CHECK(step >= 1, "adamw_step: step must be >= 1 (already incremented), got ", step);
   const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs);
   if (refs.empty()) return;
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
   // Same double-precision formulas as torch_ops.adamw_scalars.
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
@@ -513,7 +565,7 @@ void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<a
 
 std::string build_info() {
   std::ostringstream os;
-  os << "chunk=" << kChunk;
+  os << "chunk=" << kChunk << " min_per_thread=" << kMinPerThread;
 #ifdef _OPENMP
   os << " openmp=" << _OPENMP;
 #else
