@@ -28,6 +28,10 @@ EXT_NAME = "shardopt_cpu_ops"
 # -fno-math-errno: lets std::sqrt vectorize (changes no result; not fast-math).
 EXTRA_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-march=native"]
 EXTRA_LDFLAGS = ["-fopenmp"]
+# Second try when the first build fails (e.g. a compiler without OpenMP or
+# -march=native, like Apple clang): same kernels, serial, baseline ISA.
+PORTABLE_NAME = EXT_NAME + "_portable"
+PORTABLE_CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
 _lock = threading.Lock()
 _module = None
@@ -59,12 +63,12 @@ def _try_prebuilt():
     return _C_cpu
 
 
-def _needs_build(src: Path) -> bool:
+def _needs_build(name: str, src: Path) -> bool:
     """Best guess whether cpp_extension.load will compile (for the notice only)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        so = Path(_get_build_directory(EXT_NAME, False)) / f"{EXT_NAME}.so"
+        so = Path(_get_build_directory(name, False)) / f"{name}.so"
         return not so.is_file() or so.stat().st_mtime < src.stat().st_mtime
     except Exception:
         return True
@@ -80,21 +84,36 @@ def _jit_build():
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
-    if _needs_build(src):
-        print("shardopt: building C++ CPU kernels (first use, ~30 s)...", file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name=EXT_NAME,
-        sources=[str(src)],
-        extra_cflags=EXTRA_CFLAGS,
-        extra_ldflags=EXTRA_LDFLAGS,
-        verbose=os.environ.get("SHARDOPT_VERBOSE_BUILD", "0") == "1",
-    )
+    verbose = os.environ.get("SHARDOPT_VERBOSE_BUILD", "0") == "1"
+    attempts = [(EXT_NAME, EXTRA_CFLAGS, EXTRA_LDFLAGS), (PORTABLE_NAME, PORTABLE_CFLAGS, [])]
+    first_error = None
+    for name, cflags, ldflags in attempts:
+        if _needs_build(name, src):
+            print("shardopt: building C++ CPU kernels (first use, ~30 s)...", file=sys.stderr, flush=True)
+        try:
+            return cpp_extension.load(
+                name=name,
+                sources=[str(src)],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                verbose=verbose,
+            )
+        except Exception as exc:
+            if first_error is None:
+                first_error = exc
+    raise first_error
 
 
 def _summarize(exc: BaseException) -> str:
-    """One line: the exception type and the most telling line of its message."""
+    """One line: the exception type and the most telling line of its message
+    (a compiler ``error:``, a missing program, ...; else the last line)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    best = next((ln for ln in lines if "error:" in ln), lines[-1] if lines else repr(exc))
+    best = lines[-1] if lines else repr(exc)
+    for needle in ("error:", "not found", "No such file", "Permission denied"):
+        hit = next((ln for ln in lines if needle in ln), None)
+        if hit is not None:
+            best = hit
+            break
     return f"{type(exc).__name__}: {best[:500]}"
 
 
