@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 from ._demo_model import SIZES, Corpus, ModelConfig, build_model
 
-# Hyperparameters per optimizer. Lion takes a ~7x smaller lr and a ~5x larger
+# Hyperparameters per optimizer. Lion takes a 5x smaller lr and a 5x larger
 # weight decay than AdamW (lr * wd, the per-step decay, stays close); Muon's
 # matrices use the "original" lr scaling with its usual lr of 0.02, while its
 # auxiliary AdamW group (embeddings, head, norms) reuses AdamW's settings.
 HPARAMS = {
     "adamw": dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
-    "lion": dict(lr=4e-4, betas=(0.9, 0.99), weight_decay=0.75),
+    "lion": dict(lr=6e-4, betas=(0.9, 0.99), weight_decay=0.5),
     "muon": dict(lr=0.02, momentum=0.95, weight_decay=0.01, adjust_lr_fn="original",
                  aux=dict(aux_lr=3e-3, aux_betas=(0.9, 0.95), aux_weight_decay=0.1)),
 }

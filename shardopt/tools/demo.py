@@ -69,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     adv.add_argument("--out", metavar="DIR", default=None,
                      help=f"output directory for loss.png, results.json and checkpoint/ (default ./{DEFAULT_OUT}; "
                           "with --resume: the directory holding the checkpoint)")
-    adv.add_argument("--seed", type=int, default=0, help="seed for the model and the data stream (default 0)")
+    adv.add_argument("--seed", type=int, default=None, help="seed for the model and the data stream (default 0)")
     adv.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto",
                      help="optimizer kernel backend (default auto)")
     adv.add_argument("--no-checkpoint", action="store_true", help="do not save a checkpoint at the end")
@@ -136,11 +136,11 @@ def make_plan(args) -> dict:
         else:
             raise CommandError(f"--resume {resume}: it holds {', '.join(saved)}, not {args.optimizer}")
         size, seed = meta["size"], meta["seed"]
-        if args.seed not in (0, seed):
+        if args.seed is not None and args.seed != seed:
             raise CommandError(f"--seed {args.seed} differs from the checkpoint's seed {seed}; leave it out")
     else:
         optimizers = list(OPTIMIZERS) if args.optimizer in (None, "all") else [args.optimizer]
-        size, seed = args.size, args.seed
+        size, seed = args.size, (0 if args.seed is None else args.seed)
 
     if _under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
