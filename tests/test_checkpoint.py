@@ -617,6 +617,12 @@ def _ds_step(fwd, backward, step, k):
     step()
 
 
+def _ds_groups(model):
+    """Two param groups: DeepSpeed flattens and partitions each on its own."""
+    return [{"params": [model.a.weight, model.a.bias]},
+            {"params": [model.b.weight, model.b.bias, model.c.weight], "lr": 5e-3}]
+
+
 def _ds_engine(kind):
     import deepspeed
 
@@ -632,7 +638,7 @@ def _ds_engine(kind):
     else:  # DeepSpeed's own AdamW, ZeRO-2
         cfg = {**DS_CFG, "zero_optimization": {"stage": 2},
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}}
-        eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        eng, *_ = deepspeed.initialize(model=model, model_parameters=_ds_groups(model), config=cfg)
     return model, eng
 
 
@@ -676,9 +682,9 @@ def _ds_job_w4(rank, world, d):
     return out
 
 
-def _plain_resume(path, cls, **kw):
+def _plain_resume(path, cls, groups=False, **kw):
     model = IntNet()
-    opt = cls(model.parameters(), backend="torch", **kw)
+    opt = cls(_ds_groups(model) if groups else model.parameters(), backend="torch", **kw)
     C.load(path, model, opt)
     for k in range(K, 2 * K):
         opt.zero_grad()
@@ -713,7 +719,7 @@ def test_deepspeed_round_trip(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(r[key], ref["lion"])), key
     # ... and at W=1 in plain shardopt, from the converted and from shardopt's own save
     for src in ("conv", "so2"):
-        got = _plain_resume(f"{d}/{src}", shardopt.Lion)
+        got = _plain_resume(f"{d}/{src}", shardopt.Lion, lr=1.0)  # lr, betas, wd come from the checkpoint
         assert all(torch.equal(a, b) for a, b in zip(got, ref["lion"])), src
     # DeepSpeed's own Lion names its momentum exp_avg and has no "algorithm" key: rewrite the rank files
     # that way, and the conversion must give the same checkpoint
@@ -729,8 +735,13 @@ def test_deepspeed_round_trip(tmp_path):
         torch.save(sd, f)
     ds_convert.from_deepspeed(f"{d}/ds2lion", f"{d}/conv_lion")
     _same_consolidated(f"{d}/conv", f"{d}/conv_lion", str(tmp_path))
-    # DeepSpeed's own AdamW (ZeRO-2) -> shardopt AdamW at W=1
+    # DeepSpeed's own AdamW (ZeRO-2, two param groups) -> shardopt AdamW at W=1
     ds_convert.from_deepspeed(f"{d}/ds2adam", f"{d}/conv_adam")
-    assert offline.inspect(f"{d}/conv_adam")["algorithms"] == ["adamw"]
-    got = _plain_resume(f"{d}/conv_adam", shardopt.AdamW)
+    info = offline.inspect(f"{d}/conv_adam")
+    assert info["algorithms"] == ["adamw"] and [g["lr"] for g in info["groups"]] == [1e-2, 5e-3]
+    got = _plain_resume(f"{d}/conv_adam", shardopt.AdamW, groups=True, lr=1.0)
     assert max_rel_err(got, ref["adamw"]) <= 1e-6
+    # two groups through DeepSpeed's layout at another world size (3) and back: nothing moves
+    ds_convert.to_deepspeed(f"{d}/conv_adam", f"{d}/ds3adam", world_size=3, zero_stage=2, state_format="deepspeed")
+    ds_convert.from_deepspeed(f"{d}/ds3adam", f"{d}/back_adam")
+    _same_consolidated(f"{d}/conv_adam", f"{d}/back_adam", str(tmp_path))

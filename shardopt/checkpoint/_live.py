@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..optim.base import ALGORITHMS, LOW_PRECISION, ShardedOptimizer
+from ..optim.base import LOW_PRECISION, ShardedOptimizer
 from ._manifest import dtype_str, encode_group, model_key, optim_key
 from ._storage import FlatPieces, _is_dtensor
 
@@ -96,7 +96,7 @@ def unwrap(model):
             model = model.module
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), torch.nn.Module):
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
             model = model._orig_mod
         else:
             break

@@ -243,6 +243,9 @@ class TensorReader:
         self.metadata = metadata if metadata is not None else read_metadata(directory)
         self.reader = FileSystemReader(directory)
         self.reader.set_up_storage_reader(self.metadata, True)
+        self.chunks: dict = {}  # key -> its stored chunks' MetadataIndex
+        for idx in self.metadata.storage_data:
+            self.chunks.setdefault(idx.fqn, []).append(idx)
 
     def has(self, key: str) -> bool:
         return key in self.metadata.state_dict_metadata

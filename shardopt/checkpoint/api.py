@@ -14,7 +14,6 @@ from ._manifest import (
     EXTRA,
     FORMAT,
     VERSION,
-    LOW_PRECISION,
     _Unrestorable,
     decode_group,
     dtype_str,
@@ -307,6 +306,8 @@ def _check(directory, manifest, md, live: Live, strict: bool) -> list:
                 f"{where}: {what} '{t.fqn}' is {s['dtype']} in the checkpoint but {dtype_str(t.dtype)} in the "
                 "model; cast the model to the saved dtype before loading (or save again in this dtype)")
             continue
+        if _numel(t) == 0:
+            continue  # nothing stored for empty tensors
         dm = md.state_dict_metadata.get(t.key)
         if dm is None:
             add(CorruptCheckpointError,
@@ -316,13 +317,12 @@ def _check(directory, manifest, md, live: Live, strict: bool) -> list:
             add(CorruptCheckpointError,
                 f"{os.path.join(directory, '.metadata')} stores '{t.key}' (parameter '{t.fqn}') with shape "
                 f"{tuple(dm.size)}, expected {tuple(t.storage_shape)}")
-    # a parameter's dtype decides whether it has a master copy: compare the params too
-    for fqn, pi in live.params.items():
-        sp = params.get(fqn)
-        if sp and sp["dtype"] != dtype_str(pi.dtype) and not any(t.fqn == fqn and t.slot == "model"
-                                                                  for t in live.model_targets):
-            add(ShapeMismatchError,
-                f"{where}: parameter '{fqn}' is {sp['dtype']} in the checkpoint but {dtype_str(pi.dtype)} here")
+    if not live.model_targets:  # optimizer only: the parameter dtypes still have to agree
+        for fqn, pi in live.params.items():
+            sp = params.get(fqn)
+            if sp and sp["dtype"] != dtype_str(pi.dtype):
+                add(ShapeMismatchError,
+                    f"{where}: parameter '{fqn}' is {sp['dtype']} in the checkpoint but {dtype_str(pi.dtype)} here")
     return errors
 
 
@@ -335,10 +335,16 @@ def _after_load(live: Live, manifest: dict) -> None:
             continue
         for st in pi.step_tensors:
             st.fill_(float(sp.get("step", 0.0)))
+    rebuilt = []
     for fqn, refresh in live.refresh_master:
-        has_master = f"optim.{fqn}.master_param" in stored
-        if getattr(refresh, "always", False) or not has_master:
+        if getattr(refresh, "always", False):
             refresh()
+        elif f"optim.{fqn}.master_param" not in stored:
+            refresh()
+            rebuilt.append(fqn)
+    if rebuilt:
+        warnings.warn(f"shardopt: the checkpoint has no fp32 master copy of {len(rebuilt)} low-precision "
+                      f"parameter(s) (e.g. '{rebuilt[0]}'); rebuilt from the weights", RuntimeWarning, stacklevel=3)
     # hyperparameters (lr after a scheduler, betas, ...) as torch.optim.Optimizer.load_state_dict restores them
     saved_groups = manifest.get("param_groups", [])
     for group, fqns in live.groups:
@@ -351,11 +357,6 @@ def _after_load(live: Live, manifest: dict) -> None:
             if k == "algorithm" or isinstance(v, _Unrestorable):
                 continue
             group[k] = v
-    for fqn in params:
-        if params[fqn].get("dtype") in LOW_PRECISION and f"optim.{fqn}.master_param" not in stored and fqn in live.params:
-            warnings.warn(f"shardopt: checkpoint has no fp32 master copy of '{fqn}'; it was rebuilt from the "
-                          "low-precision weights", RuntimeWarning, stacklevel=3)
-            break
 
 
 # ---------------------------------------------------------------- helpers

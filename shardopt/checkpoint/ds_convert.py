@@ -152,7 +152,7 @@ def from_deepspeed(ds_dir: str, path: str, *, tag: str | None = None, algorithm:
     for g in range(G):
         names = list(shapes[g].keys())
         numels = [math.prod(shapes[g][n]) for n in names]
-        pads = [list(sd.get("param_alignment_paddings", [[0] * len(names)] * G)[g]) for sd in osds][0]
+        pads = list((osds[0].get("param_alignment_paddings") or [[0] * len(names)] * G)[g])
         offsets, T, _ = _layout(numels, pads, W)
         base0 = osds[0]["base_optimizer_state"]
         rigid = isinstance(base0, dict)
@@ -208,12 +208,12 @@ def from_deepspeed(ds_dir: str, path: str, *, tag: str | None = None, algorithm:
                 sk = keymap[k]
                 keys.append(sk)
                 sources[optim_key(n, sk)] = (n, sk, tuple(shapes[g][n]), torch.float32,
-                                             lambda k=k, off=off, numel=numel, parts=[s[k] for s in states]:
+                                             lambda off=off, numel=numel, parts=[s[k] for s in states], P=P:
                                              _gather(parts, P, off, off + numel).float())
             if wdt in LOW_PRECISION:
                 keys.append("master_param")
                 sources[optim_key(n, "master_param")] = (n, "master_param", tuple(shapes[g][n]), torch.float32,
-                                                         lambda off=off, numel=numel:
+                                                         lambda off=off, numel=numel, fp32=fp32, P=P:
                                                          _gather(fp32, P, off, off + numel).float())
             params[n] = {"shape": list(shapes[g][n]), "dtype": dtype_str(wdt), "algorithm": algo, "group": g,
                          "state": keys, "step": step}
@@ -304,7 +304,7 @@ def to_deepspeed(path: str, ds_dir: str, *, world_size: int, tag: str | None = N
     bar = _bar(M + 1, "write DeepSpeed files", progress, "file")
     for r in range(M):
         state, pgroups, fp32, gpads, fills = {}, [], [], [], []
-        for gi, (names, numels, pads, offsets, T, P, dt) in enumerate(glayouts):
+        for gi, (names, numels, _pads, offsets, T, P, _dt) in enumerate(glayouts):
             hyper = decode_group(m["param_groups"][gi]["hyper"])
             hyper = {k: v for k, v in hyper.items() if type(v).__name__ != "_Unrestorable"}
             algo = hyper.get("algorithm") or (params[names[0]]["algorithm"] if names else "adamw")
@@ -397,16 +397,15 @@ def _filler(fills, reader, directory, m, md):
                 dest.fill_(value)
                 continue
             key, off, dst_off, n = src
-            if key not in checked:
-                idx = [i for i in md.storage_data if i.fqn == key]
-                errs = S.verify_chunks(directory, m, md, idx)
-                if errs:
-                    raise CorruptCheckpointError(errs[0])
-                checked.add(key)
             t = m["tensors"][key]
             if off is None:
                 _read_checked(reader, directory, m, md, key, dest)
                 continue
+            if key not in checked:
+                errs = S.verify_chunks(directory, m, md, reader.chunks.get(key, []))
+                if errs:
+                    raise CorruptCheckpointError(errs[0])
+                checked.add(key)
             if t.get("storage") == "flat":
                 reader.read_into(key, dest[dst_off:dst_off + n], offset=off)
             else:  # model weight stored in its own shape: read it whole (one tensor), take the range

@@ -10,7 +10,6 @@ memory stays near the largest tensor, not the model.
 from __future__ import annotations
 
 import datetime
-import io
 import math
 import mmap
 import os
@@ -23,7 +22,6 @@ from ._manifest import (
     CONSOLIDATED_FORMAT,
     EXTRA,
     FORMAT,
-    LOW_PRECISION,
     VERSION,
     decode_group,
     dtype_str,
@@ -227,9 +225,9 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
     reader = S.TensorReader(directory, md)
     params, tensors = m.get("params", {}), m.get("tensors", {})
     groups, order = [], []
-    for gi, g in enumerate(m.get("param_groups", [])):
+    for g in m.get("param_groups", []):
         hyper = decode_group(g["hyper"])
-        hyper = {k: v for k, v in hyper.items() if not type(v).__name__ == "_Unrestorable"}
+        hyper = {k: v for k, v in hyper.items() if type(v).__name__ != "_Unrestorable"}
         idx = list(range(len(order), len(order) + len(g["params"])))
         order += g["params"]
         groups.append({**hyper, "params": idx, "param_names": list(g["params"])})
@@ -290,8 +288,7 @@ def _read_checked(reader, directory, m, md, key, dest):
     stored = m["tensors"][key]
     if dest.numel() == 0:
         return
-    idx = [i for i in md.storage_data if i.fqn == key]
-    errs = S.verify_chunks(directory, m, md, idx)
+    errs = S.verify_chunks(directory, m, md, reader.chunks.get(key, []))
     if errs:
         raise CorruptCheckpointError(errs[0])
     if stored.get("storage") == "flat":
