@@ -240,3 +240,60 @@ def test_demo_layouts(layout, tmp_path):
             expect = {"fsdp2": "fsdp2", "deepspeed": "ds-"}[layout]
             assert r["layout"].startswith(expect), r["layout"]
     assert_png(out / "loss.png")
+
+
+# ------------------------------------------------------------------ docs/troubleshooting.md
+def _literal_pieces(node):
+    """The literal text of a message expression (f-string, concatenation, %-format), split at the
+    placeholders; None when the message is not built from literals (e.g. a variable)."""
+    import ast
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        out = [""]
+        for v in node.values:
+            if isinstance(v, ast.Constant):
+                out[-1] += v.value
+            else:
+                out.append("")
+        return out
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+        left = _literal_pieces(node.left)
+        right = _literal_pieces(node.right) if isinstance(node.op, ast.Add) else None
+        if left is None and right is None:
+            return None
+        return (left or [""]) + (right or [""])
+    return None
+
+
+def _messages():
+    """(file:line, longest literal piece) of every raise and warning in shardopt/."""
+    import ast
+
+    pkg = Path(cli.__file__).resolve().parent
+    warn_calls = ("warnings.warn", "_warn_once", "warning")
+    for f in sorted(pkg.rglob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            args = None
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+                if ast.unparse(node.exc.func) in ("SystemExit", "AssertionError"):
+                    continue
+                args = node.exc.args[:1]
+            elif isinstance(node, ast.Call) and (ast.unparse(node.func) in warn_calls[:2] or (
+                    isinstance(node.func, ast.Attribute) and node.func.attr == "warning")):
+                args = node.args
+            pieces = [p.strip() for a in args or () for p in (_literal_pieces(a) or [])]
+            longest = max(pieces, key=len, default="")
+            if len(longest) >= 12:  # the message, not a warning key such as "cpu-fallback"
+                yield f"{f.relative_to(pkg.parent)}:{node.lineno}", longest
+
+
+def test_troubleshooting_lists_every_error_message():
+    doc = (Path(cli.__file__).resolve().parent.parent / "docs" / "troubleshooting.md").read_text()
+    found = list(_messages())
+    assert len(found) > 100  # the scan sees the package's raises, not an empty tree
+    missing = [f"{site}: {frag!r}" for site, frag in found if frag not in doc]
+    assert not missing, ("docs/troubleshooting.md lacks these messages (add each with what to do about it):\n"
+                         + "\n".join(missing))
