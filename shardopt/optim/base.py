@@ -175,20 +175,27 @@ class ShardedOptimizer(Optimizer):
         key = tuple(id(p) for p in params)
         if self._layout is not None and key == self._layout_key:
             return
-        if self._layout is not None and any(float(st.get("step", 0)) > 0 for st in self.state.values()):
-            raise RuntimeError(
-                "shardopt: the optimizer's parameters were replaced after training steps were taken; "
-                "build the optimizer after wrapping the model (or swap parameters before the first step)"
-            )
         whole = [ALGORITHMS[self.param_groups[g]["algorithm"]].matrix for g in gidx]
-        self._layout = make_layout(
+        layout = make_layout(
             params, names, whole, self.sharding, self.process_group, self.reduce_gradients,
             ns_steps=[self.param_groups[g].get("ns_steps", 5) for g in gidx],
             comm_dtype=self.comm_dtype,
         )
+        carried = {}
+        if self._layout is not None and layout.name == "none" and self._layout.name == "none":
+            # A local layout has no cross-parameter structure, so trained state just follows its
+            # parameter: DeepSpeed ZeRO steps one param group at a time by narrowing param_groups.
+            carried = {p: st for p, st in self.state.items() if float(st.get("step", 0)) > 0}
+        elif self._layout is not None and any(float(st.get("step", 0)) > 0 for st in self.state.values()):
+            raise RuntimeError(
+                "shardopt: the optimizer's parameters were replaced after training steps were taken; "
+                "build the optimizer after wrapping the model (or swap parameters before the first step)"
+            )
+        self._layout = layout
         self._layout_key = key
         self._names, self._gidx = names, gidx
         self.state = type(self.state)()  # defaultdict(dict), as torch.optim keeps it
+        self.state.update(carried)
         self._init_state()
 
     def _init_state(self):
@@ -227,6 +234,16 @@ class ShardedOptimizer(Optimizer):
         self._ensure_layout()
         super().load_state_dict(state_dict)
         params = self._flat_params()[0]
+        # torch casts floating state to the param dtype (its _cast calls
+        # Optimizer._process_value_according_to_param_policy by class name, not the override below),
+        # so fp32 state of bf16 params would arrive as bf16: put back the saved dtype.
+        saved_ids = [j for g in state_dict["param_groups"] for j in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for k, v in state_dict["state"].get(pid, {}).items():
+                cur = self.state[p].get(k)
+                if (k != "step" and torch.is_tensor(v) and torch.is_tensor(cur) and not _is_dtensor(cur)
+                        and cur.dtype != v.dtype):
+                    self.state[p][k] = v.detach().to(device=cur.device, copy=True)
         for i, p in enumerate(params):
             want = tuple(self._layout.local_shape(i))
             for k, v in self.state[p].items():
@@ -248,20 +265,6 @@ class ShardedOptimizer(Optimizer):
             return value
         dev = param.to_local().device if _is_dtensor(param) else param.device
         return value.to(device=dev) if not _is_dtensor(value) else value
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        # torch's load_state_dict calls Optimizer._process_value_according_to_param_policy by class
-        # name, so the override above is not used and fp32 state of bf16 params arrives as bf16.
-        # Put back the saved values in their saved dtype.
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            for k, v in state_dict["state"].get(pid, {}).items():
-                cur = self.state[p].get(k)
-                if (k != "step" and torch.is_tensor(v) and torch.is_tensor(cur) and not _is_dtensor(cur)
-                        and cur.dtype != v.dtype):
-                    self.state[p][k] = v.detach().to(device=cur.device, copy=True)
 
     # ------------------------------------------------------------------ reporting
     def state_bytes(self) -> int:
