@@ -630,6 +630,11 @@ def _ds_engine(kind):
     if kind == "lion":  # shardopt Lion as DeepSpeed's client optimizer, ZeRO-1
         opt = shardopt.Lion(model.parameters(), lr=1e-2, weight_decay=0.1, sharding="none", backend="torch")
         eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config={**DS_CFG, "zero_optimization": {"stage": 1}})
+    elif kind == "lion-bf16":
+        model = model.bfloat16()
+        opt = shardopt.Lion(model.parameters(), lr=1e-2, weight_decay=0.1, sharding="none", backend="torch")
+        cfg = {**DS_CFG, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+        eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     elif kind == "lion-config":  # the same, named in the DeepSpeed config through `import shardopt.deepspeed`
         importlib.import_module("shardopt.deepspeed")  # registers "shardopt.Lion" with DeepSpeed
         cfg = {**DS_CFG, "zero_optimization": {"stage": 1},
@@ -663,6 +668,15 @@ def _ds_job_w2(rank, world, d):
     for k in range(K, 2 * K):
         _ds_step(eng, eng.backward, eng.step, k)
     out["adamw"] = _weights(model)
+    # bf16 weights: DeepSpeed's fp32 partitions are the master copy, saved as master_param
+    model, eng = _ds_engine("lion-bf16")
+    step = lambda k: _ds_step(lambda *xs: eng(*[x.bfloat16() for x in xs]), eng.backward, eng.step, k)  # noqa: E731
+    for k in range(K):
+        step(k)
+    C.save(f"{d}/so2bf16", eng)
+    for k in range(K, 2 * K):
+        step(k)
+    out["bf16"] = _weights(model)
     return out
 
 
@@ -721,6 +735,15 @@ def test_deepspeed_round_trip(tmp_path):
     for src in ("conv", "so2"):
         got = _plain_resume(f"{d}/{src}", shardopt.Lion, lr=1.0)  # lr, betas, wd come from the checkpoint
         assert all(torch.equal(a, b) for a, b in zip(got, ref["lion"])), src
+    # bf16 under DeepSpeed -> bf16 single process: weights and the fp32 master copy carry over exactly
+    model = IntNet().bfloat16()
+    opt = shardopt.Lion(model.parameters(), lr=1.0, backend="torch")
+    C.load(f"{d}/so2bf16", model, opt)
+    assert "master_param" in offline.inspect(f"{d}/so2bf16")["rows"][0]["state"]
+    for k in range(K, 2 * K):
+        opt.zero_grad()
+        _ds_step(lambda *xs: model(*[x.bfloat16() for x in xs]), lambda loss: loss.backward(), opt.step, k)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), ref["bf16"]))
     # DeepSpeed's own Lion names its momentum exp_avg and has no "algorithm" key: rewrite the rank files
     # that way, and the conversion must give the same checkpoint
     shutil.copytree(f"{d}/ds2", f"{d}/ds2lion")
