@@ -15,26 +15,32 @@ COMMANDS = ("inspect", "verify", "consolidate", "split", "convert")
 
 def _add_commands(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # also accepted after the command; SUPPRESS keeps it from resetting the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="ckpt_cmd", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("inspect", help="table of parameters, shapes, dtypes, state keys, bytes, algorithm, "
+    def add(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    s = add("inspect", help="table of parameters, shapes, dtypes, state keys, bytes, algorithm, "
                                       "world size and layout")
     s.add_argument("path", help="checkpoint directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
-    s = sub.add_parser("verify", help="check every stored tensor against its CRC-32")
+    s = add("verify", help="check every stored tensor against its CRC-32")
     s.add_argument("path")
 
-    s = sub.add_parser("consolidate", help="one torch.save file in torch.optim format (+ model weights)")
+    s = add("consolidate", help="one torch.save file in torch.optim format (+ model weights)")
     s.add_argument("path", help="checkpoint directory")
     s.add_argument("out", help="output .pt file")
 
-    s = sub.add_parser("split", help="the reverse of consolidate: a .pt file -> checkpoint directory")
+    s = add("split", help="the reverse of consolidate: a .pt file -> checkpoint directory")
     s.add_argument("pt", help="input .pt file (from consolidate, or a torch.optim state dict with param_names)")
     s.add_argument("path", help="output checkpoint directory")
 
-    s = sub.add_parser("convert", help="to or from a DeepSpeed ZeRO-1/2 checkpoint",
+    s = add("convert", help="to or from a DeepSpeed ZeRO-1/2 checkpoint",
                        description="shardopt ckpt convert --from deepspeed DS_DIR PATH\n"
                                    "shardopt ckpt convert --to deepspeed PATH DS_DIR --world-size M",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +115,8 @@ def run_ckpt(args) -> int:
                                           state_format=args.state_format, progress=progress)
             print(f"wrote {out} (DeepSpeed, world size {args.world_size})")
             return 0
+    except BrokenPipeError:  # e.g. `shardopt ckpt inspect X | head`
+        return 0
     except (CheckpointError, OSError, ValueError) as e:
         print(f"shardopt ckpt {cmd}: error: {e}", file=sys.stderr)
         return 1
