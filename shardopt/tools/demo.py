@@ -26,7 +26,7 @@ from . import CommandError
 OPTIMIZERS = ("lion", "adamw", "muon")
 LAYOUTS = ("zero1", "fsdp2", "deepspeed", "none")
 DEFAULT_STEPS = 150
-DEFAULT_RESUME_STEPS = 50
+DEFAULT_RESUME_STEPS = 30
 DEFAULT_OUT = "shardopt_demo_out"
 META = "demo.json"
 # A resumed run "continues without a jump" when the held-out loss right after
