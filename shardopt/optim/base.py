@@ -16,6 +16,7 @@ optimizers are thin subclasses that set defaults and validate arguments.
 """
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from typing import Any
@@ -182,11 +183,15 @@ class ShardedOptimizer(Optimizer):
             comm_dtype=self.comm_dtype,
         )
         carried = {}
+        trained = any(float(st.get("step", 0)) > 0 for st in self.state.values())
         if self._layout is not None and layout.name == "none" and self._layout.name == "none":
-            # A local layout has no cross-parameter structure, so trained state just follows its
-            # parameter: DeepSpeed ZeRO steps one param group at a time by narrowing param_groups.
-            carried = {p: st for p, st in self.state.items() if float(st.get("step", 0)) > 0}
-        elif self._layout is not None and any(float(st.get("step", 0)) > 0 for st in self.state.values()):
+            # A local layout has no cross-parameter structure, so state follows its parameter, as in
+            # torch.optim: DeepSpeed ZeRO steps one param group at a time by narrowing param_groups.
+            # Only parameters replaced wholesale before any step (DeepSpeed's flat partitions) leave
+            # their state behind.
+            if trained or set(key) & set(self._layout_key):
+                carried = dict(self.state)
+        elif self._layout is not None and trained:
             raise RuntimeError(
                 "shardopt: the optimizer's parameters were replaced after training steps were taken; "
                 "build the optimizer after wrapping the model (or swap parameters before the first step)"
@@ -194,7 +199,7 @@ class ShardedOptimizer(Optimizer):
         self._layout = layout
         self._layout_key = key
         self._names, self._gidx = names, gidx
-        self.state = type(self.state)()  # defaultdict(dict), as torch.optim keeps it
+        self.state = collections.defaultdict(dict)  # as torch.optim keeps it
         self.state.update(carried)
         self._init_state()
 
