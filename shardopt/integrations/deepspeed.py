@@ -1,0 +1,536 @@
+"""DeepSpeed integration: shardopt optimizers named in a DeepSpeed JSON config.
+
+``import shardopt.deepspeed`` calls :func:`install`. After that an unmodified
+``deepspeed.initialize(model=..., model_parameters=..., config=cfg)`` accepts::
+
+    "optimizer": {"type": "shardopt.Lion" | "shardopt.AdamW" | "shardopt.Muon",
+                  "params": {...constructor keyword arguments...}}
+
+What the engine then does:
+
+* **Lion / AdamW, ZeRO-1/2/3.** DeepSpeed partitions as usual and hands its
+  flat fp32 partitions to the shardopt optimizer, built with
+  ``sharding="none"`` so it does not shard a second time. The non-finite check
+  is summed over DeepSpeed's data-parallel group, so every rank skips
+  together. DeepSpeed steps one param group at a time, so clipping is left to
+  its ``gradient_clipping`` (``grad_clip_norm`` is refused).
+* **Lion / AdamW, stage 0.** Full replicas (``sharding="none"``) unless
+  ``params`` asks for ``"sharding": "zero1"``.
+* **Muon.** Newton-Schulz needs whole matrices and DeepSpeed's flat partitions
+  cut them, so ZeRO-1/2 runs the engine at stage 0 (plain data-parallel
+  gradient all-reduce) and shards the state with shardopt's own ZeRO-1 layout:
+  each matrix is orthogonalized once, on its owner rank, and each rank holds
+  about 1/W of the state. One warning line says so. Muon with ZeRO-3 raises
+  ``NotImplementedError``. The parameter groups come from
+  :func:`shardopt.muon_param_groups` on the model's named parameters.
+* **bf16 at stage 0.** The engine calls the shardopt optimizer directly (not
+  DeepSpeed's bf16 wrapper): shardopt keeps the fp32 master copy, sharded the
+  way its state is, and applies DeepSpeed's ``gradient_clipping``.
+* **Checkpoints.** Under ZeRO, DeepSpeed saves each rank's partition state as
+  usual. At stage 0 with a sharded shardopt layout, every rank's optimizer
+  state is gathered into the one file DeepSpeed writes, and each rank takes its
+  own part back on load (same world size).
+
+The patches are narrow: DeepSpeed's own optimizer types go through its own
+code unchanged, and :func:`install` is idempotent.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..optim import AdamW, Lion, Muon, ShardedOptimizer, muon_param_groups
+from ..optim.base import ALGORITHMS
+
+PREFIX = "shardopt."
+_MARK = "_shardopt_patched"
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer a DeepSpeed config may name."""
+
+    name: str  # as written in configs
+    cls: type
+    extra: tuple = ()  # config keys beyond the constructor's
+
+
+MUON_AUX_KEYS = ("aux_algorithm", "aux_lr", "aux_betas", "aux_weight_decay", "aux_eps", "muon", "aux")
+OPTIMIZERS = {
+    e.name.lower(): e
+    for e in (
+        OptimizerEntry("shardopt.Lion", Lion),
+        OptimizerEntry("shardopt.AdamW", AdamW),
+        OptimizerEntry("shardopt.Muon", Muon, MUON_AUX_KEYS),
+    )
+}
+# Constructor arguments a JSON config cannot or must not set: DeepSpeed owns the
+# process group and the gradient reduction.
+_NOT_FROM_CONFIG = {"self", "params", "defaults", "kwargs", "process_group", "reduce_gradients"}
+_DTYPE_KEYS = ("ns_dtype", "comm_dtype")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def valid_names() -> str:
+    return ", ".join(e.name for e in OPTIMIZERS.values())
+
+
+def is_shardopt_type(name) -> bool:
+    return isinstance(name, str) and name.lower().startswith(PREFIX)
+
+
+def entry_for(name: str) -> OptimizerEntry:
+    entry = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"unknown DeepSpeed optimizer type {name!r}; shardopt provides: {valid_names()}")
+    return entry
+
+
+def config_keys(entry: OptimizerEntry) -> list[str]:
+    """The ``optimizer.params`` keys ``entry`` accepts: its constructor's and the base class's."""
+    keys = []
+    for fn in (entry.cls.__init__, ShardedOptimizer.__init__):
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in _NOT_FROM_CONFIG or p.name in keys:
+                continue
+            keys.append(p.name)
+    return keys + list(entry.extra)
+
+
+@dataclass
+class Resolved:
+    """A validated ``optimizer`` entry, kept on DeepSpeed's config object."""
+
+    entry: OptimizerEntry
+    kwargs: dict  # constructor keyword arguments
+    aux: dict = field(default_factory=dict)  # Muon: muon_param_groups keyword arguments
+    requested_stage: int = 0  # ZeRO stage in the user's config
+    stage: int = 0  # ZeRO stage DeepSpeed runs
+
+
+def _to_dtype(key, value, entry):
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.lower().removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(
+        f"{entry.name}: invalid {key} {value!r} in the DeepSpeed config's optimizer.params; "
+        f"use one of {', '.join(sorted(_DTYPES))} or null"
+    )
+
+
+def resolve(type_name: str, params, zero_stage: int) -> Resolved:
+    """Validate an ``optimizer`` entry and decide how it runs at ``zero_stage``.
+
+    Raises ``ValueError`` naming the valid types or keys, ``NotImplementedError``
+    for Muon under ZeRO-3.
+    """
+    entry = entry_for(type_name)
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise ValueError(f"{entry.name}: optimizer.params must be a JSON object, got {type(params).__name__}")
+    valid = config_keys(entry)
+    unknown = sorted(k for k in params if k not in valid)
+    if unknown:
+        hint = ""
+        if "max_grad_norm" in unknown:
+            hint = " (for gradient clipping use DeepSpeed's top-level \"gradient_clipping\")"
+        raise ValueError(
+            f"{entry.name}: unknown parameter(s) {', '.join(map(repr, unknown))} in the DeepSpeed config's "
+            f"optimizer.params{hint}; valid: {', '.join(valid)}"
+        )
+    kwargs = {k: v for k, v in params.items() if k not in entry.extra}
+    aux = {k: v for k, v in params.items() if k in entry.extra}
+    for k in _DTYPE_KEYS:
+        if k in kwargs:
+            kwargs[k] = _to_dtype(k, kwargs[k], entry)
+    for k in ("betas", "ns_coefficients"):
+        if isinstance(kwargs.get(k), list):
+            kwargs[k] = tuple(kwargs[k])
+    if isinstance(aux.get("aux_betas"), list):
+        aux["aux_betas"] = tuple(aux["aux_betas"])
+    sharding = kwargs.get("sharding")
+    stage = zero_stage
+    if entry.cls is Muon:
+        if zero_stage >= 3:
+            raise NotImplementedError(
+                "shardopt.Muon does not run under DeepSpeed ZeRO-3: Newton-Schulz needs whole matrices and ZeRO-3 "
+                "partitions the parameters themselves. Use ZeRO stage 1 or 2 (shardopt then shards Muon's state "
+                "itself), or torch FSDP2 (fully_shard) with shardopt.Muon"
+            )
+        if zero_stage in (1, 2):
+            if sharding not in (None, "auto", "zero1"):
+                raise ValueError(
+                    f"shardopt.Muon: \"sharding\": {sharding!r} contradicts ZeRO stage {zero_stage}, which asks for "
+                    "sharded optimizer state; drop \"sharding\" (shardopt then uses its ZeRO-1 layout) or use stage 0"
+                )
+            kwargs["sharding"] = "zero1"
+            stage = 0
+        else:
+            kwargs.setdefault("sharding", "auto")
+        aux_alg = aux.get("aux_algorithm", "adamw")
+        if aux_alg not in ("adamw", "lion"):
+            raise ValueError(f"shardopt.Muon: aux_algorithm must be 'adamw' or 'lion', got {aux_alg!r}")
+        for k in ("muon", "aux"):
+            v = aux.get(k)
+            if v is not None and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+                raise ValueError(f"shardopt.Muon: {k!r} must be a list of parameter-name substrings, got {v!r}")
+    else:
+        if zero_stage >= 1:
+            if sharding not in (None, "auto", "none"):
+                raise ValueError(
+                    f"{entry.name}: \"sharding\": {sharding!r} cannot be used with DeepSpeed ZeRO stage {zero_stage}: "
+                    "DeepSpeed already partitions the optimizer state and shardopt runs on its partitions; "
+                    "drop \"sharding\" (or set it to \"none\")"
+                )
+            if kwargs.get("grad_clip_norm") is not None:
+                raise ValueError(
+                    f"{entry.name}: grad_clip_norm cannot be used with DeepSpeed ZeRO stage {zero_stage}, which steps "
+                    "one parameter group at a time; use DeepSpeed's top-level \"gradient_clipping\" instead"
+                )
+            kwargs["sharding"] = "none"
+        else:
+            kwargs.setdefault("sharding", "none")
+    _check_values(entry, kwargs, aux)
+    return Resolved(entry, kwargs, aux, zero_stage, stage)
+
+
+def _check_values(entry: OptimizerEntry, kwargs: dict, aux: dict) -> None:
+    """Build the optimizer on a tiny local stand-in so bad values fail at config time, by name."""
+    probe = dict(kwargs, sharding="none")
+    w = {"params": [torch.nn.Parameter(torch.zeros(2, 2))], "param_names": ["a stand-in 2-D parameter"]}
+    try:
+        if entry.cls is Muon:
+            aux_group = {"params": [torch.nn.Parameter(torch.zeros(2))], "param_names": ["a stand-in bias"],
+                         "algorithm": aux.get("aux_algorithm", "adamw")}
+            for key, gkey in (("aux_lr", "lr"), ("aux_betas", "betas"), ("aux_weight_decay", "weight_decay"),
+                              ("aux_eps", "eps")):
+                if aux.get(key) is not None:
+                    aux_group[gkey] = aux[key]
+            entry.cls([w, aux_group], **probe)
+        else:
+            entry.cls([w], **probe)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{entry.name}: invalid optimizer.params in the DeepSpeed config: {e}") from e
+
+
+# ---------------------------------------------------------------------------- building
+def _named(module) -> dict:
+    return {id(p): n for n, p in module.named_parameters()}
+
+
+def _flatten(model_parameters) -> list:
+    out = []
+    for item in model_parameters:
+        if isinstance(item, dict):
+            out.extend(item["params"])
+        else:
+            out.append(item)
+    return out
+
+
+def _muon_groups(module, model_parameters, aux: dict, rank0: bool) -> list[dict]:
+    groups = muon_param_groups(module, **aux)
+    given = _flatten(model_parameters)
+    ids = {id(p) for p in given}
+    known = _named(module)
+    stray = [p for p in given if id(p) not in known]
+    if stray:
+        raise ValueError(
+            f"shardopt.Muon: {len(stray)} of model_parameters (e.g. shape {tuple(stray[0].shape)}) are not "
+            "parameters of the model given to deepspeed.initialize; Muon builds its groups from the model's "
+            "named parameters"
+        )
+    if rank0 and any(isinstance(g, dict) and set(g) - {"params"} for g in model_parameters):
+        _ds_logger().warning(
+            "shardopt: per-group settings in model_parameters are not used by shardopt.Muon; its groups come from "
+            "shardopt.muon_param_groups (Muon matrices + the aux group set by aux_* in optimizer.params)"
+        )
+    out = []
+    for g in groups:
+        keep = [k for k, p in enumerate(g["params"]) if id(p) in ids]
+        if keep:
+            out.append(dict(g, params=[g["params"][k] for k in keep],
+                            param_names=[g["param_names"][k] for k in keep]))
+    return out
+
+
+def _with_names(module, model_parameters) -> list:
+    """Stage 0: attach FQNs so shardopt's errors name parameters (DeepSpeed keeps them in place)."""
+    known = _named(module)
+    groups = [dict(g) if isinstance(g, dict) else None for g in model_parameters]
+    if all(g is None for g in groups):
+        params = list(model_parameters)
+        if params and all(id(p) in known for p in params):
+            return [{"params": params, "param_names": [known[id(p)] for p in params]}]
+        return params
+    if any(g is None for g in groups):
+        return list(model_parameters)
+    for g in groups:
+        ps = list(g["params"])
+        g["params"] = ps
+        if "param_names" not in g and all(id(p) in known for p in ps):
+            g["param_names"] = [known[id(p)] for p in ps]
+    return groups
+
+
+def build_optimizer(engine, resolved: Resolved, model_parameters) -> ShardedOptimizer:
+    rank0 = engine.global_rank == 0
+    kwargs = dict(resolved.kwargs)
+    if resolved.entry.cls is Muon:
+        params = _muon_groups(engine.module, model_parameters, resolved.aux, rank0)
+    elif resolved.stage == 0:
+        params = _with_names(engine.module, model_parameters)
+    else:
+        # DeepSpeed replaces each group's params with one flat partition: names would not line up.
+        params = list(model_parameters)
+    if resolved.stage == 0:
+        kwargs.setdefault("process_group", engine.seq_data_parallel_group)
+    try:
+        return resolved.entry.cls(params, **kwargs)
+    except TypeError as e:
+        valid = ", ".join(config_keys(resolved.entry))
+        raise ValueError(f"{resolved.entry.name}: {e}; valid optimizer.params: {valid}") from e
+
+
+# ---------------------------------------------------------------------------- engine glue
+def _ds_logger():
+    from deepspeed.utils import logger
+
+    return logger
+
+
+def _rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _zero_stage_of(param_dict: dict) -> int:
+    zero = param_dict.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return 0
+    try:
+        return int(zero.get("stage", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _check_fits_zero(engine, opt: ShardedOptimizer) -> None:
+    """Refuse or adjust what cannot run on DeepSpeed's ZeRO partitions.
+
+    Config-built optimizers already fit (see :func:`resolve`); this catches a shardopt optimizer the user
+    built and passed as ``deepspeed.initialize(optimizer=...)``.
+    """
+    if not engine.zero_optimization():
+        return
+    stage = engine.zero_optimization_stage()
+    if any(ALGORITHMS[g["algorithm"]].matrix for g in opt.param_groups):
+        raise NotImplementedError(
+            f"a shardopt Muon optimizer cannot run inside DeepSpeed ZeRO-{stage}'s flat partitions (Newton-Schulz "
+            "needs whole matrices). Name it in the config instead ({\"optimizer\": {\"type\": \"shardopt.Muon\"}} "
+            "after `import shardopt.deepspeed`), which runs ZeRO-1/2 correctly, or use ZeRO stage 0 with "
+            "shardopt.Muon(sharding=\"zero1\")"
+        )
+    if opt.grad_clip_norm is not None:
+        raise ValueError(
+            f"{type(opt).__name__}(grad_clip_norm=...) cannot be used with DeepSpeed ZeRO-{stage}, which steps one "
+            "parameter group at a time; use DeepSpeed's \"gradient_clipping\" instead"
+        )
+    if opt.sharding == "none":
+        return
+    if opt.sharding == "auto" and all(float(st.get("step", 0)) == 0 for st in opt.state.values()):
+        opt.sharding = "none"
+        if engine.global_rank == 0:
+            _ds_logger().warning(
+                f"shardopt: DeepSpeed ZeRO-{stage} partitions the optimizer state itself; "
+                f"{type(opt).__name__}(sharding='auto') runs on its partitions with sharding='none'"
+            )
+        return
+    raise ValueError(
+        f"{type(opt).__name__}(sharding={opt.sharding!r}) cannot be used with DeepSpeed ZeRO-{stage}, which already "
+        "partitions the optimizer state; build it with sharding='none' (or name it in the DeepSpeed config)"
+    )
+
+
+def _install_group_reductions(engine, opt: ShardedOptimizer) -> None:
+    """Under ZeRO each rank holds a disjoint partition: sum the scalars (grad norm, non-finite flag) over DP.
+
+    DeepSpeed narrows ``param_groups`` while it steps one group at a time, which rebuilds the (local)
+    layout, so the reduction is re-attached whenever the layout is rebuilt.
+    """
+    group = getattr(engine.optimizer, "dp_process_group", None) or engine.seq_data_parallel_group
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    class_ensure = opt._ensure_layout
+
+    def all_reduce_sum(t):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    def _ensure_layout():
+        class_ensure()
+        opt._layout.all_reduce_sum = all_reduce_sum
+
+    opt._ensure_layout = _ensure_layout
+    _ensure_layout()
+
+
+def _stage0_state_dict(self):
+    sd = ShardedOptimizer.state_dict(self)
+    layout = self.layout
+    if layout.world_size <= 1 or layout.name == "none":
+        return sd
+    bundle: list = [None] * layout.world_size
+    dist.all_gather_object(bundle, sd, group=layout.group)
+    return {"shardopt_per_rank": bundle, "layout": layout.name, "world_size": layout.world_size}
+
+
+def _stage0_load_state_dict(self, state_dict, load_optimizer_states=True, **_ignored):
+    if not load_optimizer_states:
+        return
+    layout = self.layout
+    if "shardopt_per_rank" in state_dict:
+        if state_dict["world_size"] != layout.world_size or state_dict["layout"] != layout.name:
+            raise ValueError(
+                f"shardopt: this DeepSpeed checkpoint holds {state_dict['layout']} optimizer state for "
+                f"{state_dict['world_size']} ranks, but the optimizer now runs {layout.name} on "
+                f"{layout.world_size}; load it at the world size it was saved with"
+            )
+        state_dict = state_dict["shardopt_per_rank"][layout.rank]
+    elif layout.world_size > 1 and layout.name != "none":
+        raise ValueError(
+            "shardopt: the checkpoint's optimizer state is not sharded but the optimizer now runs "
+            f"{layout.name} on {layout.world_size} ranks; load it with the sharding it was saved with"
+        )
+    ShardedOptimizer.load_state_dict(self, state_dict)
+
+
+def _after_configure_optimizer(engine) -> None:
+    opt = engine.basic_optimizer
+    if not isinstance(opt, ShardedOptimizer):
+        return
+    opt.layout  # DeepSpeed may have swapped the params (flat partitions, fp32 copies): build the state now
+    if engine.zero_optimization():
+        _install_group_reductions(engine, opt)
+        how = f"on DeepSpeed ZeRO-{engine.zero_optimization_stage()}'s flat fp32 partitions (sharding='none')"
+    else:
+        if engine.optimizer is opt and engine.bfloat16_enabled():
+            clip = engine.gradient_clipping()
+            if clip and clip > 0 and opt.grad_clip_norm is None:
+                opt.grad_clip_norm = clip  # the engine clips only fp32 models itself
+        # DeepSpeed saves one copy of a stage-0 optimizer's state; gather a sharded one into it.
+        opt.state_dict = types.MethodType(_stage0_state_dict, opt)
+        opt.load_state_dict = types.MethodType(_stage0_load_state_dict, opt)
+        how = f"at DeepSpeed stage 0 with shardopt layout {opt.layout.name!r}"
+    if engine.global_rank == 0:
+        _ds_logger().info(f"shardopt: {type(opt).__name__} runs {how}")
+
+
+def install() -> None:
+    """Teach DeepSpeed's engine the ``shardopt.*`` optimizer types. Safe to call more than once."""
+    try:
+        from deepspeed.runtime import config as ds_config
+        from deepspeed.runtime import engine as ds_engine
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"shardopt.deepspeed needs DeepSpeed (pip install deepspeed): {e}") from e
+
+    Config = ds_config.DeepSpeedConfig
+    Engine = ds_engine.DeepSpeedEngine
+
+    if not getattr(Config._initialize_params, _MARK, False):
+        orig_init_params = Config._initialize_params
+
+        def _initialize_params(self, param_dict):
+            opt = param_dict.get("optimizer")
+            self._shardopt = None
+            if isinstance(opt, dict) and is_shardopt_type(opt.get("type")):
+                requested = _zero_stage_of(param_dict)
+                resolved = resolve(opt["type"], opt.get("params"), requested)
+                if resolved.stage != requested:
+                    param_dict = dict(param_dict)
+                    param_dict["zero_optimization"] = dict(param_dict["zero_optimization"], stage=resolved.stage)
+                    if _rank0():
+                        _ds_logger().warning(
+                            f"shardopt: {resolved.entry.name} cannot run inside DeepSpeed ZeRO-{requested}'s flat "
+                            "partitions (Newton-Schulz needs whole matrices), so the engine runs at ZeRO stage 0 "
+                            "(data-parallel gradient all-reduce) and shardopt shards Muon's state 1/W itself "
+                            "(sharding='zero1'): each matrix is orthogonalized once, on its owner rank"
+                        )
+                # DeepSpeed lower-cases its own names only; keep ours canonical.
+                param_dict = dict(param_dict)
+                param_dict["optimizer"] = dict(opt, type=resolved.entry.name)
+                self._shardopt = resolved
+            return orig_init_params(self, param_dict)
+
+        setattr(_initialize_params, _MARK, True)
+        Config._initialize_params = _initialize_params
+
+    if not getattr(Engine._is_supported_optimizer, _MARK, False):
+        orig_supported = Engine._is_supported_optimizer
+
+        def _is_supported_optimizer(self, optimizer_name):
+            if is_shardopt_type(optimizer_name):
+                entry_for(optimizer_name)  # ValueError listing the valid names
+                return True
+            return orig_supported(self, optimizer_name)
+
+        setattr(_is_supported_optimizer, _MARK, True)
+        Engine._is_supported_optimizer = _is_supported_optimizer
+
+    if not getattr(Engine._configure_basic_optimizer, _MARK, False):
+        orig_basic = Engine._configure_basic_optimizer
+
+        def _configure_basic_optimizer(self, model_parameters):
+            resolved = getattr(self._config, "_shardopt", None)
+            if resolved is None:
+                return orig_basic(self, model_parameters)
+            return build_optimizer(self, resolved, model_parameters)
+
+        setattr(_configure_basic_optimizer, _MARK, True)
+        Engine._configure_basic_optimizer = _configure_basic_optimizer
+
+    if not getattr(ds_engine.is_zero_supported_optimizer, _MARK, False):
+        orig_zero_supported = ds_engine.is_zero_supported_optimizer
+
+        def is_zero_supported_optimizer(optimizer):
+            # Lion/AdamW run elementwise on DeepSpeed's flat partitions; Muon is refused before this.
+            return isinstance(optimizer, ShardedOptimizer) or orig_zero_supported(optimizer)
+
+        setattr(is_zero_supported_optimizer, _MARK, True)
+        ds_engine.is_zero_supported_optimizer = is_zero_supported_optimizer
+
+    if not getattr(Engine._do_optimizer_sanity_check, _MARK, False):
+        orig_sanity = Engine._do_optimizer_sanity_check
+
+        def _do_optimizer_sanity_check(self, basic_optimizer):
+            if not isinstance(basic_optimizer, ShardedOptimizer):
+                return orig_sanity(self, basic_optimizer)
+            _check_fits_zero(self, basic_optimizer)
+            if not self.zero_optimization() and self.bfloat16_enabled():
+                return None  # shardopt keeps (and shards) the fp32 master copy itself
+            return orig_sanity(self, basic_optimizer)
+
+        setattr(_do_optimizer_sanity_check, _MARK, True)
+        Engine._do_optimizer_sanity_check = _do_optimizer_sanity_check
+
+    if not getattr(Engine._configure_optimizer, _MARK, False):
+        orig_configure = Engine._configure_optimizer
+
+        def _configure_optimizer(self, client_optimizer, model_parameters):
+            orig_configure(self, client_optimizer, model_parameters)
+            _after_configure_optimizer(self)
+
+        setattr(_configure_optimizer, _MARK, True)
+        Engine._configure_optimizer = _configure_optimizer
+
+
+__all__ = ["install", "resolve", "build_optimizer", "OPTIMIZERS", "valid_names", "config_keys"]
