@@ -18,13 +18,20 @@ import subprocess
 import sys
 import time
 
+import dist_utils
 import pytest
 import torch
+from cases import (
+    assert_close_params,
+    build,
+    make_grads,
+    make_params,
+    max_rel_err,
+    run_single,
+)
 
-import dist_utils
 import shardopt
 import shardopt.checkpoint as C
-from cases import assert_close_params, build, make_grads, make_params, max_rel_err, run_single
 from shardopt.checkpoint import cli, ds_convert, offline
 
 K = 3  # steps before the save, and again after it
@@ -610,7 +617,7 @@ class IntNet(torch.nn.Module):
 
 def _ds_step(fwd, backward, step, k):
     g = torch.Generator().manual_seed(100 + k)
-    ri = lambda *s: torch.randint(-2, 3, s, generator=g).float()  # noqa: E731
+    ri = lambda *s: torch.randint(-2, 3, s, generator=g).float()
     xs, rs = (ri(4, 5), ri(4, 6), ri(4, 4)), (ri(4, 7), ri(4, 3), ri(4, 9))
     loss = sum((o * r).sum() for o, r in zip(fwd(*xs), rs))
     backward(loss)
@@ -670,7 +677,7 @@ def _ds_job_w2(rank, world, d):
     out["adamw"] = _weights(model)
     # bf16 weights: DeepSpeed's fp32 partitions are the master copy, saved as master_param
     model, eng = _ds_engine("lion-bf16")
-    step = lambda k: _ds_step(lambda *xs: eng(*[x.bfloat16() for x in xs]), eng.backward, eng.step, k)  # noqa: E731
+    step = lambda k: _ds_step(lambda *xs: eng(*[x.bfloat16() for x in xs]), eng.backward, eng.step, k)
     for k in range(K):
         step(k)
     C.save(f"{d}/so2bf16", eng)

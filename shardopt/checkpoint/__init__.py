@@ -18,13 +18,13 @@ from .errors import (
 )
 
 __all__ = [
-    "save",
-    "load",
-    "rng_state",
-    "set_rng_state",
+    "AlgorithmMismatchError",
     "CheckpointError",
     "CorruptCheckpointError",
     "MissingEntryError",
     "ShapeMismatchError",
-    "AlgorithmMismatchError",
+    "load",
+    "rng_state",
+    "save",
+    "set_rng_state",
 ]

@@ -245,7 +245,7 @@ def _fqn_for(p, i, names, name_of, gi):
                 f"shardopt.checkpoint cannot name {n} (shape {tuple(p.shape)}): it is not a parameter of the model "
                 "passed in. Pass the model the optimizer was built from, or give the groups 'param_names'"
             )
-        fqn = clean_name(n[len("module."):] if n.startswith("module.") else n)
+        fqn = clean_name(n.removeprefix("module."))
     return fqn
 
 

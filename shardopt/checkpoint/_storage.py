@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,21 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     create_default_local_save_plan,
 )
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import (
+    create_read_items_for_chunk_list,
+)
 
 from ._manifest import DCP_METADATA, chunk_id, crc32_file_range
 from .errors import CheckpointError, CorruptCheckpointError
@@ -135,7 +147,9 @@ def dest_chunks(obj) -> list:
     if isinstance(obj, FlatPieces):
         return obj.chunks()
     if _is_dtensor(obj):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset,
+        )
 
         if obj.device_mesh.get_coordinate() is None:
             return []
@@ -212,7 +226,7 @@ def read_metadata(directory: str):
         raise CorruptCheckpointError(f"checkpoint file {path} is missing (DCP metadata); the checkpoint is incomplete")
     try:
         return FileSystemReader(directory).read_metadata()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing
+    except Exception as e:
         raise CorruptCheckpointError(f"checkpoint file {path} (DCP metadata) is unreadable or truncated: {e}") from e
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import warnings
 
@@ -98,7 +99,7 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
     errors, live = [], None
     try:
         live = collect(model, optimizer)
-    except Exception as e:  # noqa: BLE001 - reported on every rank below
+    except Exception as e:
         errors.append(_err(e))
     if rank == 0 and not errors:
         try:
@@ -110,17 +111,17 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
     state_dict = {t.key: t.value for t in live.targets() if t.value is not None and _numel(t) > 0}
     S.dcp_save(state_dict, tmp, process_group=process_group)
 
-    errors = []
-    sums = {}
+    errors, sums = [], {}
     try:
         md = S.read_metadata(tmp)
         sums = S.storage_checksums(tmp, md, rank, w)
     except Exception as e:  # noqa: BLE001
         errors.append(_err(e))
-    if w > 1:
-        allsums: list = [None] * w
-        dist.all_gather_object(allsums, sums, group=process_group)
-        sums = {k: v for d in allsums for k, v in d.items()}
+    if w > 1:  # every rank's checksums, and whether every rank got them, before anything is committed
+        gathered: list = [None] * w
+        dist.all_gather_object(gathered, (errors, sums), group=process_group)
+        errors = next((e for e, _ in gathered if e), [])
+        sums = {k: v for _, d in gathered for k, v in d.items()}
     if rank == 0 and not errors:
         try:
             _finish(path, tmp, live, sums, extra)
@@ -131,8 +132,6 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
 
 
 def _numel(t) -> int:
-    import math
-
     return math.prod(t.shape)
 
 
@@ -209,7 +208,7 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, process_group
             raise CorruptCheckpointError(errs[0])
         md = S.read_metadata(directory)
         live = collect(model, optimizer)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         errors.append(_err(e))
     state_dict = {}
     if not errors:
@@ -222,7 +221,7 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, process_group
                            S.verify_chunks(directory, manifest, md, [it.storage_index for it in items])]
                 if EXTRA in manifest.get("files", {}):
                     errors += [("CorruptCheckpointError", m) for m in S.verify_side_file(directory, manifest, EXTRA)]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(_err(e))
     _agree(errors, process_group)
     S.dcp_load(state_dict, directory, process_group=process_group)

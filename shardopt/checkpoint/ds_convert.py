@@ -42,7 +42,14 @@ from ._manifest import (
     str_dtype,
 )
 from .errors import CheckpointError, CorruptCheckpointError
-from .offline import _bar, _fake, _read_checked, save_streaming, verify, write_checkpoint
+from .offline import (
+    _bar,
+    _fake,
+    _read_checked,
+    save_streaming,
+    verify,
+    write_checkpoint,
+)
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 NCCL_START_ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor (stage 1/2)
@@ -56,7 +63,7 @@ def _ds_version() -> str:
         from deepspeed.git_version_info import version
 
         return version
-    except Exception:  # noqa: BLE001 - DeepSpeed is optional for writing its format
+    except Exception:
         return "0.19.8"
 
 
@@ -83,7 +90,7 @@ def _tag_dir(ds_dir: str, tag: str | None) -> tuple[str, str]:
 def _load(path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CorruptCheckpointError(f"DeepSpeed checkpoint file {path} is unreadable: {e}") from e
 
 

@@ -24,9 +24,9 @@ class AlgorithmMismatchError(CheckpointError):
 
 
 __all__ = [
+    "AlgorithmMismatchError",
     "CheckpointError",
     "CorruptCheckpointError",
     "MissingEntryError",
     "ShapeMismatchError",
-    "AlgorithmMismatchError",
 ]
