@@ -159,7 +159,8 @@ def make_plan(args) -> dict:
 
     # NCCL needs a GPU per rank; more ranks than GPUs share them over gloo.
     dist_backend = "nccl" if device == "cuda" and world <= ngpu else "gloo"
-    cores = os.cpu_count() or 1
+    # the cores this process may use (a container's share, not the host's count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     out = Path(args.out) if args.out else (resume.parent if resume else Path(DEFAULT_OUT))
     steps = args.steps or (DEFAULT_RESUME_STEPS if resume else DEFAULT_STEPS)
     return {
