@@ -190,7 +190,7 @@ class ShardedOptimizer(Optimizer):
             # Only parameters replaced wholesale before any step (DeepSpeed's flat partitions) leave
             # their state behind.
             if trained or set(key) & set(self._layout_key):
-                carried = dict(self.state)
+                carried = {p: st for p, st in self.state.items() if "step" in st}
         elif self._layout is not None and trained:
             raise RuntimeError(
                 "shardopt: the optimizer's parameters were replaced after training steps were taken; "
@@ -207,7 +207,7 @@ class ShardedOptimizer(Optimizer):
         layout = self._layout
         params, names, gidx = self._flat_params()
         for i, p in enumerate(params):
-            if p in self.state:  # carried over by _ensure_layout
+            if "step" in self.state.get(p, {}):  # carried over by _ensure_layout
                 continue
             algo = ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]]
             shape = layout.local_shape(i)
