@@ -104,6 +104,9 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
     nested = tmp_path / "run" / "checkpoint"
     nested.mkdir(parents=True)
     (nested / "demo.json").write_text(json.dumps({"optimizers": ["lion"], "size": "tiny", "seed": 1}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "demo.json").write_text(random.choice(["{not json", json.dumps({"optimizers": ["sgd"]}), "[]"]))
     nproc = random.choice([3, 5, 7])  # none divides the global batch
     cases = [
         (["demo", "--nproc", str(nproc)], f"--nproc {nproc}"),
@@ -111,6 +114,7 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
         (["demo", "--resume", str(empty)], "not a demo checkpoint"),
         (["demo", "--resume", str(nested / "lion")], "no such directory"),
         (["demo", "--resume", str(nested), "--optimizer", "muon"], "holds lion"),
+        (["demo", "--resume", str(broken)], "cannot read"),
     ]
     for argv, needle in cases:
         rc, out, err = _main(argv, capsys)

@@ -111,9 +111,15 @@ def _read_meta(path: Path) -> dict:
         hint = f"; did you mean {path.parent}?" if (path.parent / META).is_file() else ""
         raise CommandError(f"--resume {path}: not a demo checkpoint (no {META} in it){hint}")
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise CommandError(f"--resume {path}: cannot read {meta_file}: {e}") from None
+    from ._demo_model import SIZES
+
+    if not (isinstance(meta, dict) and meta.get("optimizers") and set(meta["optimizers"]) <= set(OPTIMIZERS)
+            and meta.get("size") in SIZES and isinstance(meta.get("seed"), int)):
+        raise CommandError(f"--resume {path}: cannot read {meta_file}: it lacks the optimizers, size or seed")
+    return meta
 
 
 def make_plan(args) -> dict:
@@ -177,7 +183,7 @@ def make_plan(args) -> dict:
         "checkpoint_dir": None if args.no_checkpoint else str(out / "checkpoint"),
         "resume_dir": str(resume) if resume else None,
         "resume_meta": meta,
-        "threads_per_rank": max(1, cores // world) if device == "cpu" else None,
+        "threads_per_rank": max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world))) if device == "cpu" else None,
     }
 
 
