@@ -35,7 +35,7 @@ if os.environ.get("SHARDOPT_BUILD_OPS", "0") == "1":
         CppExtension(
             "shardopt._C_cpu",
             ["csrc/cpu/fused_optim.cpp"],
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-march=native"],
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-march=native"],
             extra_link_args=["-fopenmp"],
         )
     )
