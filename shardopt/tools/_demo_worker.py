@@ -187,6 +187,7 @@ class Trainer:
             # shardopt.deepspeed builds the Muon/aux groups itself (muon_param_groups) from these keys
             hp.update(hp.pop("aux"))
         opt_params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
+        opt_params["backend"] = plan.get("backend", "auto")
         config = {
             "train_micro_batch_size_per_gpu": self.cfg.global_batch // self.world,
             "gradient_accumulation_steps": 1,
