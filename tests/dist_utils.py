@@ -32,19 +32,28 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
         res = ("ok", fn(rank, world, *args))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         res = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    torch.save(res, os.path.join(outdir, f"r{rank}.pt"))
     try:
-        torch.save(res, os.path.join(outdir, f"r{rank}.pt"))
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+        # nobody tears gloo down while a peer still talks to it
+        if res[0] == "ok":
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 def run(fn, world: int, *args, timeout_s: int = 300):
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, free_port(), fn, args, d, timeout_s), nprocs=world,
-                           join=True, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, d, timeout_s), nprocs=world,
+                                 join=False, start_method="spawn")
+        try:
+            while not ctx.join():
+                pass
+        except mp.ProcessExitedException:
+            # gloo sometimes aborts in process teardown ("terminate called without an active
+            # exception") after every rank has saved its result; only a rank without a result failed
+            if not all(os.path.exists(os.path.join(d, f"r{r}.pt")) for r in range(world)):
+                raise
         out = []
         for r in range(world):
             status, val = torch.load(os.path.join(d, f"r{r}.pt"), weights_only=False)
