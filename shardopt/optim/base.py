@@ -309,7 +309,6 @@ class ShardedOptimizer(Optimizer):
         w, rank = comm.world(layout.group)
         rows = [row]
         if w > 1:
-            allr = torch.zeros(w, 3, dtype=torch.float64)
             dev = _device_of(params[0]) if params else torch.device("cpu")
             t = row.to(dev)
             out = torch.empty(w * 3, dtype=torch.float64, device=dev)
@@ -321,8 +320,11 @@ class ShardedOptimizer(Optimizer):
             for r, x in enumerate(rows)
         ]
         if print_fn is not None and rank == 0:
-            unsharded = sum(p.numel() for p in params) * 4 * max(
-                (len(ALGORITHMS[g["algorithm"]].state_keys) for g in self.param_groups), default=0
+            # fp32 state tensors per parameter, plus the master copy of low-precision ones
+            unsharded = sum(
+                4 * p.numel() * (len(ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]].state_keys)
+                                 + (self.master_weights and p.dtype in LOW_PRECISION))
+                for i, p in enumerate(params)
             )
             print_fn(f"{type(self).__name__} layout={layout.name} world={w}")
             print_fn(f"{'rank':>4} {'owned elements':>15} {'state bytes':>13} {'NS GFLOP':>10}")
