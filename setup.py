@@ -52,6 +52,7 @@ setup(
     package_data={"shardopt": ["data/*.txt"]},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
+        "demo": ["matplotlib", "tqdm"],
         "test": ["pytest>=7", "ninja", "matplotlib", "tqdm", "accelerate>=1.0", "triton"],
         "deepspeed": ["deepspeed>=0.16", "transformers"],
         "all": [
