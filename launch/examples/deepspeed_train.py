@@ -65,6 +65,9 @@ def main():
         "last_losses": losses[-3:],
     }) + "\n")
     sys.stdout.flush()
+    # leave together: a rank that exits while a peer still finishes a gloo collective aborts it
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
