@@ -87,6 +87,8 @@ def main():
         "params_sha256": digest.hexdigest(), "layout": inner.layout.name, "state_bytes": inner.state_bytes(),
         "param_bytes": sum(p.numel() * 4 for p in model.parameters()),
     })
+    accelerator.wait_for_everyone()  # leave together: no rank tears gloo down mid-collective
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def main():
         "zero_stage": engine.zero_optimization_stage(), "state_bytes": inner.state_bytes(),
         "param_bytes": sum(p.numel() * 4 for p in engine.module.parameters()),
     })
+    accelerator.wait_for_everyone()  # leave together: no rank tears gloo down mid-collective
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

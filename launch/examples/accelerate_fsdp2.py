@@ -86,6 +86,8 @@ def main():
         "rank": accelerator.process_index, "world": accelerator.num_processes, "losses": losses,
         "layout": inner.layout.name, "state_bytes": inner.state_bytes(),
     })
+    accelerator.wait_for_everyone()  # leave together: no rank tears gloo down mid-collective
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
