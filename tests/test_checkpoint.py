@@ -775,3 +775,36 @@ def test_deepspeed_round_trip(tmp_path):
     ds_convert.to_deepspeed(f"{d}/conv_adam", f"{d}/ds3adam", world_size=3, zero_stage=2, state_format="deepspeed")
     ds_convert.from_deepspeed(f"{d}/ds3adam", f"{d}/back_adam")
     _same_consolidated(f"{d}/conv_adam", f"{d}/back_adam", str(tmp_path))
+
+
+def _job_save_after_eval_forward(rank, world, d):
+    """FSDP2 leaves the root unsharded after a forward without backward; save must still work."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(m[0], mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        return m
+
+    m = make()
+    opt = shardopt.Lion(m.parameters(), lr=1e-2, backend="torch")
+    m(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        m(torch.randn(4, 8))  # evaluation: the root stays unsharded
+    C.save(f"{d}/eval", m, opt)
+    m2 = make()
+    opt2 = shardopt.Lion(m2.parameters(), lr=1e-2, backend="torch")
+    C.load(f"{d}/eval", m2, opt2)
+    same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(m.parameters(), m2.parameters()))
+    mom = all(torch.equal(opt.state[a]["momentum_buffer"].full_tensor(), opt2.state[b]["momentum_buffer"].full_tensor())
+              for a, b in zip(m.parameters(), m2.parameters()))
+    return same and mom
+
+
+def test_fsdp2_save_after_evaluation_forward(tmp_path):
+    assert all(dist_utils.run(_job_save_after_eval_forward, 2, str(tmp_path)))

@@ -198,6 +198,18 @@ def _is_ds_zero(opt) -> bool:
     return hasattr(opt, "round_robin_bit16_groups") and hasattr(opt, "single_partition_of_fp32_groups")
 
 
+def _reshard_fsdp(module) -> None:
+    """FSDP2 leaves the root unsharded after a forward without backward (an evaluation):
+    its registered parameters are then full tensors, not the DTensors the optimizer holds."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def collect(model, optimizer) -> Live:
     module, engine = unwrap(model)
     live = Live()
@@ -205,6 +217,7 @@ def collect(model, optimizer) -> Live:
         live.world_size = dist.get_world_size()
     name_of = {}
     if module is not None:
+        _reshard_fsdp(module)
         tensors, live.aliases = model_tensors(module)
         for fqn, t, kind in tensors:
             if hasattr(t, "ds_id"):
