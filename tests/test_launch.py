@@ -54,6 +54,7 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
                "group_rank": int(os.environ.get("GROUP_RANK", -1)), "losses": losses,
                "params": flat.tolist(), "state_bytes": opt.state_bytes(), "unsharded": full,
                "layout": opt.layout.name}, f)
+dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
 dist.destroy_process_group()
 '''
 

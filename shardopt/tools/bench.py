@@ -199,6 +199,7 @@ def _dist_worker(rank, world, port, shapes, iters, out):
         ms = _time(opt.step, iters, 0, torch.device("cpu"))
         res[algo] = {"state_bytes": opt.state_bytes(), "ms": ms, "traffic": traffic, "layout": opt.layout.name}
     out[rank] = res
+    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
     dist.destroy_process_group()
 
 
