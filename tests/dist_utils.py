@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -40,6 +41,10 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
         dist.destroy_process_group()
     except Exception:
         pass
+    # skip interpreter finalisation, where the distributed stack's C++ destructors can abort
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn, world: int, *args, timeout_s: int = 300):
