@@ -201,6 +201,9 @@ def _dist_worker(rank, world, port, shapes, iters, out):
     out[rank] = res
     dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter finalisation, where the distributed stack's C++ destructors can abort
 
 
 def _run_distributed(args):
