@@ -12,6 +12,19 @@ from ..functional import adjust_lr, muon_momentum, newton_schulz
 from ..functional.muon import DEFAULT_NS_COEFFICIENTS
 from .base import Algorithm, ShardedOptimizer, register
 
+NS_BACKENDS = ("torch", "triton", "auto")
+
+
+def _ns_function(backend: str, batch: torch.Tensor):
+    """The Newton-Schulz implementation for ``backend`` ("auto": Triton on CUDA when it imports)."""
+    if backend == "torch":
+        return newton_schulz
+    from ..kernels import triton_ns
+
+    if backend == "triton" or (batch.is_cuda and triton_ns.available()):
+        return triton_ns.newton_schulz
+    return newton_schulz
+
 
 @register
 class MuonAlgorithm(Algorithm):
@@ -21,6 +34,7 @@ class MuonAlgorithm(Algorithm):
     defaults = {
         "lr": 1e-3, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_coefficients": DEFAULT_NS_COEFFICIENTS,
         "eps": 1e-7, "weight_decay": 0.1, "adjust_lr_fn": None, "ns_dtype": None,
+        "ns_backend": "torch",
     }
 
     def validate(self, group, describe):
@@ -36,18 +50,32 @@ class MuonAlgorithm(Algorithm):
             raise ValueError(f"invalid ns_steps {group.get('ns_steps')!r}: use an int in [1, 100)")
         if len(tuple(group.get("ns_coefficients", ()))) != 3:
             raise ValueError("ns_coefficients must be three numbers (a, b, c)")
+        backend = group.get("ns_backend", "torch")
+        if backend not in NS_BACKENDS:
+            raise ValueError(
+                f"invalid ns_backend {backend!r} for the Muon group of {describe(0)}: "
+                f"valid: {', '.join(repr(b) for b in NS_BACKENDS)}"
+            )
+        if backend == "triton":
+            from ..kernels import triton_ns
+
+            triton_ns._require_triton()
 
     def step(self, opt, group, idx, params, grads, states, step):
         layout = opt.layout
         mom, nesterov = group["momentum"], group["nesterov"]
         inputs = [muon_momentum(g, m, momentum=mom, nesterov=nesterov) for g, m in zip(grads, states["momentum_buffer"])]
         ns_dtype = group["ns_dtype"]
+        # .get: groups restored from checkpoints written before ns_backend existed
+        ns_backend = group.get("ns_backend", "torch")
 
         def ns(batch):
             dtype = ns_dtype or (torch.bfloat16 if batch.is_cuda else torch.float32)
             opt.ns_shapes.extend([tuple(batch.shape[1:])] * batch.shape[0])
-            return newton_schulz(batch, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]),
-                                 eps=group["eps"], dtype=dtype)
+            return _ns_function(ns_backend, batch)(
+                batch, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
+                dtype=dtype,
+            )
 
         outs = layout.orthogonalize(idx, inputs, ns)
         lr, wd = float(group["lr"]), group["weight_decay"]
@@ -69,18 +97,21 @@ class Muon(ShardedOptimizer):
     Groups default to Muon; a group with ``"algorithm": "adamw"`` or ``"lion"``
     (and that algorithm's hyperparameters) holds the non-matrix parameters.
     ``ns_dtype`` picks the Newton-Schulz precision (default: bf16 on CUDA, fp32 on CPU).
+    ``ns_backend`` picks its implementation: ``"torch"`` (default, the
+    reference), ``"triton"`` (:mod:`shardopt.kernels.triton_ns`; CPU tensors
+    need ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA when it imports).
     """
 
     algorithm = "muon"
 
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, weight_decay=0.1, adjust_lr_fn=None,
-                 ns_dtype=None, **kwargs):
+                 ns_dtype=None, ns_backend="torch", **kwargs):
         super().__init__(
             params,
             dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                  ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay,
-                 adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype),
+                 adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_backend=ns_backend),
             **kwargs,
         )
 
