@@ -143,11 +143,18 @@ def _muon_rows(device, iters, hidden, layers):
 
     shapes = [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
     rows = []
-    for name, make in (
+    contenders = [
         ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3)),
         ("shardopt.Muon ns_dtype=bf16", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.bfloat16, sharding="none", nonfinite=None)),
         ("shardopt.Muon ns_dtype=fp32", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.float32, sharding="none", nonfinite=None)),
-    ):
+    ]
+    if device.type == "cuda":
+        from ..kernels import triton_ops
+
+        if triton_ops.available():
+            contenders.append(("shardopt.Muon triton NS bf16", lambda ps: shardopt.Muon(
+                ps, lr=1e-3, ns_dtype=torch.bfloat16, ns_backend="triton", sharding="none", nonfinite=None)))
+    for name, make in contenders:
         ps = _params(shapes, device)
         opt = make(ps)
         ms = _time(opt.step, iters, 1, device)
@@ -256,19 +263,28 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--distributed", action="store_true", help="ZeRO-1 state bytes, step time and traffic on W CPU ranks")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=None, help="default 512 on CPU, 2048 on CUDA")
+    p.add_argument("--layers", type=int, default=None, help="default 6 on CPU, 24 on CUDA")
+    p.add_argument("--vocab", type=int, default=None, help="default 8192 on CPU, 32000 on CUDA")
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--muon-hidden", type=int, default=256, help="hidden size of the Muon matrices (NS is O(n^3))")
-    p.add_argument("--muon-layers", type=int, default=4)
+    p.add_argument("--muon-hidden", type=int, default=None,
+                   help="hidden size of the Muon matrices (NS is O(n^3)); default 256 on CPU, 2048 on CUDA")
+    p.add_argument("--muon-layers", type=int, default=None, help="default 4 on CPU, 24 on CUDA")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed peers (they JIT-build ~50 s each)")
     p.add_argument("--no-muon", action="store_true")
     p.add_argument("--json", help="write the rows to this file")
     return p
 
 
+# CPU: ~20 M params, small NS matrices; CUDA: issue 7's 1.34 B-param, hidden-2048 / 24-layer set
+_DEFAULTS = {"cpu": dict(hidden=512, layers=6, vocab=8192, muon_hidden=256, muon_layers=4),
+             "cuda": dict(hidden=2048, layers=24, vocab=32000, muon_hidden=2048, muon_layers=24)}
+
+
 def run(args) -> int:
+    for k, v in _DEFAULTS["cuda" if args.device == "cuda" and not args.distributed else "cpu"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.distributed:
         rows = _run_distributed(args)
     else:
