@@ -52,12 +52,9 @@ def spawn_main(rank: int, world: int, port: int, plan: dict, result_file: str) -
         torch.save({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
                    f"{result_file}.rank{rank}")
         raise SystemExit(1)
-    # The work is done and the process group destroyed. Skip interpreter finalisation: a C++
-    # static destructor of the distributed stack can std::terminate ("terminate called without an
-    # active exception") at exit under load, which would turn a finished run into a SIGABRT.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # A C++ destructor of the distributed stack can still std::terminate at interpreter exit under
+    # load ("terminate called without an active exception"); the parent then trusts rank 0's
+    # results, which it writes only after the final barrier.
 
 
 def run_rank(plan: dict):
