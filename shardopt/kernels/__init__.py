@@ -63,7 +63,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
             return "torch"
         if device.type == "cuda":
-            return "torch"
+            return _cuda_or_fallback("auto")
         return "torch"
     if backend == "cpu":
         if device.type != "cpu":
@@ -79,11 +79,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "torch"
         return "cpu"
     if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' (CUDA multi-tensor kernels) is not available in this build; "
-            "use backend='triton' or 'torch' on GPUs"
-        )
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        return _cuda_or_fallback("cuda")
     return backend
+
+
+def _cuda_or_fallback(requested: str) -> str:
+    """``cuda`` if its extension loads, else ``triton`` if importable, else ``torch``
+    (with one warning naming the reason)."""
+    from . import cuda
+
+    if cuda.available():
+        return "cuda"
+    from . import triton_ops
+
+    fallback = "triton" if triton_ops.available() else "torch"
+    _warn_once(
+        "cuda-fallback",
+        f"shardopt: backend={requested!r} on a CUDA device but the CUDA kernels could not be "
+        f"built ({cuda.build_error()}); using backend={fallback!r}.",
+    )
+    return fallback
 
 
 def _module(backend: str):
@@ -93,6 +110,8 @@ def _module(backend: str):
         from . import cpu as m
     elif backend == "triton":
         from . import triton_ops as m
+    elif backend == "cuda":
+        from . import cuda as m
     else:  # pragma: no cover - resolve_backend never returns others
         raise ValueError(backend)
     return m

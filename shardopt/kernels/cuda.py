@@ -1,0 +1,254 @@
+"""The ``cuda`` backend: fused multi-tensor CUDA kernels.
+
+One call updates every tensor of the argument lists with a handful of kernel
+launches: ``csrc/cuda/multi_tensor_apply.cuh`` packs (tensor pointers, sizes,
+chunk starts) tables into kernel arguments and runs one generic kernel whose
+only per-algorithm code is a functor (``csrc/cuda/fused_optim.cu``).  Params
+may be fp32 or bf16, grads fp32/bf16/fp16, state fp32 or bf16; the math is
+fp32 in exactly the order of :mod:`shardopt.kernels.torch_ops`, so Lion agrees
+with the ``torch`` backend bit for bit and AdamW to an ulp (torch's CUDA
+``_foreach_div_`` by a scalar multiplies by the reciprocal; the kernel divides).
+
+The extension comes from, in order:
+
+1. ``shardopt._C_cuda``, if a build ships one prebuilt;
+2. a JIT build of ``csrc/cuda/*.cu, *.cpp`` with
+   :func:`torch.utils.cpp_extension.load` (needs nvcc, i.e. ``CUDA_HOME``, and
+   ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``.
+
+Nothing here raises when the extension cannot be had: :func:`available`
+returns ``False`` (at once, without compiling, when there is no CUDA device or
+torch is a CPU-only build) and :func:`build_error` says why;
+:func:`shardopt.kernels.resolve_backend` then warns once and picks ``triton``
+or ``torch``.  ``SHARDOPT_DISABLE_CUDA=1`` forces that fallback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "adamw_step",
+    "available",
+    "build_error",
+    "chunk_plan",
+    "lion_step",
+    "load",
+    "max_tensors",
+    "source_dir",
+]
+
+EXT_NAME = "shardopt_cuda_ops"
+SOURCES = ("fused_optim.cu", "bindings.cpp")
+HEADERS = ("multi_tensor_apply.cuh",)
+# -fmad=false: no FMA contraction anywhere (the functors also use explicitly
+# rounded intrinsics).  Never --use_fast_math / -ftz=true: they would flush
+# subnormals and approximate division.
+EXTRA_CUDA_CFLAGS = ["-O3", "-fmad=false"]
+EXTRA_CFLAGS = ["-O3"]
+
+# Launch limits of csrc/cuda/multi_tensor_apply.cuh (kChunkSize, kMaxBlocks,
+# kMetaBytes); the extension's launch_limits() reports the compiled values and
+# a GPU test checks they match.
+CHUNK_SIZE = 65536
+MAX_BLOCKS = 256
+META_BYTES = 3840
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_tried = False
+
+
+# ------------------------------------------------------------ chunk planning
+
+def max_tensors(depth: int) -> int:
+    """Tensors per launch for a functor over ``depth`` lists (mirrors
+    ``max_tensors_for_depth``: the kernel-argument bytes left after the block
+    table, at one pointer per list plus one int64 size per tensor)."""
+    return (META_BYTES - MAX_BLOCKS * 9) // (8 * (depth + 1))
+
+
+def chunk_plan(numels, chunk_size: int = CHUNK_SIZE, max_tensors: int = max_tensors(4),
+               max_blocks: int = MAX_BLOCKS):
+    """Which (tensor, chunk) pairs each kernel launch covers.
+
+    A line-for-line mirror of ``for_each_launch`` in
+    ``csrc/cuda/multi_tensor_apply.cuh`` (change both together); the extension
+    exposes the C++ one as ``_chunk_plan`` for comparison.  Returns one
+    ``(tensors, blocks)`` pair per launch, in order: ``tensors`` lists indices
+    into ``numels`` (the launch's tensor table, by slot) and each block is
+    ``(slot, start)``, covering elements ``[start, min(start + chunk_size,
+    numel))`` of ``tensors[slot]``.  Pure integer arithmetic (Python ints never
+    overflow, like the launcher's int64), so sizes beyond 2**31 can be checked
+    without allocating anything.
+    """
+    if chunk_size <= 0 or max_tensors <= 0 or max_blocks <= 0:
+        raise ValueError("chunk_plan: chunk_size, max_tensors and max_blocks must be positive")
+    plan = []
+    tensors: list[int] = []
+    blocks: list[tuple[int, int]] = []
+
+    def flush():
+        nonlocal tensors, blocks
+        if blocks:
+            plan.append((tensors, blocks))
+        tensors, blocks = [], []
+
+    for t, n in enumerate(numels):
+        if n <= 0:
+            continue
+        nchunks = (n - 1) // chunk_size + 1
+        for c in range(nchunks):
+            if len(blocks) == max_blocks:
+                flush()
+            if not tensors or tensors[-1] != t:
+                if len(tensors) == max_tensors:
+                    flush()
+                tensors.append(t)
+            blocks.append((len(tensors) - 1, c * chunk_size))
+    flush()
+    return plan
+
+
+# ------------------------------------------------------------------ loading
+
+def _disabled() -> bool:
+    return os.environ.get("SHARDOPT_DISABLE_CUDA", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def source_dir() -> Path | None:
+    """``csrc/cuda`` in the source tree (editable install) or in the wheel."""
+    pkg = Path(__file__).resolve().parent.parent  # .../shardopt
+    for cand in (pkg.parent / "csrc" / "cuda", pkg / "_csrc" / "cuda"):
+        if all((cand / s).is_file() for s in SOURCES + HEADERS):
+            return cand
+    return None
+
+
+def _no_cuda_reason() -> str | None:
+    """Why CUDA kernels cannot run here at all (checked before any build)."""
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _try_prebuilt():
+    try:
+        from shardopt import _C_cuda  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C_cuda
+
+
+def _needs_build(src_dir: Path) -> bool:
+    """Best guess whether cpp_extension.load will compile (for the notice only)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        so = Path(_get_build_directory(EXT_NAME, False)) / f"{EXT_NAME}.so"
+        if not so.is_file():
+            return True
+        newest = max((src_dir / f).stat().st_mtime for f in SOURCES + HEADERS)
+        return so.stat().st_mtime < newest
+    except Exception:
+        return True
+
+
+def _jit_build():
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("CUDA sources csrc/cuda/ not found next to the shardopt package")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
+    if _needs_build(src):
+        print("shardopt: building CUDA kernels (first use, ~1-2 min)...", file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=EXT_NAME,
+        sources=[str(src / s) for s in SOURCES],
+        extra_cflags=EXTRA_CFLAGS,
+        extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+        extra_include_paths=[str(src)],
+        verbose=os.environ.get("SHARDOPT_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def _summarize(exc: BaseException) -> str:
+    """One line: the exception type and the most telling line of its message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    best = lines[-1] if lines else repr(exc)
+    for needle in ("error:", "not found", "No such file", "Permission denied"):
+        hit = next((ln for ln in lines if needle in ln), None)
+        if hit is not None:
+            best = hit
+            break
+    return f"{type(exc).__name__}: {best[:500]}"
+
+
+def _load():
+    """Load (building if needed) once; remember the module or the error."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        reason = "disabled by SHARDOPT_DISABLE_CUDA=1" if _disabled() else _no_cuda_reason()
+        if reason is not None:
+            _error = reason
+        else:
+            try:
+                mod = _try_prebuilt()
+                if mod is None:
+                    mod = _jit_build()
+                _module = mod
+            except Exception as exc:  # no nvcc, no ninja, compile error, ...
+                _error = _summarize(exc)
+                _module = None
+        _tried = True
+        return _module
+
+
+def available() -> bool:
+    """True when the CUDA extension is (or could now be) loaded."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (``None`` when it loaded)."""
+    _load()
+    return _error
+
+
+def load():
+    """The extension module; raises ``RuntimeError`` with the reason if unavailable."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"shardopt CUDA kernels are unavailable: {_error}")
+    return mod
+
+
+# --------------------------------------------------------------- the steps
+
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay):
+    load().lion_step(
+        list(params), list(grads), list(exp_avgs),
+        float(lr), float(beta1), float(beta2), float(weight_decay),
+    )
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step):
+    load().adamw_step(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+    )
