@@ -105,7 +105,12 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
                 torch._foreach_lerp_(ms_, grads, 0.01)
         return step
 
-    backends = ["torch", "cpu"] if device.type == "cpu" else ["torch", "triton"]
+    if device.type == "cpu":
+        backends = ["torch", "cpu"]
+    else:
+        from ..kernels import cuda
+
+        backends = ["torch", "triton"] + (["cuda"] if cuda.available() else [])
     add("torch.optim.AdamW foreach", torch_adamw(foreach=True), 28, peer=True)
     add("torch.optim.AdamW fused", torch_adamw(fused=True), 28, peer=True)
     add("foreach Lion (lerp/sign)", foreach_lion, 20, peer=True)
