@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
-import torch
+from ._ext import ExtensionLoader, is_stale
 
 __all__ = ["available", "build_error", "load", "source_path", "lion_step", "adamw_step"]
 
@@ -33,16 +32,6 @@ EXTRA_LDFLAGS = ["-fopenmp"]
 PORTABLE_NAME = EXT_NAME + "_portable"
 PORTABLE_CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
 
-_lock = threading.Lock()
-_module = None
-_error: str | None = None
-_tried = False
-
-
-def _disabled() -> bool:
-    return os.environ.get("SHARDOPT_DISABLE_CPP", "0").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def source_path() -> Path | None:
     """``fused_optim.cpp`` in the source tree (editable install) or in the wheel."""
     pkg = Path(__file__).resolve().parent.parent  # .../shardopt
@@ -53,25 +42,6 @@ def source_path() -> Path | None:
         if cand.is_file():
             return cand
     return None
-
-
-def _try_prebuilt():
-    try:
-        from shardopt import _C_cpu  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C_cpu
-
-
-def _needs_build(name: str, src: Path) -> bool:
-    """Best guess whether cpp_extension.load will compile (for the notice only)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        so = Path(_get_build_directory(name, False)) / f"{name}.so"
-        return not so.is_file() or so.stat().st_mtime < src.stat().st_mtime
-    except Exception:
-        return True
 
 
 def _jit_build():
@@ -88,7 +58,7 @@ def _jit_build():
     attempts = [(EXT_NAME, EXTRA_CFLAGS, EXTRA_LDFLAGS), (PORTABLE_NAME, PORTABLE_CFLAGS, [])]
     first_error = None
     for name, cflags, ldflags in attempts:
-        if _needs_build(name, src):
+        if is_stale(name, [src]):
             print("shardopt: building C++ CPU kernels (first use, ~30 s)...", file=sys.stderr, flush=True)
         try:
             return cpp_extension.load(
@@ -104,70 +74,9 @@ def _jit_build():
     raise first_error
 
 
-def _summarize(exc: BaseException) -> str:
-    """One line: the exception type and the most telling line of its message
-    (a compiler ``error:``, a missing program, ...; else the last line)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    best = lines[-1] if lines else repr(exc)
-    for needle in ("error:", "not found", "No such file", "Permission denied"):
-        hit = next((ln for ln in lines if needle in ln), None)
-        if hit is not None:
-            best = hit
-            break
-    return f"{type(exc).__name__}: {best[:500]}"
-
-
-def _load():
-    """Load (building if needed) once; remember the module or the error."""
-    global _module, _error, _tried
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        if _disabled():
-            _error = "disabled by SHARDOPT_DISABLE_CPP=1"
-        else:
-            try:
-                mod = _try_prebuilt()
-                if mod is None:
-                    mod = _jit_build()
-                _module = mod
-            except Exception as exc:  # no compiler, no ninja, compile error, ...
-                _error = _summarize(exc)
-                _module = None
-        _tried = True
-        return _module
-
-
-def available() -> bool:
-    """True when the C++ extension is (or could now be) loaded."""
-    return _load() is not None
-
-
-def build_error() -> str | None:
-    """Why the extension is unavailable (``None`` when it loaded)."""
-    _load()
-    return _error
-
-
-def load():
-    """The extension module; raises ``RuntimeError`` with the reason if unavailable."""
-    mod = _load()
-    if mod is None:
-        raise RuntimeError(f"shardopt C++ CPU kernels are unavailable: {_error}")
-    return mod
-
-
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay):
-    load().lion_step(
-        list(params), list(grads), list(exp_avgs),
-        float(lr), float(beta1), float(beta2), float(weight_decay),
-    )
-
-
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step):
-    load().adamw_step(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
-    )
+_LOADER = ExtensionLoader("C++ CPU", "shardopt._C_cpu", "SHARDOPT_DISABLE_CPP", _jit_build)
+available = _LOADER.available
+build_error = _LOADER.build_error
+load = _LOADER.load
+lion_step = _LOADER.lion_step
+adamw_step = _LOADER.adamw_step

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 
 import torch
+
+from ._ext import ExtensionLoader, is_stale
 
 __all__ = [
     "adamw_step",
@@ -57,12 +58,6 @@ EXTRA_CFLAGS = ["-O3"]
 CHUNK_SIZE = 65536
 MAX_BLOCKS = 256
 META_BYTES = 3840
-
-_lock = threading.Lock()
-_module = None
-_error: str | None = None
-_tried = False
-
 
 # ------------------------------------------------------------ chunk planning
 
@@ -117,10 +112,6 @@ def chunk_plan(numels, chunk_size: int = CHUNK_SIZE, max_tensors: int = max_tens
 
 # ------------------------------------------------------------------ loading
 
-def _disabled() -> bool:
-    return os.environ.get("SHARDOPT_DISABLE_CUDA", "0").strip().lower() not in ("", "0", "false", "no", "off")
-
-
 def source_dir() -> Path | None:
     """``csrc/cuda`` in the source tree (editable install) or in the wheel."""
     pkg = Path(__file__).resolve().parent.parent  # .../shardopt
@@ -139,28 +130,6 @@ def _no_cuda_reason() -> str | None:
     return None
 
 
-def _try_prebuilt():
-    try:
-        from shardopt import _C_cuda  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C_cuda
-
-
-def _needs_build(src_dir: Path) -> bool:
-    """Best guess whether cpp_extension.load will compile (for the notice only)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        so = Path(_get_build_directory(EXT_NAME, False)) / f"{EXT_NAME}.so"
-        if not so.is_file():
-            return True
-        newest = max((src_dir / f).stat().st_mtime for f in SOURCES + HEADERS)
-        return so.stat().st_mtime < newest
-    except Exception:
-        return True
-
-
 def _jit_build():
     src = source_dir()
     if src is None:
@@ -171,7 +140,7 @@ def _jit_build():
         raise RuntimeError("ninja is not installed (pip install ninja)")
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("nvcc not found: set CUDA_HOME to a CUDA toolkit")
-    if _needs_build(src):
+    if is_stale(EXT_NAME, [src / f for f in SOURCES + HEADERS]):
         print("shardopt: building CUDA kernels (first use, ~1-2 min)...", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=EXT_NAME,
@@ -183,72 +152,9 @@ def _jit_build():
     )
 
 
-def _summarize(exc: BaseException) -> str:
-    """One line: the exception type and the most telling line of its message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    best = lines[-1] if lines else repr(exc)
-    for needle in ("error:", "not found", "No such file", "Permission denied"):
-        hit = next((ln for ln in lines if needle in ln), None)
-        if hit is not None:
-            best = hit
-            break
-    return f"{type(exc).__name__}: {best[:500]}"
-
-
-def _load():
-    """Load (building if needed) once; remember the module or the error."""
-    global _module, _error, _tried
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        reason = "disabled by SHARDOPT_DISABLE_CUDA=1" if _disabled() else _no_cuda_reason()
-        if reason is not None:
-            _error = reason
-        else:
-            try:
-                mod = _try_prebuilt()
-                if mod is None:
-                    mod = _jit_build()
-                _module = mod
-            except Exception as exc:  # no nvcc, no ninja, compile error, ...
-                _error = _summarize(exc)
-                _module = None
-        _tried = True
-        return _module
-
-
-def available() -> bool:
-    """True when the CUDA extension is (or could now be) loaded."""
-    return _load() is not None
-
-
-def build_error() -> str | None:
-    """Why the extension is unavailable (``None`` when it loaded)."""
-    _load()
-    return _error
-
-
-def load():
-    """The extension module; raises ``RuntimeError`` with the reason if unavailable."""
-    mod = _load()
-    if mod is None:
-        raise RuntimeError(f"shardopt CUDA kernels are unavailable: {_error}")
-    return mod
-
-
-# --------------------------------------------------------------- the steps
-
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay):
-    load().lion_step(
-        list(params), list(grads), list(exp_avgs),
-        float(lr), float(beta1), float(beta2), float(weight_decay),
-    )
-
-
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step):
-    load().adamw_step(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
-    )
+_LOADER = ExtensionLoader("CUDA", "shardopt._C_cuda", "SHARDOPT_DISABLE_CUDA", _jit_build, _no_cuda_reason)
+available = _LOADER.available
+build_error = _LOADER.build_error
+load = _LOADER.load
+lion_step = _LOADER.lion_step
+adamw_step = _LOADER.adamw_step
