@@ -126,6 +126,8 @@ CASES = (
         Case("json-zero1_muon", "shardopt.Muon", 1, {"backend": "torch", "ns_dtype": "float32"},
              config_file="zero1_muon.json"),
         Case("adamw-z2-groups", "shardopt.AdamW", 2, ADAMW, groups=True),
+        # a user-built two-group optimizer under ZeRO-1 (DeepSpeed narrows param_groups per inner step)
+        Case("lion-z1-groups-client", "shardopt.Lion", 1, LION, groups=True, client=True),
         Case("lion-z3-groups", "shardopt.Lion", 3, LION, groups=True),
         # a shardopt optimizer built by the user (sharding="auto") and handed to DeepSpeed ZeRO-2
         Case("client-lion-z2", "shardopt.Lion", 2, LION, client=True),
@@ -209,7 +211,8 @@ def _engine_cases(rank, world, cases, ckpt_cases, ckpt_dir):
         client = None
         if case.client:
             kw = {k: tuple(v) if isinstance(v, list) else v for k, v in case.params.items()}
-            client = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[case.algorithm](model.parameters(), **kw)
+            client = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[case.algorithm](
+                param_groups(model, case.groups), **kw)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, case.groups),
                                                optimizer=client, config=case.config())
         return engine
