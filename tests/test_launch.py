@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,21 @@ def test_torchrun_sh_two_nodes_meet_at_the_rendezvous(tmp_path):
     train = script(tmp_path)
     cmd = [str(TORCHRUN_SH), "--nnodes", "2", "--nproc", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
            "--rdzv-id", f"t{seed}", str(train), str(tmp_path), "3", str(seed)]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-             for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in nodes]
+    # As on a real cluster, the rendezvous host is up before the other node dials it: two agents
+    # on one machine racing to host the c10d store can hang each other.
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()))
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
     for p, (o, e) in zip(nodes, outs):
         assert p.returncode == 0, f"{o[-2000:]}\n{e[-2000:]}"
     ranks = read_ranks(tmp_path, 2)
