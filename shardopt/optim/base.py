@@ -356,7 +356,8 @@ class ShardedOptimizer(Optimizer):
         grads: dict[int, torch.Tensor] = {}
         stepped: list[list[int]] = [[] for _ in self.param_groups]
         for i, p in enumerate(params):
-            if p.grad is None and not (self.reduce_gradients and layout.grad_view(i) is not None):
+            # a parameter without a local gradient has no reduce-scattered one either
+            if p.grad is None:
                 continue
             stepped[gidx[i]].append(i)
             g = layout.grad_view(i)
