@@ -104,3 +104,15 @@ def check_ranks_agree(signature: list[str], group, device: torch.device, what: s
 def all_gather_untracked(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     """For reporting only; not counted as a step's traffic."""
     _all_gather(out, inp, group=group)
+
+
+# The one per-step all-reduce of every distributed layout ("step stats"): float64
+# [sum of squared gradients, non-finite count, then one has-a-gradient count per
+# optimizer parameter], so clipping, the skip decision and "which parameters
+# step" agree on every rank. ``shardopt plan`` counts its bytes with these.
+STATS_DTYPE = torch.float64
+
+
+def stats_numel(n_params: int) -> int:
+    """Elements of the per-step stats all-reduce for an optimizer of ``n_params`` parameters."""
+    return 2 + n_params
