@@ -232,21 +232,6 @@ class Trainer:
         label = f"ds-zero{self.engine.zero_optimization_stage()}"
         return label if inner == "none" else f"{label}+{inner}"
 
-    def unsharded_state_bytes(self, per_rank_bytes: list[int]) -> int:
-        """What one rank would hold without sharding: every state tensor at full parameter size."""
-        so = self.shard_opt
-        if self.engine is not None:
-            # DeepSpeed hands the optimizer flat partitions, not the model's parameters: the
-            # partitions add up to the whole (plus a little alignment padding)
-            return sum(per_rank_bytes)
-        total = 0
-        for group in so.param_groups:
-            for p in group["params"]:
-                for k, v in so.state[p].items():
-                    if k != "step" and torch.is_tensor(v):
-                        total += p.numel() * v.element_size()
-        return total
-
     # -- training -------------------------------------------------------
     def set_lr(self, step: int):
         f = lr_factor(step)
@@ -365,7 +350,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             "step_time_s": sum(warm) / len(warm),
             "state_bytes": [r["state_bytes"] for r in rows],
             "owned_elements": [r["owned_elements"] for r in rows],
-            "unsharded_state_bytes": tr.unsharded_state_bytes([r["state_bytes"] for r in rows]),
+            "unsharded_state_bytes": rows[0]["unsharded_state_bytes"],
             "eval_loss": eval_end,
             "resumed": resumed,
             "checkpoint": saved,
