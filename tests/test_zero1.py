@@ -119,7 +119,7 @@ def _ddp_vs_reduce(rank, world, name):
             o.step()
     # non-finite: a NaN on this rank only; the step is skipped on every rank
     before = [p.detach().clone() for p in twin.parameters()]
-    state_before = {k: v.clone() for k, v in b.state[next(twin.parameters())].items()}
+    state_before = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.state[next(twin.parameters())].items()}
     b.zero_grad()
     twin(torch.randn(4, 12)).pow(2).mean().backward()
     if rank == world - 1:
@@ -130,7 +130,7 @@ def _ddp_vs_reduce(rank, world, name):
         warnings.simplefilter("ignore")
         b.step()
     unchanged = all(torch.equal(p, q) for p, q in zip(twin.parameters(), before))
-    state_same = all(torch.equal(v, b.state[next(twin.parameters())][k]) for k, v in state_before.items())
+    state_same = all((torch.equal(v, b.state[next(twin.parameters())][k]) if torch.is_tensor(v) else v == b.state[next(twin.parameters())][k]) for k, v in state_before.items())
     return [p.detach().clone() for p in model.parameters()], before, unchanged and state_same, b.skipped_steps
 
 

@@ -64,6 +64,7 @@ class DTensorLayout(Layout):
         self.shard_dim = shard_dims.pop() if shard_dims else mesh.ndim - 1
         self.group = mesh.get_group(self.shard_dim)
         self.world_size, self.rank = comm.world(self.group)
+        self.distributed = self.world_size > 1
         W = self.world_size
         self.rows = {}
         self.owner: list = [None] * len(params)
@@ -78,6 +79,18 @@ class DTensorLayout(Layout):
                     f"shardopt Muon: parameter {names[i]} has {loc} local rows on rank {self.rank}, expected {hi - lo} "
                     "(torch.chunk-style Shard(0)); this sharding is not supported"
                 )
+
+    @staticmethod
+    def replica_ranks(p) -> list[int]:
+        """Global ranks that hold the same local shard of ``p`` as this one (its HSDP replicas, and itself)."""
+        mesh = p.device_mesh
+        coord = mesh.get_coordinate()
+        ranks = mesh.mesh
+        for d in reversed(range(mesh.ndim)):
+            if isinstance(p.placements[d], Replicate):
+                continue
+            ranks = ranks.select(d, coord[d]).unsqueeze(d)
+        return sorted(int(r) for r in ranks.flatten().tolist())
 
     # -- shapes and views -------------------------------------------------
     def local_shape(self, i):

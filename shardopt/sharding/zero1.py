@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import is_dense
 from . import comm
 from .layout import Layout
 from .plan import fill_segments, lpt_assign
@@ -27,8 +28,29 @@ class _Bucket:
         self.grad_segment = None
 
 
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t``'s elements as a 1-D view, in storage order (its logical order when contiguous).
+
+    A ``channels_last`` weight is dense but not contiguous: its storage order
+    still pairs every element with the same position of its gradient and state
+    (given the same strides), which is all an elementwise update needs.
+    """
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def like_param(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``p``'s strides (a copy only when they differ)."""
+    if all(a == b for n, a, b in zip(p.shape, p.stride(), g.stride()) if n > 1):
+        return g
+    return torch.empty_like(p, dtype=g.dtype).copy_(g)
+
+
 class Zero1Layout(Layout):
     name = "zero1"
+    distributed = True
 
     def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False,
                  bucket_elements=DEFAULT_BUCKET_ELEMENTS):
@@ -37,10 +59,10 @@ class Zero1Layout(Layout):
         self.world_size, self.rank = comm.world(group)
         self.reduce_gradients = reduce_gradients
         for i, p in enumerate(params):
-            if not p.is_contiguous():
+            if not is_dense(p):
                 raise ValueError(
-                    f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}) is not contiguous; "
-                    "call .contiguous() on it before building the optimizer"
+                    f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps "
+                    "or overlaps in memory; make it a dense tensor (e.g. .contiguous()) before building the optimizer"
                 )
         self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
         self.owner: list = [None] * len(params)  # owner rank of whole items
@@ -87,11 +109,11 @@ class Zero1Layout(Layout):
 
     def _flat_slice(self, t: torch.Tensor, i: int) -> torch.Tensor:
         if self.whole[i]:
-            return t if self.owner[i] == self.rank else t.detach().view(-1)[:0]
+            return t if self.owner[i] == self.rank else flat(t)[:0]
         r = self.range[i]
         if r is None:
-            return t.detach().view(-1)[:0]
-        return t.detach().view(-1)[r[0]:r[1]]
+            return flat(t)[:0]
+        return flat(t)[r[0]:r[1]]
 
     def param_view(self, i):
         return self._flat_slice(self.params[i], i)
@@ -102,9 +124,7 @@ class Zero1Layout(Layout):
         g = self.params[i].grad
         if g is None:
             return None
-        if g.layout != torch.strided or not g.is_contiguous():
-            g = g.contiguous()
-        return self._flat_slice(g, i)
+        return self._flat_slice(like_param(g, self.params[i]), i)
 
     # -- communication ----------------------------------------------------
     def all_reduce_sum(self, t):
@@ -112,35 +132,41 @@ class Zero1Layout(Layout):
         return t
 
     def prepare_grads(self):
-        """reduce_gradients=True: reduce-scatter the local gradients into the owned segments."""
+        """reduce_gradients=True: reduce-scatter the local gradients into the owned segments.
+
+        A missing local gradient counts as zeros (DDP with ``find_unused_parameters=True``
+        does the same); whether the parameter steps at all is decided for the whole
+        group by the step's stats all-reduce. The buffers have the parameters' dtype
+        on every rank, whatever gradients a rank happens to have.
+        """
         if not self.reduce_gradients:
             return
         self._grad_views = {}
         W = self.world_size
         for b in self.buckets:
             S = b.plan.segment
-            gdtype = next((self.params[i].grad.dtype for i in b.indices if self.params[i].grad is not None), b.dtype)
             device = self.params[b.indices[0]].device
-            full = torch.zeros(W * S, dtype=gdtype, device=device)
+            full = torch.zeros(W * S, dtype=b.dtype, device=device)
             dst, src = [], []
             for r in range(W):
                 for pc in b.plan.pieces[r]:
-                    g = self.params[b.indices[pc.index]].grad
-                    if g is not None:
+                    p = self.params[b.indices[pc.index]]
+                    if p.grad is not None:
                         dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
-                        src.append(g.detach().reshape(-1)[pc.start:pc.end])
+                        src.append(flat(like_param(p.grad, p))[pc.start:pc.end])
             if dst:
                 torch._foreach_copy_(dst, src)
             # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
             full.mul_(1.0 / W)
-            seg = torch.empty(S, dtype=gdtype, device=device)
+            seg = torch.empty(S, dtype=b.dtype, device=device)
             comm.reduce_scatter_tensor(seg, full, self.group)
             for pc in b.plan.pieces[self.rank]:
                 i = b.indices[pc.index]
-                if self.params[i].grad is None:
-                    continue
                 v = seg[pc.offset: pc.offset + pc.end - pc.start]
-                self._grad_views[i] = v.view(self.params[i].shape) if self.whole[i] else v
+                if self.whole[i]:
+                    p = self.params[i]
+                    v = v.as_strided(p.shape, p.stride()) if not p.is_contiguous() else v.view(p.shape)
+                self._grad_views[i] = v
 
     def finish(self):
         """One all-gather per bucket restores the full parameters on every rank."""
@@ -155,7 +181,7 @@ class Zero1Layout(Layout):
             if mine:
                 torch._foreach_copy_(
                     [send[pc.offset: pc.offset + pc.end - pc.start] for pc in mine],
-                    [self.params[b.indices[pc.index]].detach().reshape(-1)[pc.start:pc.end] for pc in mine],
+                    [flat(self.params[b.indices[pc.index]])[pc.start:pc.end] for pc in mine],
                 )
             recv = torch.empty(W * S, dtype=b.dtype, device=device)
             comm.all_gather_into_tensor(recv, send, self.group)
@@ -164,7 +190,7 @@ class Zero1Layout(Layout):
                 if r == self.rank:
                     continue
                 for pc in b.plan.pieces[r]:
-                    dst.append(self.params[b.indices[pc.index]].detach().view(-1)[pc.start:pc.end])
+                    dst.append(flat(self.params[b.indices[pc.index]])[pc.start:pc.end])
                     src.append(recv[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
             if dst:
                 torch._foreach_copy_(dst, src)
