@@ -345,3 +345,13 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     assert "plan" in proc.stdout
 
+
+def test_docs_worked_example_is_what_the_command_prints(capsys):
+    from pathlib import Path
+
+    doc = (Path(cli.__file__).resolve().parent.parent / "docs" / "sharding.md").read_text()
+    cmd = "$ shardopt plan --model llama-70b --optimizer muon --layout hsdp:*x8 --world-size 512\n"
+    assert cmd in doc
+    shown = doc.split(cmd, 1)[1].split("```", 1)[0].rstrip()
+    assert cli.main(cmd.split()[2:]) == 0
+    assert capsys.readouterr().out.rstrip() == shown
