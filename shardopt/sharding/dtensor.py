@@ -20,13 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import comm
 from .layout import Layout, batched_by_shape
-from .plan import lpt_assign
-
-
-def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
-    """torch.chunk semantics, as Shard(0) uses: ceil(rows/W) rows per rank, the tail short or empty."""
-    c = -(-rows // world) if rows else 0
-    return [(min(r * c, rows), min((r + 1) * c, rows)) for r in range(world)]
+from .plan import plan_fsdp2, row_ranges
 
 
 class DTensorLayout(Layout):
@@ -67,11 +61,10 @@ class DTensorLayout(Layout):
         self.distributed = self.world_size > 1
         W = self.world_size
         self.rows = {}
-        self.owner: list = [None] * len(params)
-        midx = [i for i in range(len(params)) if whole[i]]
-        for i, o in zip(midx, lpt_assign([costs[i] for i in midx], W)):
-            self.owner[i] = o
-            self.rows[i] = _row_ranges(params[i].shape[0], W)
+        plan = plan_fsdp2([p.shape[0] if p.dim() else 1 for p in params], whole, costs, W)
+        self.owner: list = plan.owner
+        for i in (i for i in range(len(params)) if whole[i]):
+            self.rows[i] = row_ranges(params[i].shape[0], W)
             lo, hi = self.rows[i][self.rank]
             loc = params[i]._local_tensor.shape[0] if params[i]._local_tensor.dim() else 0
             if loc != hi - lo:

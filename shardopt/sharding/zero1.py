@@ -14,7 +14,7 @@ import torch
 from ..kernels import is_dense
 from . import comm
 from .layout import Layout
-from .plan import fill_segments, lpt_assign
+from .plan import plan_zero1
 
 DEFAULT_BUCKET_ELEMENTS = 1 << 27  # 512 MiB of fp32 per all-gather buffer
 ALIGN_BYTES = 128
@@ -64,36 +64,14 @@ class Zero1Layout(Layout):
                     f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps "
                     "or overlaps in memory; make it a dense tensor (e.g. .contiguous()) before building the optimizer"
                 )
+        plan = plan_zero1([p.numel() for p in params], [p.dtype for p in params], whole, costs, self.world_size,
+                          bucket_elements=bucket_elements, align_bytes=ALIGN_BYTES)
+        self.owner: list = plan.owner  # owner rank of whole items
         self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
-        self.owner: list = [None] * len(params)  # owner rank of whole items
-        self.buckets: list[_Bucket] = []
-        loads = [0.0] * self.world_size
-        by_dtype: dict = {}
-        for i, p in enumerate(params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for dtype, idxs in by_dtype.items():
-            chunk, size = [], 0
-            groups = []
-            for i in idxs:
-                if chunk and size + params[i].numel() > bucket_elements:
-                    groups.append(chunk)
-                    chunk, size = [], 0
-                chunk.append(i)
-                size += params[i].numel()
-            if chunk:
-                groups.append(chunk)
-            elem = torch.empty((), dtype=dtype).element_size()
-            for g in groups:
-                w_idx = [i for i in g if whole[i]]
-                owners_w = lpt_assign([costs[i] for i in w_idx], self.world_size, loads)
-                owners = [None] * len(g)
-                for i, o in zip(w_idx, owners_w):
-                    owners[g.index(i)] = o
-                    self.owner[i] = o
-                plan = fill_segments([params[i].numel() for i in g], owners, self.world_size, max(1, ALIGN_BYTES // elem))
-                for piece in plan.pieces[self.rank]:
-                    self.range[g[piece.index]] = (piece.start, piece.end)
-                self.buckets.append(_Bucket(g, plan, dtype))
+        self.buckets: list[_Bucket] = [_Bucket(b.indices, b.plan, b.dtype) for b in plan.buckets]
+        for b in self.buckets:
+            for piece in b.plan.pieces[self.rank]:
+                self.range[b.indices[piece.index]] = (piece.start, piece.end)
         self.whole = list(whole)
         self._grad_views: dict = {}
 
