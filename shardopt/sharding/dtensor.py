@@ -25,6 +25,7 @@ from .plan import plan_fsdp2, row_ranges
 
 class DTensorLayout(Layout):
     name = "fsdp2"
+    distributed = True
 
     def __init__(self, params, names, whole, costs, *, comm_dtype=None):
         super().__init__(params, names)
@@ -58,7 +59,6 @@ class DTensorLayout(Layout):
         self.shard_dim = shard_dims.pop() if shard_dims else mesh.ndim - 1
         self.group = mesh.get_group(self.shard_dim)
         self.world_size, self.rank = comm.world(self.group)
-        self.distributed = self.world_size > 1
         W = self.world_size
         self.rows = {}
         plan = plan_fsdp2([p.shape[0] if p.dim() else 1 for p in params], whole, costs, W)

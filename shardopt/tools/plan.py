@@ -167,13 +167,14 @@ def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "
 
 
 # ---------------------------------------------------------------------------- bytes per element
-def state_element_bytes(algorithm: str, state_dtype: str = "fp32") -> int:
+def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict | None = None) -> int:
     """Optimizer-state bytes per owned element: the algorithm's state tensors, fp32 each.
 
     Low-precision state (bf16, int8 with block scales) becomes another ``state_dtype`` here."""
     from ..optim.base import ALGORITHMS
 
-    return 4 * len(ALGORITHMS[algorithm].state_keys)
+    algo = ALGORITHMS[algorithm]
+    return 4 * len(algo.state_keys(group if group is not None else algo.defaults))
 
 
 def master_element_bytes(param_dtype, master_weights: bool = True) -> int:
