@@ -85,12 +85,32 @@ def test_fill_segments_and_lpt_match_the_loops_they_replaced():
 def test_plan_zero1_buckets_like_the_layout():
     numels = [10, 2 ** 20, 7, 3 * 2 ** 19, 5]
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
-    p = plan_zero1(numels, dtypes, [False, True, False, True, False], [0, 2.0, 0, 1.0, 0], 3,
-                   bucket_elements=2 ** 20 + 10, align_bytes=128)
-    assert [(b.dtype, b.indices) for b in p.buckets] == [(torch.float32, [0, 2, 4]), (torch.bfloat16, [1]),
-                                                         (torch.bfloat16, [3])]
-    assert p.owner == [None, 0, None, 1, None] and p.loads == [2.0, 1.0, 0.0]  # LPT load carries across buckets
-    assert p.buckets[0].plan.segment == 32 and p.buckets[1].plan.segment == 2 ** 20  # 128 bytes: 32 fp32, 64 bf16
+    W, bucket = 3, 2 ** 20 + 10
+    p = plan_zero1(numels, dtypes, [False, True, False, True, False], [0, 2.0, 0, 1.0, 0], W,
+                   bucket_elements=bucket, align_bytes=128)
+    assert [(s.dtype, s.indices) for s in p.streams] == [(torch.float32, [0, 2, 4]), (torch.bfloat16, [1, 3])]
+    assert p.owner == [None, 0, None, 1, None] and p.loads == [2.0, 1.0, 0.0]  # LPT load carries across dtypes
+    # one segment per rank and dtype: 128 bytes = 32 fp32 / 64 bf16; the bf16 one is the larger matrix
+    assert p.streams[0].plan.segment == 32 and p.streams[1].plan.segment == 3 * 2 ** 19
+    # buckets are windows of the segments, each at most `bucket` elements over the W ranks
+    bf = p.streams[1].buckets
+    assert len(bf) > 2 and all(W * b.plan.segment <= bucket + W * 64 for b in bf)
+    assert sum(b.plan.segment for b in bf) == 3 * 2 ** 19
+    # every element of every item travels exactly once, a whole matrix always from its owner's segment
+    for st in p.streams:
+        seen = {}
+        for b in st.buckets:
+            for r in range(W):
+                for pc in b.plan.pieces[r]:
+                    i = st.indices[pc.index]
+                    if p.owner[i] is not None:
+                        assert r == p.owner[i]
+                    seen.setdefault(i, []).append((pc.start, pc.end))
+        for i, runs in seen.items():
+            runs.sort()
+            assert runs[0][0] == 0 and runs[-1][1] == numels[i]
+            assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert set(seen) == {i for i in st.indices if numels[i]}
 
 
 def test_plan_fsdp2_rows_and_owners():

@@ -161,3 +161,29 @@ def test_mismatched_ranks_raise_quickly_without_hang():
     for msg, dt in res:
         assert msg is not None and "ranks disagree" in msg and "entry 3" in msg, msg
         assert dt < 10
+
+
+def _tiny_buckets(rank, world):
+    from shardopt.sharding import zero1
+
+    zero1.DEFAULT_BUCKET_ELEMENTS = 48  # every Muon matrix spans several all-gather buckets
+    out = {}
+    for name in CASE_IDS:
+        for reduce in (False, True):
+            ps = make_params()
+            opt = build(name, ps, backend="torch", reduce_gradients=reduce)
+            assert len(opt.layout.buckets) > 3
+            for k in range(STEPS):
+                for p, g in zip(ps, make_grads(k)):
+                    p.grad = g
+                opt.step()
+            out[(name, reduce)] = [p.detach().clone() for p in ps]
+    return out
+
+
+def test_muon_matrices_spanning_buckets_equal_the_single_process():
+    res = dist_utils.run(_tiny_buckets, 2)
+    for (name, reduce), got in res[0].items():
+        ref, _ = run_single(name, STEPS)
+        for r in res:
+            assert_close_params(r[(name, reduce)], ref, name)

@@ -7,8 +7,9 @@
   segment, splittable items (elementwise algorithms) fill the rest in order,
   so each rank owns one contiguous range of each splittable tensor. With no
   whole items this is the classic contiguous ZeRO-1 partition.
-* ``plan_zero1``: the whole ZeRO-1 plan (buckets per dtype, owners, segments)
-  that :class:`~shardopt.sharding.zero1.Zero1Layout` runs on.
+* ``plan_zero1``: the whole ZeRO-1 plan (per dtype: owners, one segment per
+  rank, cut into all-gather buckets) that
+  :class:`~shardopt.sharding.zero1.Zero1Layout` runs on.
 * ``plan_fsdp2``: the FSDP2 plan (``Shard(0)`` row chunks, Muon owners) that
   :class:`~shardopt.sharding.dtensor.DTensorLayout` runs on.
 
@@ -141,51 +142,91 @@ def fill_segments(numels: list[int], owners: list[int | None], world: int, align
 
 
 @dataclass
+class Window:
+    """One all-gather bucket: stream positions ``[lo, lo + segment)`` of every rank's segment of a
+    :class:`SegmentPlan` (its *stream*). ``pieces[r]`` are rank r's pieces clipped to the window, with
+    offsets inside the window; a whole item may span several windows, always of its owner's segment."""
+
+    stream: SegmentPlan
+    lo: int
+    segment: int
+    _pieces: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def pieces(self) -> list[list[Piece]]:
+        if self._pieces is None:
+            hi = self.lo + self.segment
+            out = []
+            for r in range(self.stream.world):
+                mine = []
+                for pc in self.stream.pieces[r]:
+                    a, b = max(pc.offset, self.lo), min(pc.offset + pc.end - pc.start, hi)
+                    if a < b:
+                        mine.append(Piece(pc.index, pc.start + a - pc.offset, pc.start + b - pc.offset, a - self.lo))
+                out.append(mine)
+            self._pieces = out
+        return self._pieces
+
+
+@dataclass
 class Zero1Bucket:
-    indices: list[int]  # bucket position -> item index
+    indices: list[int]  # stream position -> item index (all items of the dtype)
+    dtype: object
+    plan: Window
+
+
+@dataclass
+class Zero1Stream:
+    """All items of one dtype laid out in W segments (:func:`fill_segments`), cut into buckets."""
+
+    indices: list[int]
     dtype: object
     plan: SegmentPlan
+    buckets: list[Zero1Bucket]
 
 
 @dataclass
 class Zero1Plan:
     world: int
-    buckets: list[Zero1Bucket]
+    streams: list[Zero1Stream]
     owner: list  # per item: owner rank of a whole item, None if splittable
     loads: list[float]  # per rank: summed cost of its whole items (Newton-Schulz FLOPs)
+
+    @property
+    def buckets(self) -> list[Zero1Bucket]:
+        return [b for s in self.streams for b in s.buckets]
 
 
 def plan_zero1(numels: list[int], dtypes: list, whole: list[bool], costs: list[float], world: int, *,
                bucket_elements: int, align_bytes: int) -> Zero1Plan:
-    """ZeRO-1: items of one dtype (in first-seen order) packed into buckets of at most
-    ``bucket_elements``; whole items get owners by LPT on ``costs`` (the load carries
-    over from bucket to bucket); each bucket is laid out by :func:`fill_segments` with
-    segments aligned to ``align_bytes`` of the dtype (``dtype.itemsize``)."""
+    """ZeRO-1: for each dtype (in first-seen order), whole items get owners by LPT on ``costs``
+    (the load carries over from dtype to dtype) and all its items are laid out by
+    :func:`fill_segments` in W segments of ``align_bytes``-aligned elements; the segments are then
+    cut into all-gather buckets of at most ``bucket_elements`` (W windows of ``bucket_elements / W``).
+
+    A whole item (a Muon matrix) is owned whole but may span several buckets of its owner's
+    segment, so a matrix larger than ``bucket_elements / W`` pads nothing: the all-gather moves
+    ``W * segment`` elements, the parameters' own size up to the owners' NS-cost balance and alignment.
+    """
     loads = [0.0] * world
     owner: list = [None] * len(numels)
     by_dtype: dict = {}
     for i, d in enumerate(dtypes):
         by_dtype.setdefault(d, []).append(i)
-    buckets = []
+    streams = []
     for dtype, idxs in by_dtype.items():
-        groups, chunk, size = [], [], 0
-        for i in idxs:
-            if chunk and size + numels[i] > bucket_elements:
-                groups.append(chunk)
-                chunk, size = [], 0
-            chunk.append(i)
-            size += numels[i]
-        if chunk:
-            groups.append(chunk)
         align = max(1, align_bytes // dtype.itemsize)
-        for g in groups:
-            w_pos = [k for k, i in enumerate(g) if whole[i]]
-            owners: list = [None] * len(g)
-            for k, o in zip(w_pos, lpt_assign([costs[g[k]] for k in w_pos], world, loads)):
-                owners[k] = o
-                owner[g[k]] = o
-            buckets.append(Zero1Bucket(g, dtype, fill_segments([numels[i] for i in g], owners, world, align)))
-    return Zero1Plan(world, buckets, owner, loads)
+        w_pos = [k for k, i in enumerate(idxs) if whole[i]]
+        owners: list = [None] * len(idxs)
+        for k, o in zip(w_pos, lpt_assign([costs[idxs[k]] for k in w_pos], world, loads)):
+            owners[k] = o
+            owner[idxs[k]] = o
+        seg = fill_segments([numels[i] for i in idxs], owners, world, align)
+        step = min(seg.segment, round_up(max(1, math.ceil(bucket_elements / world)), align))
+        buckets = [Zero1Bucket(idxs, dtype, Window(seg, lo, min(step, seg.segment - lo)))
+                   for lo in range(0, seg.segment, step)] if seg.segment else []
+        streams.append(Zero1Stream(idxs, dtype, seg, buckets))
+    return Zero1Plan(world, streams, owner, loads)
 
 
 def chunk_rows(rows: int, world: int) -> int:

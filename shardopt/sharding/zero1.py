@@ -1,11 +1,12 @@
 """ZeRO-1 on plain (replicated) parameters.
 
-Parameters of one dtype are cut into buckets; each bucket is laid out by
-:func:`plan.fill_segments` into W equal segments. A rank updates only its
-segment (contiguous ranges of elementwise-updated tensors, whole Muon
-matrices), then one all-gather per bucket restores every parameter on every
-rank. With ``reduce_gradients=True`` the gradients are reduce-scattered into
-the same segments first, so DDP is not needed.
+The parameters of one dtype are laid out by :func:`plan.plan_zero1` in W equal
+segments, one per rank: each rank owns whole Muon matrices (balanced by NS
+cost) and contiguous ranges of the elementwise-updated tensors. A rank updates
+only its segment; then the segments travel in all-gather buckets (windows of
+the segments, a Muon matrix may span several), which restore every parameter
+on every rank. With ``reduce_gradients=True`` the gradients are
+reduce-scattered into the same segments first, so DDP is not needed.
 """
 from __future__ import annotations
 
@@ -18,14 +19,6 @@ from .plan import plan_zero1
 
 DEFAULT_BUCKET_ELEMENTS = 1 << 27  # 512 MiB of fp32 per all-gather buffer
 ALIGN_BYTES = 128
-
-
-class _Bucket:
-    def __init__(self, indices, plan, dtype):
-        self.indices = indices  # layout item k -> optimizer param index
-        self.plan = plan
-        self.dtype = dtype
-        self.grad_segment = None
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -52,8 +45,7 @@ class Zero1Layout(Layout):
     name = "zero1"
     distributed = True
 
-    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False,
-                 bucket_elements=DEFAULT_BUCKET_ELEMENTS):
+    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False, bucket_elements=None):
         super().__init__(params, names)
         self.group = group
         self.world_size, self.rank = comm.world(group)
@@ -65,13 +57,14 @@ class Zero1Layout(Layout):
                     "or overlaps in memory; make it a dense tensor (e.g. .contiguous()) before building the optimizer"
                 )
         plan = plan_zero1([p.numel() for p in params], [p.dtype for p in params], whole, costs, self.world_size,
-                          bucket_elements=bucket_elements, align_bytes=ALIGN_BYTES)
+                          bucket_elements=bucket_elements or DEFAULT_BUCKET_ELEMENTS, align_bytes=ALIGN_BYTES)
         self.owner: list = plan.owner  # owner rank of whole items
         self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
-        self.buckets: list[_Bucket] = [_Bucket(b.indices, b.plan, b.dtype) for b in plan.buckets]
-        for b in self.buckets:
-            for piece in b.plan.pieces[self.rank]:
-                self.range[b.indices[piece.index]] = (piece.start, piece.end)
+        self.streams = plan.streams
+        self.buckets = plan.buckets
+        for st in self.streams:
+            for piece in st.plan.pieces[self.rank]:
+                self.range[st.indices[piece.index]] = (piece.start, piece.end)
         self.whole = list(whole)
         self._grad_views: dict = {}
 
@@ -121,26 +114,29 @@ class Zero1Layout(Layout):
             return
         self._grad_views = {}
         W = self.world_size
-        for b in self.buckets:
-            S = b.plan.segment
-            device = self.params[b.indices[0]].device
-            full = torch.zeros(W * S, dtype=b.dtype, device=device)
-            dst, src = [], []
-            for r in range(W):
-                for pc in b.plan.pieces[r]:
-                    p = self.params[b.indices[pc.index]]
-                    if p.grad is not None:
-                        dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
-                        src.append(flat(like_param(p.grad, p))[pc.start:pc.end])
-            if dst:
-                torch._foreach_copy_(dst, src)
-            # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
-            full.mul_(1.0 / W)
-            seg = torch.empty(S, dtype=b.dtype, device=device)
-            comm.reduce_scatter_tensor(seg, full, self.group)
-            for pc in b.plan.pieces[self.rank]:
-                i = b.indices[pc.index]
-                v = seg[pc.offset: pc.offset + pc.end - pc.start]
+        for st in self.streams:
+            device = self.params[st.indices[0]].device
+            # this rank's whole segment: each bucket reduce-scatters into its window, so a Muon matrix
+            # that spans buckets still ends up contiguous here
+            own = torch.empty(st.plan.segment, dtype=st.dtype, device=device)
+            for b in st.buckets:
+                S = b.plan.segment
+                full = torch.zeros(W * S, dtype=st.dtype, device=device)
+                dst, src = [], []
+                for r in range(W):
+                    for pc in b.plan.pieces[r]:
+                        p = self.params[st.indices[pc.index]]
+                        if p.grad is not None:
+                            dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
+                            src.append(flat(like_param(p.grad, p))[pc.start:pc.end])
+                if dst:
+                    torch._foreach_copy_(dst, src)
+                # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
+                full.mul_(1.0 / W)
+                comm.reduce_scatter_tensor(own[b.plan.lo:b.plan.lo + S], full, self.group)
+            for pc in st.plan.pieces[self.rank]:
+                i = st.indices[pc.index]
+                v = own[pc.offset: pc.offset + pc.end - pc.start]
                 if self.whole[i]:
                     p = self.params[i]
                     v = v.as_strided(p.shape, p.stride()) if not p.is_contiguous() else v.view(p.shape)

@@ -320,21 +320,22 @@ def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, gra
                       world, bucket_elements=zero1.DEFAULT_BUCKET_ELEMENTS, align_bytes=zero1.ALIGN_BYTES)
     owned = np.zeros((world, weights.shape[1]), dtype=np.int64)
     gather = np.int64(0)
-    for b in plan.buckets:
-        sp = b.plan
+    for st in plan.streams:
+        sp = st.plan
         for k, o in enumerate(sp.owners):
             if o is not None:
-                owned[o] += numel[b.indices[k]] * weights[b.indices[k]]
-        owned += _split_window_sums(sp, [weights[i] for i in b.indices])
-        gather += world * sp.segment * b.dtype.itemsize
+                owned[o] += numel[st.indices[k]] * weights[st.indices[k]]
+        owned += _split_window_sums(sp, [weights[i] for i in st.indices])
+        gather += world * sp.segment * st.dtype.itemsize
     ns, table = _ns_table(tensors, plan.owner, costs, world)
     full = np.full(world, n_bytes, np.int64)
     # finish(): a send segment and the W-segment receive buffer per bucket; prepare_grads() the same in grad dtype
     buf = max(((world + 1) * b.plan.segment * b.dtype.itemsize for b in plan.buckets), default=0)
     notes = []
     if gather > 1.1 * n_bytes:
-        notes.append(f"the all-gather moves {gather / n_bytes:.1f}x the parameter bytes: a segment must hold its "
-                     "owner's whole Muon matrices, so it grows past bucket/W (fsdp2 and hsdp do not pad)")
+        notes.append(f"the all-gather moves {gather / n_bytes:.1f}x the parameter bytes: the owners' Muon matrices, "
+                     "balanced by NS cost, hold more elements on some ranks than the parameters / W, and every "
+                     "segment is as long as the longest (fsdp2 and hsdp do not pad)")
     colls = [Collective("all_gather", np.full(world, gather, np.int64), "shardopt",
                         "updated parameters, one all-gather per bucket",
                         calls=sum(1 for b in plan.buckets if b.plan.segment))]
