@@ -1,4 +1,4 @@
-"""The ``shardopt`` console script: ``shardopt demo | bench | ckpt``.
+"""The ``shardopt`` console script: ``shardopt demo | bench | ckpt | plan``.
 
 Each subcommand lives in its own module and is imported only when it is the
 one being run, so a missing optional piece (say, the benchmark tool) breaks
@@ -20,6 +20,8 @@ COMMANDS = {
               "benchmark optimizer steps: kernels, layouts, memory"),
     "ckpt": ("shardopt.checkpoint.cli", "add_ckpt_parser", "run_ckpt",
              "inspect, reshard, consolidate or split a shardopt checkpoint"),
+    "plan": ("shardopt.tools.plan", "add_parser", "run",
+             "per-rank memory, communication and Newton-Schulz load of a run, from 1 to 4096+ ranks"),
 }
 
 
@@ -61,7 +63,7 @@ def build_parser(argv: list[str]):
 
     parser = _Parser(prog="shardopt", description="Sharded, fused Lion / AdamW / Muon for PyTorch data parallelism.")
     parser.add_argument("--version", action="version", version=f"shardopt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,ckpt}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
     parser.subparsers = sub
     chosen = _selected(argv)
     runners, unavailable = {}, {}

@@ -48,12 +48,14 @@ CASES = [
     ("adamw", shardopt.AdamW, dict(lr=1e-2, weight_decay=0.1), two_groups),
     ("muon", shardopt.Muon, dict(lr=2e-2, weight_decay=0.1), muon_groups),
     ("muon_lion_aux", shardopt.Muon, dict(lr=2e-2, nesterov=False), lambda ps: muon_groups(ps, "lion")),
+    ("adamw_amsgrad_maximize", shardopt.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
+     two_groups),
 ]
 CASE_IDS = [c[0] for c in CASES]
 CASE_BY_NAME = {c[0]: c for c in CASES}
 
 # relative tolerance vs the single-process optimizer; 0 means bitwise
-TOL = {"lion": 0.0, "adamw": 1e-6, "muon": 2e-3, "muon_lion_aux": 2e-3}
+TOL = {"lion": 0.0, "adamw": 1e-6, "muon": 2e-3, "muon_lion_aux": 2e-3, "adamw_amsgrad_maximize": 1e-6}
 
 
 def build(name, params, **extra):

@@ -971,3 +971,59 @@ def _job_save_after_eval_forward(rank, world, d):
 
 def test_fsdp2_save_after_evaluation_forward(tmp_path):
     assert all(dist_utils.run(_job_save_after_eval_forward, 2, str(tmp_path)))
+
+
+# ---------------------------------------------------------------- groups and format versions
+def test_load_refuses_other_groups_unless_keep_param_groups(tmp_path):
+    m = Holder()
+    ps = list(m.parameters())
+    opt = shardopt.AdamW(ps, lr=1e-2, backend="torch")
+    _train(opt, ps, 0, K)
+    C.save(str(tmp_path / "ck"), m, opt)
+    m2 = Holder()
+    ps2 = list(m2.parameters())
+    two = shardopt.AdamW([{"params": ps2[:3]}, {"params": ps2[3:], "lr": 5e-3, "weight_decay": 0.0}], lr=2e-3,
+                         backend="torch")
+    with pytest.raises(C.CheckpointError, match="1 param group.*has 2.*keep_param_groups=True"):
+        C.load(str(tmp_path / "ck"), m2, two)
+    assert all(st["step"] == 0 for st in two.state.values())  # nothing was loaded
+    C.load(str(tmp_path / "ck"), m2, two, keep_param_groups=True)
+    assert [g["lr"] for g in two.param_groups] == [2e-3, 5e-3] and two.param_groups[1]["weight_decay"] == 0.0
+    for p, q in zip(ps, ps2):
+        assert torch.equal(opt.state[p]["exp_avg"], two.state[q]["exp_avg"]) and two.state[q]["step"] == K
+
+
+def test_version1_muon_momentum_is_converted(tmp_path):
+    """Checkpoints written before Muon kept torch's EMA stored the sum m = mu*m + g = EMA / (1 - mu)."""
+    from shardopt.checkpoint._manifest import read_manifest, write_manifest
+
+    m = Holder()
+    ps = list(m.parameters())
+    opt = _opt("muon", ps, "single")
+    _train(opt, ps, 0, K)
+    ema = {id(p): opt.state[p]["momentum_buffer"].clone() for p in ps if p.dim() == 2}
+    for p in ps:
+        if p.dim() == 2:
+            opt.state[p]["momentum_buffer"].div_(1 - 0.95)  # what the old code held
+    C.save(str(tmp_path / "old"), m, opt)
+    doc = read_manifest(str(tmp_path / "old"))
+    doc["version"] = 1
+    write_manifest(str(tmp_path / "old"), doc)
+    m2 = Holder()
+    ps2 = list(m2.parameters())
+    opt2 = _opt("muon", ps2, "single")
+    C.load(str(tmp_path / "old"), m2, opt2)
+    for p, q in zip(ps, ps2):
+        if p.dim() == 2:
+            torch.testing.assert_close(opt2.state[q]["momentum_buffer"], ema[id(p)], rtol=1e-6, atol=0)
+    offline.consolidate(str(tmp_path / "old"), str(tmp_path / "c.pt"))
+    sd = torch.load(str(tmp_path / "c.pt"), weights_only=False)
+    by_name = dict(zip((f"ps.{k}" for k in range(len(ps))), ps))
+    g0 = sd["param_groups"][0]
+    for i, name in zip(g0["params"], g0["param_names"]):
+        torch.testing.assert_close(sd["state"][i]["momentum_buffer"], ema[id(by_name[name])], rtol=1e-6, atol=0)
+    # the consolidated file (now version 2) loads into a fresh optimizer with no second conversion
+    opt3 = _opt("muon", list(Holder().parameters()), "single")
+    opt3.load_state_dict(sd)
+    for q, p in zip(opt3.param_groups[0]["params"], [p for p in ps if p.dim() == 2]):
+        torch.testing.assert_close(opt3.state[q]["momentum_buffer"], ema[id(p)], rtol=1e-6, atol=0)

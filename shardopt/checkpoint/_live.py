@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..optim import _steps
 from ..optim.base import LOW_PRECISION, ShardedOptimizer
 from ._manifest import dtype_str, encode_group, model_key, optim_key
 from ._storage import FlatPieces, _is_dtensor
@@ -45,7 +46,7 @@ class ParamInfo:
     algorithm: str
     group: int
     state_keys: list
-    step_tensors: list  # the live "step" tensors (0-d) to read / fill
+    step_states: list  # the live state dicts whose "step" count to read / set
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Live:
         for fqn, pi in self.params.items():
             out[fqn] = {
                 "shape": list(pi.shape), "dtype": dtype_str(pi.dtype), "algorithm": pi.algorithm, "group": pi.group,
-                "state": list(pi.state_keys), "step": float(pi.step_tensors[0]) if pi.step_tensors else 0.0,
+                "state": list(pi.state_keys),
+                "step": float(_steps.get(pi.step_states[0])) if pi.step_states else 0.0,
             }
         return out
 
@@ -280,9 +282,7 @@ def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
             pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'")
             live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), torch.float32,
                                              FlatPieces(p.numel(), st[k].dtype, pieces)))
-        step = st.get("step")
-        live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], gidx[i], keys,
-                                     [step] if torch.is_tensor(step) else [])
+        live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], gidx[i], keys, [st])
         group_fqns[gidx[i]].append(fqn)
         if opt.master_weights and p.dtype in LOW_PRECISION and "master_param" in st:
             live.refresh_master.append((fqn, _master_refresher(layout, i, st)))
@@ -336,10 +336,8 @@ def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
                 pieces = [(o, fp32.data[s]) for o, s in rng]
                 live.optim_targets.append(Target(optim_key(fqn, "master_param"), fqn, "master_param", tuple(p.shape),
                                                  torch.float32, FlatPieces(n, torch.float32, pieces)))
-            step = st.get("step")
             live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], g,
-                                         keys + (["master_param"] if low else []),
-                                         [step] if torch.is_tensor(step) else [])
+                                         keys + (["master_param"] if low else []), [st])
             fqns.append(fqn)
             live.refresh_master.append((fqn, _ds_refresher(p, fp32, rng, low)))
         groups.append((group, fqns))

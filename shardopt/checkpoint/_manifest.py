@@ -19,7 +19,8 @@ import torch
 from .errors import CheckpointError, CorruptCheckpointError
 
 FORMAT = "shardopt-checkpoint"
-VERSION = 1
+# 2: Muon's momentum_buffer is the EMA torch.optim.Muon keeps; 1 stored the sum m = mu*m + g
+VERSION = 2
 MANIFEST = "shardopt.json"
 EXTRA = "extra.pt"
 DCP_METADATA = ".metadata"
@@ -116,6 +117,25 @@ def decode_value(v):
     if "__repr__" in v:
         return _Unrestorable(v["__repr__"])
     return v
+
+
+def legacy_scale(manifest: dict, key: str) -> float | None:
+    """The factor that turns stored tensor ``key`` of an older checkpoint into today's meaning, or None.
+
+    Version 1 kept Muon's momentum as the sum ``m = mu*m + g``; the EMA is ``(1 - mu)`` times it.
+    """
+    if manifest.get("version", 1) >= 2:
+        return None
+    t = manifest.get("tensors", {}).get(key) or {}
+    if t.get("slot") != "momentum_buffer":
+        return None
+    p = manifest.get("params", {}).get(t.get("fqn")) or {}
+    if p.get("algorithm") != "muon":
+        return None
+    groups = manifest.get("param_groups", [])
+    g = groups[p["group"]] if p.get("group", -1) < len(groups) else {}
+    mu = decode_value(g.get("hyper", {}).get("momentum", 0.95))
+    return 1.0 - float(mu)
 
 
 class _Unrestorable:

@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..optim import _steps
 from . import _storage as S
 from ._live import Live, collect
 from ._manifest import (
@@ -19,6 +20,7 @@ from ._manifest import (
     _Unrestorable,
     decode_group,
     dtype_str,
+    legacy_scale,
     read_manifest,
     write_manifest,
 )
@@ -199,7 +201,8 @@ def build_manifest(live: Live, sums: dict, files: dict) -> dict:
 
 
 # ---------------------------------------------------------------- load
-def load(path: str, model, optimizer=None, *, strict: bool = True, process_group=None):
+def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_groups: bool = False,
+         process_group=None):
     """Load checkpoint ``path`` into ``model`` (and ``optimizer``), in place; returns the saved ``extra``.
 
     Collective. The checkpoint may come from any world size and layout (and
@@ -209,6 +212,12 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, process_group
     the CRC-32 of every chunk it will read; on any problem all ranks raise the
     same :class:`~shardopt.checkpoint.CheckpointError` subclass, naming the
     file and the parameter.
+
+    The optimizer's param groups must be the saved ones (the same parameters
+    in the same groups), whose hyperparameters (lr after a scheduler, betas,
+    ...) are restored, as ``torch.optim.Optimizer.load_state_dict`` does.
+    ``keep_param_groups=True`` is for fine-tuning with new groups: it loads
+    the per-parameter state and keeps the live groups' hyperparameters.
     """
     path = os.fspath(path).rstrip("/")
     errors = []
@@ -227,6 +236,8 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, process_group
     if not errors:
         try:
             errors += _check(directory, manifest, md, live, strict)
+            if not errors and not keep_param_groups:
+                errors += _check_groups(directory, manifest, live)
             if not errors:
                 state_dict = _destinations(live, manifest)
                 items = S.read_items(state_dict, md)
@@ -238,7 +249,8 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, process_group
             errors.append(_err(e))
     _agree(errors, process_group)
     S.dcp_load(state_dict, directory, process_group=process_group)
-    _after_load(live, manifest)
+    _upgrade_loaded(live, manifest)
+    _after_load(live, manifest, keep_param_groups)
     extra = None
     if EXTRA in manifest.get("files", {}):
         extra = torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
@@ -338,15 +350,50 @@ def _check(directory, manifest, md, live: Live, strict: bool) -> list:
     return errors
 
 
-def _after_load(live: Live, manifest: dict) -> None:
+def _upgrade_loaded(live: Live, manifest: dict) -> None:
+    """Give tensors read from an older checkpoint version today's meaning (Muon's momentum: sum -> EMA)."""
+    for t in live.optim_targets:
+        scale = legacy_scale(manifest, t.key)
+        if scale is None:
+            continue
+        for _, piece in t.value.pieces:
+            piece.mul_(scale)
+
+
+def _check_groups(directory, manifest, live: Live) -> list:
+    """The live param groups must partition the parameters as the saved ones did."""
+    if not live.groups:
+        return []
+    live_fqns = {f for _, fqns in live.groups for f in fqns}
+    saved_fqns = {f for g in manifest.get("param_groups", []) for f in g.get("params", [])}
+    # only the parameters both sides hold (strict=False may load a subset)
+    saved = [[f for f in g.get("params", []) if f in live_fqns] for g in manifest.get("param_groups", [])]
+    saved = [g for g in saved if g]
+    mine = [[f for f in fqns if f in saved_fqns] for _, fqns in live.groups]
+    mine = [g for g in mine if g]
+    if not saved or [sorted(g) for g in saved] == [sorted(g) for g in mine]:
+        return []
+
+    def show(groups):
+        return "; ".join(f"group {k}: {len(g)} params ({', '.join(g[:2])}{', ...' if len(g) > 2 else ''})"
+                         for k, g in enumerate(groups))
+
+    return [("CheckpointError",
+             f"checkpoint {directory} was saved with {len(saved)} param group(s) [{show(saved)}] but the optimizer "
+             f"has {len(mine)} [{show(mine)}]; loading would overwrite the groups' hyperparameters with the wrong "
+             "ones. Build the optimizer with the saved groups, or pass keep_param_groups=True to load the "
+             "per-parameter state and keep this optimizer's group hyperparameters")]
+
+
+def _after_load(live: Live, manifest: dict, keep_param_groups: bool = False) -> None:
     params = manifest.get("params", {})
     stored = manifest.get("tensors", {})
     for fqn, pi in live.params.items():
         sp = params.get(fqn)
         if sp is None:
             continue
-        for st in pi.step_tensors:
-            st.fill_(float(sp.get("step", 0.0)))
+        for st in pi.step_states:
+            st["step"] = _steps.as_int(sp.get("step", 0.0))
     rebuilt = []
     for fqn, refresh in live.refresh_master:
         if getattr(refresh, "always", False):
@@ -358,6 +405,8 @@ def _after_load(live: Live, manifest: dict) -> None:
         warnings.warn(f"shardopt: the checkpoint has no fp32 master copy of {len(rebuilt)} low-precision "
                       f"parameter(s) (e.g. '{rebuilt[0]}'); rebuilt from the weights", RuntimeWarning, stacklevel=3)
     # hyperparameters (lr after a scheduler, betas, ...) as torch.optim.Optimizer.load_state_dict restores them
+    if keep_param_groups:
+        return
     saved_groups = manifest.get("param_groups", [])
     for group, fqns in live.groups:
         if not fqns or fqns[0] not in params:

@@ -29,8 +29,11 @@ from collections import OrderedDict
 
 import torch
 
+from ..optim.base import ALGORITHMS
+
 from . import _storage as S
 from ._manifest import (
+    legacy_scale,
     EXTRA,
     LOW_PRECISION,
     decode_group,
@@ -178,6 +181,7 @@ def from_deepspeed(ds_dir: str, path: str, *, tag: str | None = None, algorithm:
             raise CorruptCheckpointError(f"{d}: group {g}'s partitions ({W} x {P}) are smaller than its parameters ({T})")
         hyper = dict(base0["param_groups"][g]) if rigid else {}
         hyper.pop("params", None)
+        hyper.pop("shardopt_format", None)  # a state_dict marker, not a hyperparameter
         st_keys = [k for k, v in states[0].items() if k != "step" and torch.is_tensor(v) and v.dim() == 1]
         algo = algorithm or hyper.get("algorithm")
         keymap = {k: k for k in st_keys}
@@ -197,6 +201,8 @@ def from_deepspeed(ds_dir: str, path: str, *, tag: str | None = None, algorithm:
         if "algorithm" not in hyper:
             keep = ADAM_HYPER if algo == "adamw" else LION_HYPER
             hyper = {k: hyper[k] for k in keep if k in hyper}
+            for k, v in ALGORITHMS[algo].defaults.items():  # e.g. maximize, which DeepSpeed's optimizers lack
+                hyper.setdefault(k, v)
             if "betas" in hyper:
                 hyper["betas"] = tuple(hyper["betas"])
         hyper["algorithm"] = algo
@@ -415,6 +421,9 @@ def _filler(fills, reader, directory, m, md):
                 checked.add(key)
             if t.get("storage") == "flat":
                 reader.read_into(key, dest[dst_off:dst_off + n], offset=off)
+                scale = legacy_scale(m, key)
+                if scale is not None:
+                    dest[dst_off:dst_off + n].mul_(scale)
             else:  # model weight stored in its own shape: read it whole (one tensor), take the range
                 full = torch.empty(t["shape"], dtype=str_dtype(t["dtype"]))
                 reader.read_into(key, full)

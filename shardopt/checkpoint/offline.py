@@ -28,6 +28,7 @@ from ._manifest import (
     checkpoints_in,
     decode_group,
     dtype_str,
+    legacy_scale,
     encode_value,
     model_key,
     optim_key,
@@ -36,6 +37,8 @@ from ._manifest import (
     write_manifest,
 )
 from .errors import CheckpointError, CorruptCheckpointError
+
+STATE_FORMAT = 2  # the optimizer state_dict format shardopt.optim writes (see optim/_state_dict.py)
 
 
 def _bar(total, desc, progress, unit="tensor"):
@@ -271,7 +274,7 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
         hyper = {k: v for k, v in hyper.items() if type(v).__name__ != "_Unrestorable"}
         idx = list(range(len(order), len(order) + len(g["params"])))
         order += g["params"]
-        groups.append({**hyper, "params": idx, "param_names": list(g["params"])})
+        groups.append({**hyper, "params": idx, "param_names": list(g["params"]), "shardopt_format": STATE_FORMAT})
     state, fills = {}, []
     for i, fqn in enumerate(order):
         p = params[fqn]
@@ -336,6 +339,9 @@ def _read_checked(reader, directory, m, md, key, dest):
         reader.read_into(key, dest.view(-1), offset=0)
     else:
         reader.read_into(key, dest)
+    scale = legacy_scale(m, key)
+    if scale is not None:
+        dest.mul_(scale)
 
 
 # ---------------------------------------------------------------- split and the offline writer
@@ -432,9 +438,13 @@ def split(pt: str, path: str, progress: bool = False) -> str:
             algo = (mparams.get(fqn) or {}).get("algorithm") or _infer_algorithm(g, st)
             keys = [k for k, v in st.items() if k != "step" and torch.is_tensor(v)]
             shape = None
+            # a consolidated file of format version 1 kept Muon's momentum as the plain sum
+            old_sum = algo == "muon" and meta and meta.get("version", 1) < 2
             for k in keys:
                 shape = tuple(st[k].shape)
-                sources[optim_key(fqn, k)] = (fqn, k, shape, st[k].dtype, lambda t=st[k]: t)
+                scale = 1.0 - float(g.get("momentum", 0.95)) if old_sum and k == "momentum_buffer" else None
+                sources[optim_key(fqn, k)] = (fqn, k, shape, st[k].dtype,
+                                              (lambda t=st[k]: t) if scale is None else (lambda t=st[k], s=scale: t * s))
             mp = mparams.get(fqn, {})
             if shape is None:
                 shape = tuple(mp.get("shape", ()))
@@ -444,7 +454,7 @@ def split(pt: str, path: str, progress: bool = False) -> str:
             params[fqn] = {"shape": list(shape), "dtype": pdtype, "algorithm": algo, "group": gi, "state": keys,
                            "step": float(step)}
             fqns.append(fqn)
-        hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        hyper = {k: v for k, v in g.items() if k not in ("params", "param_names", "shardopt_format")}
         groups.append({"hyper": {k: encode_value(v) for k, v in hyper.items()}, "params": fqns})
     model = {}
     kinds = meta.get("model", {})

@@ -1,7 +1,7 @@
 """Muon (Jordan et al., 2024): momentum, then orthogonalize the 2-D update.
 
-    m = mu*m + g                               (the EMA form differs by a constant
-    u = g + mu*m  if nesterov else m            factor, which the normalisation removes)
+    m = mu*m + (1-mu)*g                        (torch.optim.Muon's EMA: buf.lerp_(g, 1-mu))
+    u = g.lerp(m, mu)  if nesterov else m
     X = u / (||u||_F + eps), transposed so rows <= cols
     5x: A = X X^T ; B = b*A + c*A^2 ; X = a*X + B X      (a, b, c) = (3.4445, -4.7750, 2.0315)
     p = p*(1 - lr*wd) - adjusted_lr * X
@@ -17,12 +17,25 @@ import torch
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """``torch.lerp`` written out as ATen's scalar formula, with no fused multiply-add.
+
+    ATen may contract its vector path into FMAs but not its scalar tail, so the
+    plain form gives the same bits wherever a shard boundary falls.
+    """
+    w = torch.tensor(weight, dtype=torch.float32)  # ATen takes the weight in fp32 and forms 1 - w there
+    if w < 0.5:
+        return start + (end - start) * w.item()
+    return end - (end - start) * (1 - w).item()
+
+
 def muon_momentum(grad: torch.Tensor, buf: torch.Tensor, *, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Update ``buf`` in place and return the input to Newton-Schulz (fp32)."""
+    """Update ``buf`` in place (``buf.lerp_(g, 1 - momentum)``, the EMA torch.optim.Muon keeps) and
+    return the input to Newton-Schulz (fp32): ``g.lerp(buf, momentum)`` with Nesterov, else ``buf``."""
     g32 = grad.float()
-    buf.mul_(momentum).add_(g32)
+    buf.copy_(_lerp(buf, g32, 1.0 - momentum))
     if nesterov:
-        return g32 + buf * momentum
+        return _lerp(g32, buf, momentum)
     return buf.clone()
 
 
@@ -36,21 +49,25 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor of G (2-D, or a batch of same-shape 3-D).
 
-    Computed in ``dtype``; returns fp32 with G's shape.
+    The normalisation is fp32; the iterations run in ``dtype`` with
+    ``addmm``/``baddbmm``, so ``b*A + c*A@A`` and ``a*X + B@X`` each round once
+    (accumulating in fp32), as torch.optim.Muon computes them. Returns fp32
+    with G's shape.
     """
     if G.dim() not in (2, 3):
         raise ValueError(f"newton_schulz needs a 2-D matrix or a 3-D batch, got shape {tuple(G.shape)}")
     a, b, c = coefficients
-    X = G.to(dtype)
+    X = G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.mT
-    norm = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
-    X = (X.float() / (norm + eps)).to(dtype)
+        X = X.mT.contiguous()  # the same memory order as a wide input: the same BLAS path, the same bits
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X = (X / (norm + eps)).to(dtype)
+    mm = torch.baddbmm if X.dim() == 3 else torch.addmm
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = mm(A, A, A, beta=b, alpha=c)
+        X = mm(X, B, X, beta=a)
     if transposed:
         X = X.mT
     return X.float().contiguous()

@@ -1,17 +1,21 @@
 """Kernels: how fast one elementwise optimizer step runs on one rank.
 
-Every backend implements the same two entry points over *lists* of tensors
-(one call updates many tensors, the multi-tensor-apply shape):
+Every backend implements the same entry points over *lists* of tensors (one
+call updates many tensors, the multi-tensor-apply shape):
 
-``lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay)``
-``adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step)``
+``lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, clip_value, grad_scale, found_inf)``
+``adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, ...)``
+``grad_stats(grads, *, clip_value)``: the fused gradient pass, float64 ``[sum of squares, bad]``
 
-* ``params``: contiguous fp32 or bf16 tensors, updated in place (math in fp32,
-  stored with round-to-nearest-even for bf16).
-* ``grads``: same shapes, any float dtype (fp32/bf16/fp16); read only.
-* state (``exp_avgs`` / ``exp_avg_sqs``): fp32 tensors of the same shapes,
-  updated in place.
-* ``step`` is the (already incremented, >= 1) step count shared by the call.
+* ``params``: fp32, bf16 or fp16 tensors (fp64 ones always go to the
+  ``torch`` backend, which computes them in fp64), updated in place.
+* ``grads``: same shapes, any float dtype; never written.
+* state: fp32 tensors of the same shapes (fp64 for fp64 params), updated in place.
+* ``step`` is the (already incremented, >= 1) step count shared by the call;
+  the optimizer groups parameters by their own counts.
+* ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a
+  nonzero flag that makes the call a no-op), read by the kernels, never by the
+  host, so a CUDA step does not synchronize. A CPU ``found_inf`` is read here.
 
 The per-element formulas are written out in :mod:`shardopt.kernels.torch_ops`
 (the ``torch`` backend); every backend follows the same order of operations so
@@ -19,7 +23,12 @@ results agree to the last bit for Lion and to ~1 ulp for AdamW.
 
 Backends: ``torch`` (foreach reference), ``cpu`` (C++/OpenMP extension built at
 first use), ``triton`` (runs on CPU under ``TRITON_INTERPRET=1``), ``cuda``.
-``auto`` picks the fastest one available for the tensors' device.
+``auto`` picks the fastest one available for the tensors' device. A backend
+module lists what it implements in ``FEATURES`` and ``PARAM_DTYPES``; a call
+that needs more is served by the ``torch`` backend (same results), which is how
+fp64 parameters work everywhere. Complex tensors are updated through their real
+views (as torch.optim does), and tensors that are dense but not contiguous
+(``channels_last``) through their storage order.
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+# what a step call may need beyond plain fp32/bf16 contiguous tensors
+FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided")
 
 _warned: set[str] = set()
 
@@ -117,43 +128,173 @@ def _module(backend: str):
     return m
 
 
-def _nonempty(*lists):
-    keep = [i for i, t in enumerate(lists[0]) if t.numel() > 0]
-    if len(keep) == len(lists[0]):
-        return lists
-    return tuple([lst[i] for i in keep] for lst in lists)
+def serves(backend: str, dtype: torch.dtype, needs=()) -> bool:
+    """Whether concrete ``backend`` runs parameters of ``dtype`` with the features ``needs`` itself."""
+    if backend == "torch":
+        return True
+    m = _module(backend)
+    return dtype in m.PARAM_DTYPES and set(needs) <= set(m.FEATURES)
 
 
-def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, backend="auto"):
-    if not params:
-        return
-    params, grads, exp_avgs = _nonempty(params, grads, exp_avgs)
+# ---------------------------------------------------------------- argument preparation
+def _real(t):
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill one gap-free block of memory in some order of its dimensions
+    (contiguous, ``channels_last``, a transposed matrix): its storage order is then a flat view."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same strides where it matters (a dimension of size 1 has no meaningful stride)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _prepare(lists):
+    """Drop empty tensors, view complex ones as real, and give every gradient its parameter's strides.
+
+    Returns the new lists (the first is the params) and whether any tensor is dense but not contiguous.
+    """
+    params = lists[0]
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    out = [[_real(lst[i]) if lst is not None else None for i in keep] for lst in lists]
+    strided = False
+    ps, gs = out[0], out[1]
+    for k, p in enumerate(ps):
+        g = gs[k]
+        if not p.is_contiguous():
+            strided = True
+        if not _same_layout(g, p):
+            # the kernels pair elements by storage position: give the gradient the parameter's layout
+            g2 = torch.empty_like(p, dtype=g.dtype) if is_dense(p) else torch.empty(p.shape, dtype=g.dtype, device=g.device)
+            gs[k] = g2.copy_(g)
+    return out, strided
+
+
+def _with_contiguous(fn, lists):
+    """Run ``fn`` on contiguous copies of non-contiguous tensors, then write the results back."""
+    fixed, back = [], []
+    for li, lst in enumerate(lists):
+        if lst is None:
+            fixed.append(None)
+            continue
+        new = []
+        for t in lst:
+            if t.is_contiguous():
+                new.append(t)
+            else:
+                c = t.contiguous()
+                new.append(c)
+                if li != 1:  # gradients are read only
+                    back.append((t, c))
+        fixed.append(new)
+    fn(fixed)
+    for t, c in back:
+        t.copy_(c)
+
+
+def _host_flag(found_inf):
+    """(skip now, flag for the kernels): a CPU flag is read here; a device flag goes to the kernels."""
+    if found_inf is None:
+        return False, None
+    if found_inf.device.type == "cpu":
+        return bool(found_inf.item()), None
+    return False, found_inf
+
+
+def _run(name, lists, needs, backend, kwargs):
+    lists, strided = _prepare(lists)
+    params = lists[0]
     if not params:
         return
     b = resolve_backend(backend, params[0].device)
-    _module(b).lion_step(
-        params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay
-    )
+    if strided:
+        needs = needs | {"strided"}
+    by_backend: dict[str, list[int]] = {}
+    for k, p in enumerate(params):
+        by_backend.setdefault(b if serves(b, p.dtype, needs) else "torch", []).append(k)
+    for bk, idx in by_backend.items():
+        sub = [[lst[k] for k in idx] if lst is not None else None for lst in lists]
+        fn = getattr(_module(bk), name)
+
+        def call(ls, fn=fn):
+            fn(*ls, **kwargs)
+
+        if strided and bk != "torch" and "strided" not in _module(bk).FEATURES:
+            _with_contiguous(call, sub)
+        else:
+            call(sub)
 
 
-def adamw_step(
-    params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step, backend="auto"
-):
-    if not params:
+def _needs(maximize, clip_value, grad_scale, found_inf, amsgrad=False):
+    out = set()
+    if maximize:
+        out.add("maximize")
+    if clip_value is not None:
+        out.add("clip_value")
+    if grad_scale is not None:
+        out.add("grad_scale")
+    if found_inf is not None:
+        out.add("found_inf")
+    if amsgrad:
+        out.add("amsgrad")
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
+              grad_scale=None, found_inf=None, backend="auto"):
+    skip, found_inf = _host_flag(found_inf)
+    if skip or not params:
         return
-    params, grads, exp_avgs, exp_avg_sqs = _nonempty(params, grads, exp_avgs, exp_avg_sqs)
-    if not params:
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+    needs = _needs(maximize, clip_value, grad_scale, found_inf)
+    for key, val in (("maximize", maximize), ("clip_value", clip_value), ("grad_scale", grad_scale),
+                     ("found_inf", found_inf)):
+        if key in needs:
+            kw[key] = val
+    _run("lion_step", [params, grads, exp_avgs], needs, backend, kw)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None,
+               backend="auto"):
+    skip, found_inf = _host_flag(found_inf)
+    if skip or not params:
         return
-    b = resolve_backend(backend, params[0].device)
-    _module(b).adamw_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        step=step,
-    )
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    needs = _needs(maximize, clip_value, grad_scale, found_inf, max_exp_avg_sqs is not None)
+    for key, val in (("maximize", maximize), ("clip_value", clip_value), ("grad_scale", grad_scale),
+                     ("found_inf", found_inf)):
+        if key in needs:
+            kw[key] = val
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs is not None else [])
+    _run("adamw_step", lists, needs, backend, kw)
+
+
+def grad_stats(grads, *, clip_value=None, backend="auto") -> torch.Tensor:
+    """The fused gradient pass over this rank's pieces: float64 ``[sum of squares, bad]`` on their device.
+
+    ``sum of squares`` is of the value-clipped gradients (exact squares, fp64
+    sums); ``bad`` is 0 when every raw gradient is finite and NaN otherwise.
+    """
+    gs = [_real(g) for g in grads if g.numel() > 0]
+    if not gs:
+        dev = grads[0].device if grads else torch.device("cpu")
+        return torch.zeros(2, dtype=torch.float64, device=dev)
+    b = resolve_backend(backend, gs[0].device)
+    m = _module(b)
+    if b != "torch" and "grad_stats" in getattr(m, "FEATURES", ()):
+        return m.grad_stats(gs, clip_value=clip_value)
+    from . import torch_ops
+
+    return torch_ops.grad_stats(gs, clip_value=clip_value)

@@ -18,9 +18,15 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ._ext import ExtensionLoader, is_stale
 
 __all__ = ["available", "build_error", "load", "needs_build", "source_path", "lion_step", "adamw_step"]
+
+# what the compiled kernels take themselves; anything else is served by the torch backend
+FEATURES: frozenset = frozenset()
+PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 EXT_NAME = "shardopt_cpu_ops"
 # -ffp-contract=off: no FMA contraction (bitwise partition invariance).

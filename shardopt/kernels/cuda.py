@@ -43,6 +43,10 @@ __all__ = [
     "source_dir",
 ]
 
+# what the compiled kernels take themselves; anything else is served by the torch backend
+FEATURES: frozenset = frozenset()
+PARAM_DTYPES = (torch.float32, torch.bfloat16)
+
 EXT_NAME = "shardopt_cuda_ops"
 SOURCES = ("fused_optim.cu", "bindings.cpp")
 HEADERS = ("multi_tensor_apply.cuh",)

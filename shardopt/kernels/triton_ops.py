@@ -54,6 +54,9 @@ _GPU_NUM_WARPS = 4
 _INTERPRET_MAX_BLOCK_SIZE = 4096
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# what the kernels take themselves; anything else is served by the torch backend
+FEATURES: frozenset = frozenset()
+PARAM_DTYPES = _PARAM_DTYPES
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -6,31 +6,39 @@ base class picks a *layout* from ``shardopt.sharding`` (single device, ZeRO-1
 or FSDP2 DTensor shards), creates every state tensor eagerly in that layout,
 and runs one step as:
 
-    layout.prepare_grads()               # e.g. reduce-scatter under ZeRO-1
-    clip / non-finite check              # one scalar all-reduce
-    algorithm.step(...) per group        # kernels on this rank's pieces
-    master -> param, layout.finish()     # e.g. the ZeRO-1 all-gather
+    layout.prepare_grads()                 # e.g. reduce-scatter under ZeRO-1
+    kernels.grad_stats(...)                # the fused gradient pass: sum of squares, inf/NaN
+    layout.all_reduce_sum([stats, has-a-gradient counts])   # one all-reduce
+    gradpass.decide(...)                   # skip flag and clip coefficient, as device tensors
+    algorithm.step(...) per group          # kernels on this rank's pieces, per-parameter steps
+    master -> param, layout.finish()       # e.g. the ZeRO-1 all-gather
 
+Per-parameter step counts live in :mod:`._steps`, hyperparameter checks in
+:mod:`._checks`, ``state_dict``/``load_state_dict`` in :mod:`._state_dict`.
 Algorithms subclass :class:`Algorithm` and override ``step``; the public
-optimizers are thin subclasses that set defaults and validate arguments.
+optimizers are thin subclasses that set defaults.
 """
 from __future__ import annotations
 
 import collections
-import math
+import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..sharding import make_layout
+from ..kernels import gradpass
+from ..sharding import comm, make_layout
+from . import _checks, _state_dict, _steps
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 NONFINITE_CHOICES = ("skip", "raise", None)
 ALGORITHMS: dict[str, "Algorithm"] = {}
+# group keys that are bookkeeping, not hyperparameters
+GROUP_META = ("params", "param_names", "algorithm")
 
 
 def register(cls: type) -> type:
@@ -43,32 +51,39 @@ class NonFiniteGradientError(FloatingPointError):
     """Raised on every rank together when ``nonfinite='raise'`` sees inf/NaN gradients."""
 
 
+@dataclass
+class GradTransform:
+    """How an update reads its gradients (see :mod:`shardopt.kernels.torch_ops`)."""
+
+    clip_value: float | None = None
+    grad_scale: torch.Tensor | None = None  # clip coefficient, fp32 0-d
+    found_inf: torch.Tensor | None = None  # a device skip flag (None where the host decided)
+
+
 class Algorithm:
-    """One update rule. ``state_keys`` are fp32 tensors shaped like the local piece."""
+    """One update rule. State tensors are shaped like the local piece of each parameter."""
 
     name = ""
     matrix = False  # True: needs whole 2-D matrices (Muon)
-    state_keys: tuple = ()
     defaults: dict = {}
 
-    def validate(self, group: dict, describe) -> None:
-        lr = group.get("lr")
-        if not isinstance(lr, (int, float, torch.Tensor)) or lr < 0:
-            raise ValueError(f"invalid learning rate {lr!r} for the {self.name} group of {describe(0)}: it must be >= 0")
-        wd = group.get("weight_decay", 0.0)
-        if wd < 0:
-            raise ValueError(f"invalid weight_decay {wd!r} for the {self.name} group of {describe(0)}: it must be >= 0")
+    def state_keys(self, group: dict) -> tuple:
+        return ()
 
-    @staticmethod
-    def check_betas(group, describe, name="betas"):
-        betas = group.get(name)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
-            raise ValueError(
-                f"invalid {name} {betas!r} for the group of {describe(0)}: both must lie in [0, 1)"
-            )
+    def validate(self, group: dict, where: str) -> None:
+        """Check every hyperparameter of ``group`` (``where`` names it in errors)."""
+        _checks.lr_and_decay(group, where)
 
-    def step(self, opt: "ShardedOptimizer", group: dict, idx: list[int], params, grads, states, step: int) -> None:
+    def step(self, opt: "ShardedOptimizer", group: dict, idx: list[int], params, grads, states,
+             steps: list[int], gt: GradTransform) -> None:
         raise NotImplementedError
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """fp32 state for fp32/bf16/fp16 parameters; fp64 for fp64; complex like a complex parameter."""
+    if p.is_complex():
+        return p.dtype
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class ShardedOptimizer(Optimizer):
@@ -91,15 +106,12 @@ class ShardedOptimizer(Optimizer):
         master_weights: bool = True,
         comm_dtype: torch.dtype | None = None,
     ):
-        if sharding not in ("auto", "zero1", "fsdp2", "none"):
-            raise ValueError(f"unknown sharding {sharding!r}; valid: 'auto', 'zero1', 'fsdp2', 'none'")
-        if nonfinite not in NONFINITE_CHOICES:
-            raise ValueError(f"unknown nonfinite {nonfinite!r}; valid: 'skip', 'raise', None")
+        _checks.optimizer_options(
+            sharding=sharding, nonfinite=nonfinite, grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value,
+            master_weights=master_weights, reduce_gradients=reduce_gradients, comm_dtype=comm_dtype,
+            nonfinite_choices=NONFINITE_CHOICES,
+        )
         kernels.validate_backend(backend)
-        if grad_clip_norm is not None and not grad_clip_norm > 0:
-            raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}")
-        if grad_clip_value is not None and not grad_clip_value > 0:
-            raise ValueError(f"grad_clip_value must be > 0 or None, got {grad_clip_value!r}")
         defaults = dict(defaults)
         defaults.setdefault("algorithm", self.algorithm)
         self.sharding = sharding
@@ -111,48 +123,89 @@ class ShardedOptimizer(Optimizer):
         self.grad_clip_value = grad_clip_value
         self.master_weights = master_weights
         self.comm_dtype = comm_dtype
-        self.skipped_steps = 0
-        self.last_grad_norm: float | None = None
+        self._counter = _steps.StepCounter()
+        self._host_skipped = 0
+        self._last_norm: torch.Tensor | None = None
         self.ns_shapes: list[tuple] = []  # shapes orthogonalized on this rank in the last step
         self._layout = None
         self._layout_key = None
+        self._keep_state = False
         super().__init__(params, defaults)
         self._ready = True
         self._ensure_layout()
 
+    # ------------------------------------------------------------------ reporting
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (on a device, reading this waits for the last flag)."""
+        self._counter.resolve(wait=True)
+        return self._host_skipped + self._counter.skipped
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm of the last step (NaN if non-finite); read lazily from the device."""
+        if self._last_norm is None:
+            return None
+        return float(self._last_norm)
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         algo_name = param_group.get("algorithm", self.defaults.get("algorithm", self.algorithm))
         if algo_name not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algo_name!r} in a param group; valid: {', '.join(sorted(ALGORITHMS))}")
         algo = ALGORITHMS[algo_name]
-        # algorithm-specific defaults first (e.g. betas for a Muon aux AdamW group)
-        for k, v in algo.defaults.items():
-            if k not in param_group and (k not in self.defaults or algo_name != self.defaults.get("algorithm")):
+        gi = len(self.param_groups)
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, (list, tuple)):
+            params = list(params)
+        param_group["params"] = params if params is not None else []
+        # defaults: the optimizer's for its own algorithm, the algorithm's for an auxiliary group
+        own = algo_name == self.defaults.get("algorithm")
+        for k, v in (self.defaults if own else algo.defaults).items():
+            if k not in GROUP_META:
+                param_group.setdefault(k, v)
+        if not own:
+            for k, v in algo.defaults.items():
                 param_group.setdefault(k, v)
         param_group["algorithm"] = algo_name
+        # hyperparameters first, before anything looks at the parameters
+        algo.validate(param_group, self._where(gi, param_group))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        names = group.get("param_names")
-
-        def describe(k):
-            p = group["params"][k] if group["params"] else None
-            nm = names[k] if names else f"param_groups[{gi}]['params'][{k}]"
-            return f"{nm} (shape {tuple(p.shape)})" if p is not None else nm
-
-        algo.validate(group, describe)
         for k, p in enumerate(group["params"]):
-            if not p.is_floating_point():
-                raise ValueError(f"shardopt optimizers need floating-point parameters; {describe(k)} is {p.dtype}")
+            d = self._describe_in(group, gi, k)
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"shardopt optimizers need floating-point parameters; {d} is {p.dtype}")
             if algo.matrix and p.dim() != 2:
                 raise ValueError(
-                    f"{describe(k)} is {p.dim()}-D but sits in a Muon group, which takes 2-D hidden matrices only; "
+                    f"{d} is {p.dim()}-D but sits in a Muon group, which takes 2-D hidden matrices only; "
                     "put it in an auxiliary group ({'algorithm': 'adamw'} or 'lion'), e.g. with shardopt.muon_param_groups(model)"
                 )
+            if algo.matrix and p.is_complex():
+                raise ValueError(f"{d} is complex; Muon takes real matrices only (as torch.optim.Muon does)")
         if getattr(self, "_ready", False):
             self._layout = None
             self._ensure_layout()
+
+    @staticmethod
+    def _describe_in(group, gi, k):
+        names = group.get("param_names")
+        p = group["params"][k]
+        nm = names[k] if names and k < len(names) else f"param_groups[{gi}]['params'][{k}]"
+        return f"{nm} (shape {tuple(p.shape)})"
+
+    def _where(self, gi: int, group: dict) -> str:
+        """How an error names a param group: its index, algorithm and first parameter."""
+        ps = group.get("params") or []
+        first = ""
+        if ps:
+            names = group.get("param_names")
+            first = f", first parameter {names[0] if names else 'params[0]'} of shape {tuple(ps[0].shape)}"
+        return f"param group {gi} ({group.get('algorithm')}{first})"
 
     # ------------------------------------------------------------------ layout
     def _flat_params(self):
@@ -164,6 +217,11 @@ class ShardedOptimizer(Optimizer):
                 names.append(gn[k] if gn else f"param_groups[{gi}]['params'][{k}]")
                 gidx.append(gi)
         return params, names, gidx
+
+    def _group_signature(self, gi: int) -> str:
+        g = self.param_groups[gi]
+        hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k not in GROUP_META}
+        return f"{g['algorithm']}:{sorted(hyper.items(), key=lambda kv: kv[0])!r}"
 
     def _ensure_layout(self):
         """(Re)build the layout when the parameter list changed.
@@ -181,10 +239,17 @@ class ShardedOptimizer(Optimizer):
             params, names, whole, self.sharding, self.process_group, self.reduce_gradients,
             ns_steps=[self.param_groups[g].get("ns_steps", 5) for g in gidx],
             comm_dtype=self.comm_dtype,
+            group_signatures=[self._group_signature(g) for g in range(len(self.param_groups))],
+            group_of=gidx,
+            copies_now=[self.master_weights and p.dtype in LOW_PRECISION for p in params],
         )
         carried = {}
-        trained = any(float(st.get("step", 0)) > 0 for st in self.state.values())
-        if self._layout is not None and layout.name == "none" and self._layout.name == "none":
+        trained = any(_steps.get(st) > 0 for st in self.state.values() if "step" in st)
+        if self._keep_state:
+            # restored by deepcopy/unpickling: the state already belongs to these parameters
+            carried = {p: st for p, st in self.state.items() if "step" in st}
+            self._keep_state = False
+        elif self._layout is not None and layout.name == "none" and self._layout.name == "none":
             # A local layout has no cross-parameter structure, so state follows its parameter, as in
             # torch.optim: DeepSpeed ZeRO steps one param group at a time by narrowing param_groups.
             # Only parameters replaced wholesale before any step (DeepSpeed's flat partitions) leave
@@ -207,14 +272,16 @@ class ShardedOptimizer(Optimizer):
         layout = self._layout
         params, names, gidx = self._flat_params()
         for i, p in enumerate(params):
-            if "step" in self.state.get(p, {}):  # carried over by _ensure_layout
-                continue
-            algo = ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]]
+            group = self.param_groups[gidx[i]]
+            algo = ALGORITHMS[group["algorithm"]]
+            have = self.state.get(p, {})
+            if "step" in have and all(k in have for k in algo.state_keys(group)):
+                continue  # carried over by _ensure_layout
             shape = layout.local_shape(i)
-            dev = p.device if not _is_dtensor(p) else p.to_local().device
-            st: dict[str, Any] = {"step": torch.tensor(0.0)}
-            for k in algo.state_keys:
-                st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=torch.float32, device=dev))
+            dev = _device_of(p)
+            st: dict[str, Any] = {"step": 0}
+            for k in algo.state_keys(group):
+                st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_dtype(p), device=dev))
             if self.master_weights and p.dtype in LOW_PRECISION:
                 st["master_param"] = layout.wrap_state(i, layout.param_view(i).detach().float().clone())
             self.state[p] = st
@@ -226,50 +293,59 @@ class ShardedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self):
+        """torch.optim's state_dict (``step`` as a float tensor), plus where it came from under
+        ``"shardopt"``: format version, layout, world size and rank."""
         self._ensure_layout()
-        return super().state_dict()
+        self._counter.resolve(wait=True)
+        return _state_dict.pack(self)
 
     def load_state_dict(self, state_dict):
-        """torch.optim semantics for a state_dict of this rank's own layout.
+        """Load a state_dict of this optimizer, of ``torch.optim.AdamW`` / ``Muon``, or of an older shardopt.
 
-        A state_dict from another world size or layout has other local shapes;
-        that is refused (use ``shardopt.checkpoint`` to reshard) rather than
-        loaded into the wrong elements.
+        All or nothing: everything is checked before anything changes. A
+        sharded state_dict loads only on the rank, world size and layout that
+        wrote it; use ``shardopt.checkpoint`` to reshard.
         """
         self._ensure_layout()
-        super().load_state_dict(state_dict)
-        params = self._flat_params()[0]
-        # torch casts floating state to the param dtype (its _cast calls
-        # Optimizer._process_value_according_to_param_policy by class name, not the override below),
-        # so fp32 state of bf16 params would arrive as bf16: put back the saved dtype.
-        saved_ids = [j for g in state_dict["param_groups"] for j in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            for k, v in state_dict["state"].get(pid, {}).items():
-                cur = self.state[p].get(k)
-                if (k != "step" and torch.is_tensor(v) and torch.is_tensor(cur) and not _is_dtensor(cur)
-                        and cur.dtype != v.dtype):
-                    self.state[p][k] = v.detach().to(device=cur.device, copy=True)
-        for i, p in enumerate(params):
-            want = tuple(self._layout.local_shape(i))
-            for k, v in self.state[p].items():
-                if k == "step" or not torch.is_tensor(v):
-                    continue
-                have = tuple((v.to_local() if _is_dtensor(v) else v).shape)
-                if have != want:
-                    raise ValueError(
-                        f"shardopt: state '{k}' of {self._describe(i)} has local shape {have}, but this rank's "
-                        f"{self._layout.name} layout (world size {self._layout.world_size}) expects {want}. "
-                        "The state_dict was saved with another world size or layout: load it with "
-                        "shardopt.checkpoint.load, which reshards"
-                    )
+        self._counter.resolve(wait=True)
+        _state_dict.load(self, state_dict)
+
+    def __getstate__(self):
+        d = super().__getstate__()
+        for k in ("sharding", "process_group", "reduce_gradients", "nonfinite", "backend", "grad_clip_norm",
+                  "grad_clip_value", "master_weights", "comm_dtype", "_host_skipped", "ns_shapes"):
+            d[k] = getattr(self, k)
+        self._counter.resolve(wait=True)
+        d["_skipped_on_device"] = self._counter.skipped
+        return d
+
+    def __setstate__(self, state):
+        state = dict(state)
+        skipped = state.pop("_skipped_on_device", 0)
+        super().__setstate__(state)
+        self._counter = _steps.StepCounter()
+        self._counter.skipped = skipped
+        self._last_norm = None
+        self._layout = None
+        self._layout_key = None
+        self._keep_state = True
+        self._ready = True
+
+    def __deepcopy__(self, memo):
+        # a process group is shared, never copied
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     @staticmethod
     def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
         # State stays fp32 whatever the parameter dtype (torch would cast it to bf16).
         if key == "step" or not torch.is_tensor(value):
             return value
-        dev = param.to_local().device if _is_dtensor(param) else param.device
-        return value.to(device=dev) if not _is_dtensor(value) else value
+        return value.to(device=_device_of(param)) if not _is_dtensor(value) else value
 
     # ------------------------------------------------------------------ reporting
     def state_bytes(self) -> int:
@@ -313,40 +389,33 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._ensure_layout()
         layout = self._layout
-        params, names, gidx = self._flat_params()
+        params, _, gidx = self._flat_params()
+        self._counter.resolve()
         for i, p in enumerate(params):
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError(f"shardopt optimizers do not support sparse gradients; {self._describe(i)} has one")
         layout.prepare_grads()
-        # this rank's pieces, per group
-        per_group: list[list[int]] = [[] for _ in self.param_groups]
-        grads: dict[int, torch.Tensor] = {}
-        stepped: list[list[int]] = [[] for _ in self.param_groups]
-        for i, p in enumerate(params):
-            # a parameter without a local gradient has no reduce-scattered one either
-            if p.grad is None:
-                continue
-            stepped[gidx[i]].append(i)
-            g = layout.grad_view(i)
-            if g is None:
-                continue
-            grads[i] = g
-            per_group[gidx[i]].append(i)
-        if not self._clip_and_check(grads):
-            return loss
+        grads = [layout.grad_view(i) for i in range(len(params))]
+        present = self._agree_on_gradients(params, grads)
+        if present is None:
+            return loss  # skipped for non-finite gradients, on every rank
+        decision, present = present
+        gt = GradTransform(self.grad_clip_value, decision.grad_scale if decision else None,
+                           decision.found_inf if decision is not None and decision.host_skip() is None else None)
         self.ns_shapes = []
         for gi, group in enumerate(self.param_groups):
             algo = ALGORITHMS[group["algorithm"]]
-            idx = per_group[gi]
-            if algo.matrix:
-                idx = layout.matrix_indices(idx)
-            # every rank counts steps for every parameter with a gradient, owned or not,
-            # so the state is the same on all ranks
-            steps = [self.state[params[i]]["step"] for i in stepped[gi]]
-            if not steps:
+            stepped = [i for i in range(len(params)) if gidx[i] == gi and present[i]]
+            if not stepped:
                 continue
-            torch._foreach_add_(steps, 1.0)
-            step = int(steps[0].item())
+            # every rank counts steps for every parameter with a gradient anywhere, owned or not,
+            # so the state is the same on all ranks
+            sts = [self.state[params[i]] for i in stepped]
+            if gt.found_inf is not None:
+                self._counter.count_unless(sts, gt.found_inf)
+            else:
+                self._counter.count(sts)
+            idx = layout.matrix_indices(stepped) if algo.matrix else [i for i in stepped if layout.owns(i)]
             if not idx and not algo.matrix:
                 continue
             work = []
@@ -354,9 +423,10 @@ class ShardedOptimizer(Optimizer):
                 st = self.state[params[i]]
                 work.append(st["master_param"] if "master_param" in st else layout.param_view(i))
             pv = [layout.local_state(w) for w in work]
-            gv = [grads[i] for i in idx]
-            sv = {k: [layout.local_state(self.state[params[i]][k]) for i in idx] for k in algo.state_keys}
-            algo.step(self, group, idx, pv, gv, sv, step)
+            gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
+            keys = algo.state_keys(group)
+            sv = {k: [layout.local_state(self.state[params[i]][k]) for i in idx] for k in keys}
+            algo.step(self, group, idx, pv, gv, sv, [self.state[params[i]]["step"] for i in idx], gt)
             masters = [(layout.param_view(i), layout.local_state(self.state[params[i]]["master_param"]))
                        for i in idx if "master_param" in self.state[params[i]]]
             if masters:
@@ -364,46 +434,54 @@ class ShardedOptimizer(Optimizer):
         layout.finish()
         return loss
 
-    def _clip_and_check(self, grads: dict) -> bool:
-        """Value clip, global-norm clip and the non-finite check. False means skip the step."""
-        gl = [g for g in grads.values() if g.numel() > 0]
-        if self.grad_clip_value is not None and gl:
-            torch._foreach_clamp_min_(gl, -self.grad_clip_value)
-            torch._foreach_clamp_max_(gl, self.grad_clip_value)
-        if self.grad_clip_norm is None and self.nonfinite is None:
-            return True
+    def _agree_on_gradients(self, params, grads):
+        """The fused gradient pass and the one all-reduce of a step.
+
+        Returns None when the step is skipped (every rank decides the same), else
+        ``(decision or None, present)``: ``present[i]`` says whether parameter
+        ``i`` has a gradient on some rank of the group (a rank without one then
+        steps it with zeros, as DDP with ``find_unused_parameters=True`` sums them).
+        """
         layout = self._layout
-        dev = gl[0].device if gl else _device_of(self._flat_params()[0][0])
-        if gl:
-            norms = torch._foreach_norm(gl, 2, dtype=torch.float64)
-            sq = torch.stack(norms).square().sum().reshape(1)
+        local = [p.grad is not None for p in params]
+        need_stats = self.nonfinite is not None or self.grad_clip_norm is not None
+        if not need_stats and not layout.distributed:
+            self._last_norm = None
+            return None, local
+        pieces = [g for g in grads if g is not None]
+        dev = pieces[0].device if pieces else (_device_of(params[0]) if params else torch.device("cpu"))
+        if need_stats:
+            stats = kernels.grad_stats(pieces, clip_value=self.grad_clip_value, backend=self.backend)
         else:
-            sq = torch.zeros(1, dtype=torch.float64, device=dev)
-        sq = layout.all_reduce_sum(sq)
-        total_sq = float(sq.item())
-        if not math.isfinite(total_sq):
-            self.last_grad_norm = float("nan")
+            stats = torch.zeros(2, dtype=comm.STATS_DTYPE, device=dev)
+        if layout.distributed:
+            buf = torch.cat([stats.to(dev), torch.tensor(local, dtype=comm.STATS_DTYPE, device=dev)])
+            buf = layout.all_reduce_sum(buf)
+            stats, present = buf[:2], buf[2:].cpu().gt(0).tolist()
+        else:
+            stats = layout.all_reduce_sum(stats)
+            present = local
+        if not need_stats:
+            self._last_norm = None
+            return None, present
+        decision = gradpass.decide(stats, clip_norm=self.grad_clip_norm)
+        self._last_norm = decision.norm
+        skip = decision.host_skip()
+        if skip is None and self.nonfinite == "raise":
+            skip = bool(decision.found_inf.item())  # raising needs the host to know
+        if skip:
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError(
                     "shardopt: non-finite gradient (inf or NaN) found on at least one rank; "
                     "the step was not applied and the optimizer state is unchanged. "
                     "Use nonfinite='skip' to skip such steps instead"
                 )
-            if self.nonfinite == "skip":
-                self.skipped_steps += 1
-                if self.skipped_steps in (1, 10, 100) or self.skipped_steps % 1000 == 0:
-                    warnings.warn(
-                        f"shardopt: skipped a step with non-finite gradients ({self.skipped_steps} so far)",
-                        RuntimeWarning,
-                    )
-                return False
-        norm = math.sqrt(total_sq)
-        self.last_grad_norm = norm
-        if self.grad_clip_norm is not None and gl:
-            coef = self.grad_clip_norm / (norm + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(gl, coef)
-        return True
+            self._host_skipped += 1
+            n = self._host_skipped + self._counter.skipped
+            if n in (1, 10, 100) or n % 1000 == 0:
+                warnings.warn(f"shardopt: skipped a step with non-finite gradients ({n} so far)", RuntimeWarning)
+            return None
+        return decision, present
 
 
 def _is_dtensor(t) -> bool:

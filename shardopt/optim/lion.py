@@ -2,24 +2,29 @@
 from __future__ import annotations
 
 from .. import kernels
+from . import _checks
 from .base import Algorithm, ShardedOptimizer, register
 
 
 @register
 class LionAlgorithm(Algorithm):
     name = "lion"
-    state_keys = ("momentum_buffer",)
-    defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}
+    defaults = {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, "maximize": False}
 
-    def validate(self, group, describe):
-        super().validate(group, describe)
-        self.check_betas(group, describe)
+    def state_keys(self, group):
+        return ("momentum_buffer",)
 
-    def step(self, opt, group, idx, params, grads, states, step):
-        beta1, beta2 = group["betas"]
+    def validate(self, group, where):
+        super().validate(group, where)
+        _checks.betas(group.get("betas"), where)
+        _checks.flag(group.get("maximize", False), "maximize", where)
+
+    def step(self, opt, group, idx, params, grads, states, steps, gt):
+        beta1, beta2 = (float(b) for b in group["betas"])
         kernels.lion_step(
             params, grads, states["momentum_buffer"], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], backend=opt.backend,
+            weight_decay=group["weight_decay"], maximize=group.get("maximize", False), clip_value=gt.clip_value,
+            grad_scale=gt.grad_scale, found_inf=gt.found_inf, backend=opt.backend,
         )
 
 
@@ -27,14 +32,18 @@ class Lion(ShardedOptimizer):
     """Lion (Chen et al., 2023) with sharded state and fused kernels.
 
     Lion wants a 3-10x smaller lr and a 3-10x larger weight decay than AdamW.
-    See :class:`ShardedOptimizer` for ``sharding``, ``backend`` and the rest.
+    The positional arguments are those of the reference implementations;
+    shardopt's own options (``sharding``, ``backend``, ``nonfinite``,
+    ``grad_clip_norm``, ... see :class:`ShardedOptimizer`) are keyword-only.
     """
 
     algorithm = "lion"
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, grad_clip_norm=None,
-                 grad_clip_value=None, backend="auto", **kwargs):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **kwargs):
         super().__init__(
-            params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay),
-            grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value, backend=backend, **kwargs,
+            params, dict(lr=lr, betas=_tuple(betas), weight_decay=weight_decay, maximize=maximize), **kwargs,
         )
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v

@@ -10,9 +10,14 @@ import torch
 
 from ..functional import adjust_lr, muon_momentum, newton_schulz
 from ..functional.muon import DEFAULT_NS_COEFFICIENTS
+from ..kernels.torch_ops import _gated, effective_grads
+from . import _checks
 from .base import Algorithm, ShardedOptimizer, register
+from .lion import _tuple
 
 NS_BACKENDS = ("torch", "triton", "auto")
+# Newton-Schulz precision when a group leaves ns_dtype at None: bf16, as torch.optim.Muon
+DEFAULT_NS_DTYPE = torch.bfloat16
 
 
 def _ns_function(backend: str, batch: torch.Tensor):
@@ -30,73 +35,82 @@ def _ns_function(backend: str, batch: torch.Tensor):
 class MuonAlgorithm(Algorithm):
     name = "muon"
     matrix = True
-    state_keys = ("momentum_buffer",)
     defaults = {
-        "lr": 1e-3, "momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_coefficients": DEFAULT_NS_COEFFICIENTS,
-        "eps": 1e-7, "weight_decay": 0.1, "adjust_lr_fn": None, "ns_dtype": None,
-        "ns_backend": "torch",
+        "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
+        "ns_coefficients": DEFAULT_NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None,
+        "ns_dtype": None, "ns_backend": "torch",
     }
 
-    def validate(self, group, describe):
-        super().validate(group, describe)
-        m = group.get("momentum")
-        if not 0.0 <= m < 1.0:
-            raise ValueError(f"invalid momentum {m!r} for the Muon group of {describe(0)}: it must lie in [0, 1)")
-        if group.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
-            raise ValueError(
-                f"invalid adjust_lr_fn {group.get('adjust_lr_fn')!r}: use None, 'original' or 'match_rms_adamw'"
-            )
-        if not (isinstance(group.get("ns_steps"), int) and 0 < group["ns_steps"] < 100):
-            raise ValueError(f"invalid ns_steps {group.get('ns_steps')!r}: use an int in [1, 100)")
-        if len(tuple(group.get("ns_coefficients", ()))) != 3:
-            raise ValueError("ns_coefficients must be three numbers (a, b, c)")
+    def state_keys(self, group):
+        return ("momentum_buffer",)
+
+    def validate(self, group, where):
+        super().validate(group, where)
+        _checks.in_range(group.get("momentum"), "momentum", where, lo=0.0, hi=1.0, hi_open=True)
+        _checks.flag(group.get("nesterov"), "nesterov", where)
+        _checks.in_range(group.get("eps"), "eps", where, lo=0.0, lo_open=True,
+                         hint="Newton-Schulz divides by norm + eps, and a zero gradient would give NaN")
+        _checks.integer(group.get("ns_steps"), "ns_steps", where, lo=1, hi=99)
+        coeffs = group.get("ns_coefficients")
+        if not (isinstance(coeffs, (tuple, list)) and len(coeffs) == 3):
+            raise ValueError(f"invalid ns_coefficients {coeffs!r} for {where}: it must be three numbers (a, b, c)")
+        for k, c in enumerate(coeffs):
+            _checks.scalar(c, f"ns_coefficients[{k}]", where)
+        _checks.choice(group.get("adjust_lr_fn"), "adjust_lr_fn", where, (None, "original", "match_rms_adamw"),
+                       word="invalid")
+        _checks.float_dtype(group.get("ns_dtype"), "ns_dtype", where)
         backend = group.get("ns_backend", "torch")
-        if backend not in NS_BACKENDS:
-            raise ValueError(
-                f"invalid ns_backend {backend!r} for the Muon group of {describe(0)}: "
-                f"valid: {', '.join(repr(b) for b in NS_BACKENDS)}"
-            )
+        _checks.choice(backend, "ns_backend", where, NS_BACKENDS, word="invalid")
         if backend == "triton":
             from ..kernels import triton_ns
 
             triton_ns._require_triton()
 
-    def step(self, opt, group, idx, params, grads, states, step):
+    def step(self, opt, group, idx, params, grads, states, steps, gt):
         layout = opt.layout
-        mom, nesterov = group["momentum"], group["nesterov"]
-        inputs = [muon_momentum(g, m, momentum=mom, nesterov=nesterov) for g, m in zip(grads, states["momentum_buffer"])]
-        ns_dtype = group["ns_dtype"]
+        mom, nesterov = float(group["momentum"]), group["nesterov"]
+        grads = effective_grads(grads, wide_like=params, clip_value=gt.clip_value, grad_scale=gt.grad_scale)
+        bufs = states["momentum_buffer"]
+        if gt.found_inf is not None:  # a device flag: update copies, write back below where it is clear
+            bufs = [b.clone() for b in bufs]
+        inputs = [muon_momentum(g, m, momentum=mom, nesterov=nesterov) for g, m in zip(grads, bufs)]
+        ns_dtype = group["ns_dtype"] or DEFAULT_NS_DTYPE
         # .get: groups restored from checkpoints written before ns_backend existed
         ns_backend = group.get("ns_backend", "torch")
 
         def ns(batch):
-            dtype = ns_dtype or (torch.bfloat16 if batch.is_cuda else torch.float32)
             opt.ns_shapes.extend([tuple(batch.shape[1:])] * batch.shape[0])
             return _ns_function(ns_backend, batch)(
                 batch, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
-                dtype=dtype,
+                dtype=ns_dtype,
             )
 
         outs = layout.orthogonalize(idx, inputs, ns)
         lr, wd = float(group["lr"]), group["weight_decay"]
         all_params, _, _ = opt._flat_params()
+        news = []
         for i, p, o in zip(idx, params, outs):
-            if p.numel() == 0:
-                continue
-            p32 = p if p.dtype == torch.float32 else p.float()
-            if wd != 0:
-                p32.mul_(1.0 - lr * wd)
-            p32.sub_(o.to(p32.dtype) * adjust_lr(lr, group["adjust_lr_fn"], all_params[i].shape))
-            if p32 is not p:
-                p.copy_(p32)
+            wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+            p32 = p.to(wide, copy=gt.found_inf is not None)
+            if p.numel():
+                if wd != 0:
+                    p32.mul_(1.0 - lr * wd)
+                p32.sub_(o.to(p32.dtype) * adjust_lr(lr, group["adjust_lr_fn"], all_params[i].shape))
+            news.append(p32)
+        _gated(gt.found_inf, params, news)
+        if gt.found_inf is not None:
+            _gated(gt.found_inf, states["momentum_buffer"], bufs)
 
 
 class Muon(ShardedOptimizer):
     """Muon for 2-D hidden matrices, plus AdamW/Lion auxiliary groups.
 
-    Groups default to Muon; a group with ``"algorithm": "adamw"`` or ``"lion"``
-    (and that algorithm's hyperparameters) holds the non-matrix parameters.
-    ``ns_dtype`` picks the Newton-Schulz precision (default: bf16 on CUDA, fp32 on CPU).
+    The positional arguments are ``torch.optim.Muon``'s, in its order; shardopt's
+    own options are keyword-only. Groups default to Muon; a group with
+    ``"algorithm": "adamw"`` or ``"lion"`` (and that algorithm's hyperparameters)
+    holds the non-matrix parameters. The momentum buffer is the EMA
+    torch.optim.Muon keeps, so state_dicts move between the two.
+    ``ns_dtype`` picks the Newton-Schulz precision (default bf16, as torch's).
     ``ns_backend`` picks its implementation: ``"torch"`` (default, the
     reference), ``"triton"`` (:mod:`shardopt.kernels.triton_ns`; CPU tensors
     need ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA when it imports).
@@ -104,14 +118,14 @@ class Muon(ShardedOptimizer):
 
     algorithm = "muon"
 
-    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
-                 ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, weight_decay=0.1, adjust_lr_fn=None,
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
                  ns_dtype=None, ns_backend="torch", **kwargs):
         super().__init__(
             params,
-            dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                 ns_coefficients=tuple(ns_coefficients), eps=eps, weight_decay=weight_decay,
-                 adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, ns_backend=ns_backend),
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                 ns_coefficients=_tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                 ns_dtype=ns_dtype, ns_backend=ns_backend),
             **kwargs,
         )
 

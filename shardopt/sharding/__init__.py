@@ -23,10 +23,28 @@ def _is_dtensor(p) -> bool:
     return isinstance(p, DTensor)
 
 
-def make_layout(params, names, whole, sharding, process_group, reduce_gradients, *, ns_steps=None, comm_dtype=None) -> Layout:
+def _signature(params, names, whole, group_of, group_signatures):
+    sig = []
+    for i, (n, p, wh) in enumerate(zip(names, params, whole)):
+        extra = ""
+        if _is_dtensor(p):
+            extra = f":{tuple(p.device_mesh.shape)}:{p.placements}"
+        else:
+            extra = f":{p.stride()}"
+        g = group_of[i] if group_of else 0
+        hyper = group_signatures[g] if group_signatures else ""
+        sig.append(f"{n}:{tuple(p.shape)}:{p.dtype}{extra}:{'matrix' if wh else 'elementwise'}:group {g} {hyper}")
+    return sig
+
+
+def make_layout(params, names, whole, sharding, process_group, reduce_gradients, *, ns_steps=None, comm_dtype=None,
+                group_signatures=None, group_of=None, copies_now=None) -> Layout:
+    """The layout for these parameters; sharded layouts first check that every rank agrees (see agreement)."""
     from ..functional import ns_flops
+    from . import agreement
 
     ns_steps = ns_steps or [5] * len(params)
+    copies_now = copies_now or [False] * len(params)
     costs = [float(ns_flops(p.shape, s)) if w else 0.0 for p, w, s in zip(params, whole, ns_steps)]
     dt = [_is_dtensor(p) for p in params]
     if any(dt):
@@ -40,8 +58,21 @@ def make_layout(params, names, whole, sharding, process_group, reduce_gradients,
             raise ValueError(f"sharding={sharding!r} cannot be used with FSDP2 DTensor parameters; use 'auto' or 'fsdp2'")
         if reduce_gradients:
             raise ValueError("reduce_gradients=True is for plain parameters; FSDP2 already reduce-scatters gradients")
+        for n, p in zip(names, params):
+            if p.is_complex():
+                raise ValueError(f"shardopt: {n} is a complex DTensor; complex parameters work on one device and "
+                                 "under ZeRO-1, not under FSDP2")
         from .dtensor import DTensorLayout
 
+        mesh = params[0].device_mesh
+        if mesh.size() == comm.world(None)[0]:
+            group, peers = None, DTensorLayout.replica_ranks(params[0])  # replicas compare values
+        else:
+            group = mesh.get_group(mesh.ndim - 1)
+            peers = [comm.world(group)[1]]  # shards only: nothing holds the same values
+        agreement.check(_signature(params, names, whole, group_of, group_signatures),
+                        [p._local_tensor for p in params], peers, group, params[0]._local_tensor.device,
+                        copies_now=copies_now)
         return DTensorLayout(params, names, whole, costs, comm_dtype=comm_dtype)
     if sharding == "fsdp2":
         raise ValueError("sharding='fsdp2' needs parameters sharded by torch.distributed.fsdp.fully_shard (DTensors)")
@@ -50,10 +81,8 @@ def make_layout(params, names, whole, sharding, process_group, reduce_gradients,
         from .zero1 import Zero1Layout
 
         dev = params[0].device if params else torch.device("cpu")
-        comm.check_ranks_agree(
-            [f"{n}:{tuple(p.shape)}:{p.dtype}:{'matrix' if wh else 'elementwise'}" for n, p, wh in zip(names, params, whole)],
-            process_group, dev, "optimizer parameter list (names, shapes, dtypes)",
-        )
+        agreement.check(_signature(params, names, whole, group_of, group_signatures), list(params), None,
+                        process_group, dev, copies_now=copies_now)
         return Zero1Layout(params, names, whole, costs, process_group, reduce_gradients=reduce_gradients)
     if reduce_gradients and w > 1:
         raise ValueError("reduce_gradients=True needs sharding='zero1' or 'auto'")

@@ -20,17 +20,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import comm
 from .layout import Layout, batched_by_shape
-from .plan import lpt_assign
-
-
-def _row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
-    """torch.chunk semantics, as Shard(0) uses: ceil(rows/W) rows per rank, the tail short or empty."""
-    c = -(-rows // world) if rows else 0
-    return [(min(r * c, rows), min((r + 1) * c, rows)) for r in range(world)]
+from .plan import plan_fsdp2, row_ranges
 
 
 class DTensorLayout(Layout):
     name = "fsdp2"
+    distributed = True
 
     def __init__(self, params, names, whole, costs, *, comm_dtype=None):
         super().__init__(params, names)
@@ -66,11 +61,10 @@ class DTensorLayout(Layout):
         self.world_size, self.rank = comm.world(self.group)
         W = self.world_size
         self.rows = {}
-        self.owner: list = [None] * len(params)
-        midx = [i for i in range(len(params)) if whole[i]]
-        for i, o in zip(midx, lpt_assign([costs[i] for i in midx], W)):
-            self.owner[i] = o
-            self.rows[i] = _row_ranges(params[i].shape[0], W)
+        plan = plan_fsdp2([p.shape[0] if p.dim() else 1 for p in params], whole, costs, W)
+        self.owner: list = plan.owner
+        for i in (i for i in range(len(params)) if whole[i]):
+            self.rows[i] = row_ranges(params[i].shape[0], W)
             lo, hi = self.rows[i][self.rank]
             loc = params[i]._local_tensor.shape[0] if params[i]._local_tensor.dim() else 0
             if loc != hi - lo:
@@ -78,6 +72,18 @@ class DTensorLayout(Layout):
                     f"shardopt Muon: parameter {names[i]} has {loc} local rows on rank {self.rank}, expected {hi - lo} "
                     "(torch.chunk-style Shard(0)); this sharding is not supported"
                 )
+
+    @staticmethod
+    def replica_ranks(p) -> list[int]:
+        """Global ranks that hold the same local shard of ``p`` as this one (its HSDP replicas, and itself)."""
+        mesh = p.device_mesh
+        coord = mesh.get_coordinate()
+        ranks = mesh.mesh
+        for d in reversed(range(mesh.ndim)):
+            if isinstance(p.placements[d], Replicate):
+                continue
+            ranks = ranks.select(d, coord[d]).unsqueeze(d)
+        return sorted(int(r) for r in ranks.flatten().tolist())
 
     # -- shapes and views -------------------------------------------------
     def local_shape(self, i):

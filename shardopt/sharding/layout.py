@@ -9,7 +9,8 @@ A layout answers, for every parameter index of an optimizer:
   orthogonalized versions; returns this rank's pieces of the result;
 * ``prepare_grads()`` before the update and ``finish()`` after it, where the
   communication of a step happens;
-* ``all_reduce_sum(t)`` for scalars (grad norm, non-finite flags);
+* ``all_reduce_sum(t)`` for the step stats (grad norm, non-finite flag, and,
+  where ``distributed``, the per-parameter has-a-gradient counts);
 * ``wrap_state(i, local)`` what is stored in ``optimizer.state``.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Layout:
     world_size = 1
     rank = 0
     group = None
+    distributed = False  # ranks hold different pieces: they must agree on which parameters step
 
     def __init__(self, params, names):
         self.params = params

@@ -7,9 +7,21 @@
   segment, splittable items (elementwise algorithms) fill the rest in order,
   so each rank owns one contiguous range of each splittable tensor. With no
   whole items this is the classic contiguous ZeRO-1 partition.
+* ``plan_zero1``: the whole ZeRO-1 plan (per dtype: owners, one segment per
+  rank, cut into all-gather buckets) that
+  :class:`~shardopt.sharding.zero1.Zero1Layout` runs on.
+* ``plan_fsdp2``: the FSDP2 plan (``Shard(0)`` row chunks, Muon owners) that
+  :class:`~shardopt.sharding.dtensor.DTensorLayout` runs on.
+
+The layouts and ``shardopt plan`` call the same functions, so what the planner
+prints for W ranks is what W ranks would do. Inputs are plain numbers (and
+dtypes, for their ``itemsize``); nothing here needs a process group or torch.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -19,15 +31,25 @@ def round_up(n: int, unit: int) -> int:
 
 
 def lpt_assign(costs: list[float], world: int, loads: list[float] | None = None) -> list[int]:
-    """Owner rank for each cost; ``loads`` (updated in place) carries prior load."""
+    """Owner rank for each cost; ``loads`` (updated in place) carries prior load.
+
+    Largest cost first (ties: lower index), each onto the least-loaded rank
+    (ties: lower rank). A heap keeps this O(n log W), so plans for thousands of
+    ranks stay cheap.
+    """
     if loads is None:
         loads = [0.0] * world
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     owner = [0] * len(costs)
+    if not costs:
+        return owner
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    heap = [(load, k) for k, load in enumerate(loads)]
+    heapq.heapify(heap)
     for i in order:
-        r = min(range(world), key=lambda k: (loads[k], k))
+        load, r = heapq.heappop(heap)
         owner[i] = r
-        loads[r] += costs[i]
+        loads[r] = load + costs[i]
+        heapq.heappush(heap, (loads[r], r))
     return owner
 
 
@@ -41,8 +63,63 @@ class Piece:
 
 @dataclass
 class SegmentPlan:
+    """W segments of ``segment`` elements.
+
+    Rank r's segment holds its whole items first (``whole_used[r]`` elements),
+    then a window of the *splittable stream*, the splittable items
+    concatenated in order: stream elements ``[split_base[r], split_base[r] +
+    segment - whole_used[r])``. ``split_start[i]`` is where splittable item i
+    starts in that stream (None for whole items). ``pieces`` spells this out
+    per rank; counting per rank (the planner) needs only the windows.
+    """
+
     segment: int  # S, elements per rank
-    pieces: list[list[Piece]] = field(default_factory=list)  # per rank, in segment order
+    numels: list[int] = field(default_factory=list)
+    owners: list = field(default_factory=list)  # per item: owner rank of a whole item, None if splittable
+    whole_used: list[int] = field(default_factory=list)  # per rank
+    split_base: list[int] = field(default_factory=list)  # per rank
+    split_start: list = field(default_factory=list)  # per item
+    _pieces: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def world(self) -> int:
+        return len(self.whole_used)
+
+    @property
+    def split_total(self) -> int:
+        return sum(n for n, o in zip(self.numels, self.owners) if o is None)
+
+    def split_window(self, r: int) -> tuple[int, int]:
+        """The range of the splittable stream that rank ``r`` owns (possibly empty)."""
+        lo = min(self.split_base[r], self.split_total)
+        return lo, min(self.split_base[r] + self.segment - self.whole_used[r], self.split_total)
+
+    def rank_pieces(self, r: int) -> list[Piece]:
+        out, used = [], 0
+        for i, (n, o) in enumerate(zip(self.numels, self.owners)):
+            if o == r:
+                out.append(Piece(i, 0, n, used))
+                used += n
+        lo, hi = self.split_window(r)
+        if lo >= hi:
+            return out
+        split = [i for i, o in enumerate(self.owners) if o is None and self.numels[i] > 0]
+        ends = [self.split_start[i] + self.numels[i] for i in split]
+        for k in range(bisect.bisect_right(ends, lo), len(split)):
+            i = split[k]
+            a = self.split_start[i]
+            if a >= hi:
+                break
+            s, e = max(lo, a), min(hi, a + self.numels[i])
+            out.append(Piece(i, s - a, e - a, used + s - lo))
+        return out
+
+    @property
+    def pieces(self) -> list[list[Piece]]:
+        """Per rank, in segment order (built on first use)."""
+        if self._pieces is None:
+            self._pieces = [self.rank_pieces(r) for r in range(self.world)]
+        return self._pieces
 
 
 def fill_segments(numels: list[int], owners: list[int | None], world: int, align: int) -> SegmentPlan:
@@ -54,22 +131,129 @@ def fill_segments(numels: list[int], owners: list[int | None], world: int, align
             whole[o] += n
     seg = max(round_up(math.ceil(total / world), align) if total else 0, max(whole) if whole else 0)
     seg = round_up(seg, align) if seg else 0
-    pieces: list[list[Piece]] = [[] for _ in range(world)]
-    used = [0] * world
-    for i, (n, o) in enumerate(zip(numels, owners)):
-        if o is not None:
-            pieces[o].append(Piece(i, 0, n, used[o]))
-            used[o] += n
-    r = 0
-    for i, (n, o) in enumerate(zip(numels, owners)):
-        if o is not None:
-            continue
-        start = 0
-        while start < n:
-            while used[r] >= seg:
-                r += 1
-            take = min(seg - used[r], n - start)
-            pieces[r].append(Piece(i, start, start + take, used[r]))
-            used[r] += take
-            start += take
-    return SegmentPlan(seg, pieces)
+    # splittable items fill the free space of the segments in rank order
+    base = [0, *itertools.accumulate(seg - w for w in whole)][:world]
+    starts, pos = [], 0
+    for n, o in zip(numels, owners):
+        starts.append(pos if o is None else None)
+        if o is None:
+            pos += n
+    return SegmentPlan(seg, list(numels), list(owners), whole, base, starts)
+
+
+@dataclass
+class Window:
+    """One all-gather bucket: stream positions ``[lo, lo + segment)`` of every rank's segment of a
+    :class:`SegmentPlan` (its *stream*). ``pieces[r]`` are rank r's pieces clipped to the window, with
+    offsets inside the window; a whole item may span several windows, always of its owner's segment."""
+
+    stream: SegmentPlan
+    lo: int
+    segment: int
+    _pieces: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def pieces(self) -> list[list[Piece]]:
+        if self._pieces is None:
+            hi = self.lo + self.segment
+            out = []
+            for r in range(self.stream.world):
+                mine = []
+                for pc in self.stream.pieces[r]:
+                    a, b = max(pc.offset, self.lo), min(pc.offset + pc.end - pc.start, hi)
+                    if a < b:
+                        mine.append(Piece(pc.index, pc.start + a - pc.offset, pc.start + b - pc.offset, a - self.lo))
+                out.append(mine)
+            self._pieces = out
+        return self._pieces
+
+
+@dataclass
+class Zero1Bucket:
+    indices: list[int]  # stream position -> item index (all items of the dtype)
+    dtype: object
+    plan: Window
+
+
+@dataclass
+class Zero1Stream:
+    """All items of one dtype laid out in W segments (:func:`fill_segments`), cut into buckets."""
+
+    indices: list[int]
+    dtype: object
+    plan: SegmentPlan
+    buckets: list[Zero1Bucket]
+
+
+@dataclass
+class Zero1Plan:
+    world: int
+    streams: list[Zero1Stream]
+    owner: list  # per item: owner rank of a whole item, None if splittable
+    loads: list[float]  # per rank: summed cost of its whole items (Newton-Schulz FLOPs)
+
+    @property
+    def buckets(self) -> list[Zero1Bucket]:
+        return [b for s in self.streams for b in s.buckets]
+
+
+def plan_zero1(numels: list[int], dtypes: list, whole: list[bool], costs: list[float], world: int, *,
+               bucket_elements: int, align_bytes: int) -> Zero1Plan:
+    """ZeRO-1: for each dtype (in first-seen order), whole items get owners by LPT on ``costs``
+    (the load carries over from dtype to dtype) and all its items are laid out by
+    :func:`fill_segments` in W segments of ``align_bytes``-aligned elements; the segments are then
+    cut into all-gather buckets of at most ``bucket_elements`` (W windows of ``bucket_elements / W``).
+
+    A whole item (a Muon matrix) is owned whole but may span several buckets of its owner's
+    segment, so a matrix larger than ``bucket_elements / W`` pads nothing: the all-gather moves
+    ``W * segment`` elements, the parameters' own size up to the owners' NS-cost balance and alignment.
+    """
+    loads = [0.0] * world
+    owner: list = [None] * len(numels)
+    by_dtype: dict = {}
+    for i, d in enumerate(dtypes):
+        by_dtype.setdefault(d, []).append(i)
+    streams = []
+    for dtype, idxs in by_dtype.items():
+        align = max(1, align_bytes // dtype.itemsize)
+        w_pos = [k for k, i in enumerate(idxs) if whole[i]]
+        owners: list = [None] * len(idxs)
+        for k, o in zip(w_pos, lpt_assign([costs[idxs[k]] for k in w_pos], world, loads)):
+            owners[k] = o
+            owner[idxs[k]] = o
+        seg = fill_segments([numels[i] for i in idxs], owners, world, align)
+        step = min(seg.segment, round_up(max(1, math.ceil(bucket_elements / world)), align))
+        buckets = [Zero1Bucket(idxs, dtype, Window(seg, lo, min(step, seg.segment - lo)))
+                   for lo in range(0, seg.segment, step)] if seg.segment else []
+        streams.append(Zero1Stream(idxs, dtype, seg, buckets))
+    return Zero1Plan(world, streams, owner, loads)
+
+
+def chunk_rows(rows: int, world: int) -> int:
+    """Rows per rank under ``Shard(0)``: torch.chunk semantics, ceil(rows/W)."""
+    return -(-rows // world) if rows else 0
+
+
+def row_ranges(rows: int, world: int) -> list[tuple[int, int]]:
+    """``(start, end)`` rows of each rank: ceil(rows/W) each, the tail short or empty."""
+    c = chunk_rows(rows, world)
+    return [(min(r * c, rows), min((r + 1) * c, rows)) for r in range(world)]
+
+
+@dataclass
+class Fsdp2Plan:
+    world: int
+    chunk: list[int]  # per item: rows per rank (the last ranks may hold fewer, or none)
+    owner: list  # per item: the rank that runs Newton-Schulz on a whole item, None otherwise
+    loads: list[float]  # per rank: summed cost of the matrices it owns
+
+
+def plan_fsdp2(rows: list[int], whole: list[bool], costs: list[float], world: int) -> Fsdp2Plan:
+    """FSDP2 over a shard group of ``world`` ranks: every item cut by rows (``Shard(0)``);
+    whole items (Muon matrices) get one owner each, by LPT on ``costs``."""
+    midx = [i for i in range(len(rows)) if whole[i]]
+    loads = [0.0] * world
+    owner: list = [None] * len(rows)
+    for i, o in zip(midx, lpt_assign([costs[i] for i in midx], world, loads)):
+        owner[i] = o
+    return Fsdp2Plan(world, [chunk_rows(r, world) for r in rows], owner, loads)

@@ -1,77 +1,70 @@
 """ZeRO-1 on plain (replicated) parameters.
 
-Parameters of one dtype are cut into buckets; each bucket is laid out by
-:func:`plan.fill_segments` into W equal segments. A rank updates only its
-segment (contiguous ranges of elementwise-updated tensors, whole Muon
-matrices), then one all-gather per bucket restores every parameter on every
-rank. With ``reduce_gradients=True`` the gradients are reduce-scattered into
-the same segments first, so DDP is not needed.
+The parameters of one dtype are laid out by :func:`plan.plan_zero1` in W equal
+segments, one per rank: each rank owns whole Muon matrices (balanced by NS
+cost) and contiguous ranges of the elementwise-updated tensors. A rank updates
+only its segment; then the segments travel in all-gather buckets (windows of
+the segments, a Muon matrix may span several), which restore every parameter
+on every rank. With ``reduce_gradients=True`` the gradients are
+reduce-scattered into the same segments first, so DDP is not needed.
 """
 from __future__ import annotations
 
 import torch
 
+from ..kernels import is_dense
 from . import comm
 from .layout import Layout
-from .plan import fill_segments, lpt_assign
+from .plan import plan_zero1
 
 DEFAULT_BUCKET_ELEMENTS = 1 << 27  # 512 MiB of fp32 per all-gather buffer
 ALIGN_BYTES = 128
 
 
-class _Bucket:
-    def __init__(self, indices, plan, dtype):
-        self.indices = indices  # layout item k -> optimizer param index
-        self.plan = plan
-        self.dtype = dtype
-        self.grad_segment = None
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t``'s elements as a 1-D view, in storage order (its logical order when contiguous).
+
+    A ``channels_last`` weight is dense but not contiguous: its storage order
+    still pairs every element with the same position of its gradient and state
+    (given the same strides), which is all an elementwise update needs.
+    """
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def like_param(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g`` with ``p``'s strides (a copy only when they differ)."""
+    if all(a == b for n, a, b in zip(p.shape, p.stride(), g.stride()) if n > 1):
+        return g
+    return torch.empty_like(p, dtype=g.dtype).copy_(g)
 
 
 class Zero1Layout(Layout):
     name = "zero1"
+    distributed = True
 
-    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False,
-                 bucket_elements=DEFAULT_BUCKET_ELEMENTS):
+    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False, bucket_elements=None):
         super().__init__(params, names)
         self.group = group
         self.world_size, self.rank = comm.world(group)
         self.reduce_gradients = reduce_gradients
         for i, p in enumerate(params):
-            if not p.is_contiguous():
+            if not is_dense(p):
                 raise ValueError(
-                    f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}) is not contiguous; "
-                    "call .contiguous() on it before building the optimizer"
+                    f"shardopt ZeRO-1: parameter {names[i]} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps "
+                    "or overlaps in memory; make it a dense tensor (e.g. .contiguous()) before building the optimizer"
                 )
+        plan = plan_zero1([p.numel() for p in params], [p.dtype for p in params], whole, costs, self.world_size,
+                          bucket_elements=bucket_elements or DEFAULT_BUCKET_ELEMENTS, align_bytes=ALIGN_BYTES)
+        self.owner: list = plan.owner  # owner rank of whole items
         self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
-        self.owner: list = [None] * len(params)  # owner rank of whole items
-        self.buckets: list[_Bucket] = []
-        loads = [0.0] * self.world_size
-        by_dtype: dict = {}
-        for i, p in enumerate(params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for dtype, idxs in by_dtype.items():
-            chunk, size = [], 0
-            groups = []
-            for i in idxs:
-                if chunk and size + params[i].numel() > bucket_elements:
-                    groups.append(chunk)
-                    chunk, size = [], 0
-                chunk.append(i)
-                size += params[i].numel()
-            if chunk:
-                groups.append(chunk)
-            elem = torch.empty((), dtype=dtype).element_size()
-            for g in groups:
-                w_idx = [i for i in g if whole[i]]
-                owners_w = lpt_assign([costs[i] for i in w_idx], self.world_size, loads)
-                owners = [None] * len(g)
-                for i, o in zip(w_idx, owners_w):
-                    owners[g.index(i)] = o
-                    self.owner[i] = o
-                plan = fill_segments([params[i].numel() for i in g], owners, self.world_size, max(1, ALIGN_BYTES // elem))
-                for piece in plan.pieces[self.rank]:
-                    self.range[g[piece.index]] = (piece.start, piece.end)
-                self.buckets.append(_Bucket(g, plan, dtype))
+        self.streams = plan.streams
+        self.buckets = plan.buckets
+        for st in self.streams:
+            for piece in st.plan.pieces[self.rank]:
+                self.range[st.indices[piece.index]] = (piece.start, piece.end)
         self.whole = list(whole)
         self._grad_views: dict = {}
 
@@ -87,11 +80,11 @@ class Zero1Layout(Layout):
 
     def _flat_slice(self, t: torch.Tensor, i: int) -> torch.Tensor:
         if self.whole[i]:
-            return t if self.owner[i] == self.rank else t.detach().view(-1)[:0]
+            return t if self.owner[i] == self.rank else flat(t)[:0]
         r = self.range[i]
         if r is None:
-            return t.detach().view(-1)[:0]
-        return t.detach().view(-1)[r[0]:r[1]]
+            return flat(t)[:0]
+        return flat(t)[r[0]:r[1]]
 
     def param_view(self, i):
         return self._flat_slice(self.params[i], i)
@@ -102,9 +95,7 @@ class Zero1Layout(Layout):
         g = self.params[i].grad
         if g is None:
             return None
-        if g.layout != torch.strided or not g.is_contiguous():
-            g = g.contiguous()
-        return self._flat_slice(g, i)
+        return self._flat_slice(like_param(g, self.params[i]), i)
 
     # -- communication ----------------------------------------------------
     def all_reduce_sum(self, t):
@@ -112,35 +103,44 @@ class Zero1Layout(Layout):
         return t
 
     def prepare_grads(self):
-        """reduce_gradients=True: reduce-scatter the local gradients into the owned segments."""
+        """reduce_gradients=True: reduce-scatter the local gradients into the owned segments.
+
+        A missing local gradient counts as zeros (DDP with ``find_unused_parameters=True``
+        does the same); whether the parameter steps at all is decided for the whole
+        group by the step's stats all-reduce. The buffers have the parameters' dtype
+        on every rank, whatever gradients a rank happens to have.
+        """
         if not self.reduce_gradients:
             return
         self._grad_views = {}
         W = self.world_size
-        for b in self.buckets:
-            S = b.plan.segment
-            gdtype = next((self.params[i].grad.dtype for i in b.indices if self.params[i].grad is not None), b.dtype)
-            device = self.params[b.indices[0]].device
-            full = torch.zeros(W * S, dtype=gdtype, device=device)
-            dst, src = [], []
-            for r in range(W):
-                for pc in b.plan.pieces[r]:
-                    g = self.params[b.indices[pc.index]].grad
-                    if g is not None:
-                        dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
-                        src.append(g.detach().reshape(-1)[pc.start:pc.end])
-            if dst:
-                torch._foreach_copy_(dst, src)
-            # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
-            full.mul_(1.0 / W)
-            seg = torch.empty(S, dtype=gdtype, device=device)
-            comm.reduce_scatter_tensor(seg, full, self.group)
-            for pc in b.plan.pieces[self.rank]:
-                i = b.indices[pc.index]
-                if self.params[i].grad is None:
-                    continue
-                v = seg[pc.offset: pc.offset + pc.end - pc.start]
-                self._grad_views[i] = v.view(self.params[i].shape) if self.whole[i] else v
+        for st in self.streams:
+            device = self.params[st.indices[0]].device
+            # this rank's whole segment: each bucket reduce-scatters into its window, so a Muon matrix
+            # that spans buckets still ends up contiguous here
+            own = torch.empty(st.plan.segment, dtype=st.dtype, device=device)
+            for b in st.buckets:
+                S = b.plan.segment
+                full = torch.zeros(W * S, dtype=st.dtype, device=device)
+                dst, src = [], []
+                for r in range(W):
+                    for pc in b.plan.pieces[r]:
+                        p = self.params[st.indices[pc.index]]
+                        if p.grad is not None:
+                            dst.append(full[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
+                            src.append(flat(like_param(p.grad, p))[pc.start:pc.end])
+                if dst:
+                    torch._foreach_copy_(dst, src)
+                # DDP multiplies each gradient by 1/W before summing; do the same so results match it.
+                full.mul_(1.0 / W)
+                comm.reduce_scatter_tensor(own[b.plan.lo:b.plan.lo + S], full, self.group)
+            for pc in st.plan.pieces[self.rank]:
+                i = st.indices[pc.index]
+                v = own[pc.offset: pc.offset + pc.end - pc.start]
+                if self.whole[i]:
+                    p = self.params[i]
+                    v = v.as_strided(p.shape, p.stride()) if not p.is_contiguous() else v.view(p.shape)
+                self._grad_views[i] = v
 
     def finish(self):
         """One all-gather per bucket restores the full parameters on every rank."""
@@ -155,7 +155,7 @@ class Zero1Layout(Layout):
             if mine:
                 torch._foreach_copy_(
                     [send[pc.offset: pc.offset + pc.end - pc.start] for pc in mine],
-                    [self.params[b.indices[pc.index]].detach().reshape(-1)[pc.start:pc.end] for pc in mine],
+                    [flat(self.params[b.indices[pc.index]])[pc.start:pc.end] for pc in mine],
                 )
             recv = torch.empty(W * S, dtype=b.dtype, device=device)
             comm.all_gather_into_tensor(recv, send, self.group)
@@ -164,7 +164,7 @@ class Zero1Layout(Layout):
                 if r == self.rank:
                     continue
                 for pc in b.plan.pieces[r]:
-                    dst.append(self.params[b.indices[pc.index]].detach().view(-1)[pc.start:pc.end])
+                    dst.append(flat(self.params[b.indices[pc.index]])[pc.start:pc.end])
                     src.append(recv[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
             if dst:
                 torch._foreach_copy_(dst, src)

@@ -1,0 +1,856 @@
+"""``shardopt plan``: memory, communication and Newton-Schulz load per rank, before the run.
+
+    shardopt plan --model llama-70b --optimizer muon --layout hsdp:*x8 --world-size 64,512,4096
+    shardopt plan --model path/to/config.json --layout zero1 --world-size 8 --json plan.json
+    shardopt plan --model mypkg.models:build --layout fsdp2 --world-size 1,2,4,8 --plot plan.png
+
+The figures for shardopt's own layouts are not a formula: the model's
+parameter list goes through the same planning functions the layouts run on
+(``sharding.plan.plan_zero1`` / ``plan_fsdp2``: buckets, ``lpt_assign``,
+``fill_segments``, ``Shard(0)`` row chunks), and the per-rank sums are taken
+over what they return. Bytes on the wire are counted the way
+``shardopt.sharding.comm`` counts them (all-gather: output bytes,
+reduce-scatter: input bytes, all-to-all: bytes sent to other ranks,
+all-reduce: the tensor's bytes). The DeepSpeed rows follow DeepSpeed 0.19.8's
+partitioning rules. Collectives that DDP, FSDP2 or DeepSpeed issue themselves
+are listed separately, under their name. Only the step time is an estimate.
+
+Each input that does not exist yet in the optimizers has one place to go:
+state precision in :func:`state_element_bytes`, tensor parallelism as a
+per-parameter shape transform before the data-parallel planning.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import CommandError
+
+OPTIMIZERS = ("lion", "adamw", "muon")
+LAYOUT_HELP = "zero1 | fsdp2 | hsdp:RxS | deepspeed-zero1 | deepspeed-zero2 | deepspeed-zero3"
+DTYPES = ("fp32", "bf16", "fp16")
+MAX_WORLD = 65536
+DEFAULT_LINK_GBPS = 400.0  # one 400 Gb/s NIC per GPU (InfiniBand NDR)
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    hbm_bytes_per_s: float  # memory bandwidth, vendor datasheet
+    bf16_flops: float  # dense bf16 tensor-core FLOP/s, vendor datasheet (no sparsity)
+
+
+GPUS = {
+    "h100": GPU("NVIDIA H100 SXM", 3.35e12, 989e12),
+    "h200": GPU("NVIDIA H200 SXM", 4.8e12, 989e12),
+    "a100": GPU("NVIDIA A100 80GB SXM", 2.039e12, 312e12),
+}
+
+# DeepSpeed 0.19.8 (runtime/zero/stage_1_and_2.py, stage3.py, partition_parameters.py)
+DS_NCCL_START_ALIGNMENT = 2  # stage 1/2 pads each flat group to a multiple of this x W elements
+DS_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller params stay whole
+DS_SUB_GROUP_SIZE = 1_000_000_000  # stage 3 sub_group_size: elements per optimizer step call
+
+
+# ---------------------------------------------------------------------------- the model's parameters
+@dataclass
+class Tensor:
+    """One parameter as the optimizer sees it."""
+
+    name: str
+    shape: tuple
+    dtype: object  # torch.dtype
+    algorithm: str  # lion | adamw | muon
+    group: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+def _torch_dtype(name):
+    import torch
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown parameter dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return table[name]
+
+
+def _dtype_name(d) -> str:
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(d), str(d))
+
+
+def load_model(spec):
+    """(label, nn.Module on the meta device) for a preset, a HF config.json (or its folder) or ``module:function``."""
+    import torch
+
+    from ._presets import PRESETS
+
+    if isinstance(spec, torch.nn.Module):
+        return type(spec).__name__, spec
+    if spec in PRESETS:
+        return f"{spec} ({PRESETS[spec][0]})", PRESETS[spec][1]()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ValueError(f"--model {spec}: no such file")
+        return spec, _hf_model(path)
+    if ":" in spec:
+        mod_name, fn_name = spec.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--model {spec}: cannot import {fn_name} from {mod_name} ({e})") from e
+        with torch.device("meta"):
+            model = fn()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {spec} returned {type(model).__name__}, not an nn.Module")
+        return spec, model
+    raise ValueError(
+        f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), a Hugging Face config.json "
+        "(or the folder holding it), or module:function returning an nn.Module"
+    )
+
+
+def _hf_model(path: Path):
+    """The model a Hugging Face ``config.json`` describes, on the meta device: shapes only, no weights."""
+    import torch
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError(f"--model {path} needs transformers (pip install transformers): {e}") from e
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: cannot read the config ({e})") from e
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ValueError(f"--model {path} has no model_type: it is not a Hugging Face config.json")
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "adamw") -> list[Tensor]:
+    """The optimizer's parameter list, in its order: one group, or Muon's split by ``muon_param_groups``."""
+    from ..optim import muon_param_groups
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    dt = _torch_dtype(param_dtype)
+    if optimizer == "muon":
+        groups = muon_param_groups(model, aux_algorithm=muon_aux)
+    else:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "algorithm": optimizer}]
+    out = []
+    for gi, g in enumerate(groups):
+        for name, p in zip(g["param_names"], g["params"]):
+            out.append(Tensor(name, tuple(p.shape), dt or p.dtype, g["algorithm"], gi))
+    if not out:
+        raise ValueError("the model has no trainable parameters")
+    return out
+
+
+# ---------------------------------------------------------------------------- bytes per element
+def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict | None = None) -> int:
+    """Optimizer-state bytes per owned element: the algorithm's state tensors, fp32 each.
+
+    Low-precision state (bf16, int8 with block scales) becomes another ``state_dtype`` here."""
+    from ..optim.base import ALGORITHMS
+
+    algo = ALGORITHMS[algorithm]
+    return 4 * len(algo.state_keys(group if group is not None else algo.defaults))
+
+
+def master_element_bytes(param_dtype, master_weights: bool = True) -> int:
+    """The fp32 master copy that shardopt keeps, sharded like the state, of a bf16/fp16 parameter."""
+    from ..optim.base import LOW_PRECISION
+
+    return 4 if master_weights and param_dtype in LOW_PRECISION else 0
+
+
+def update_traffic_bytes(algorithm: str, param_bytes: int, state_bytes: int, master_bytes: int) -> int:
+    """Memory traffic of the fused update per owned element (for the time estimate).
+
+    Read the gradient, read and write the weights updated (the fp32 master if
+    any, then write the parameter) and the state; Muon also writes its
+    Newton-Schulz input and reads its output back (fp32)."""
+    work = master_bytes or param_bytes
+    traffic = param_bytes + 2 * work + 2 * state_bytes + (param_bytes if master_bytes else 0)
+    if algorithm == "muon":
+        traffic += 2 * 4
+    return traffic
+
+
+# ---------------------------------------------------------------------------- per world size
+@dataclass
+class Collective:
+    op: str  # as shardopt.sharding.comm.COUNTERS names it
+    per_rank: object  # numpy array: bytes per step on each rank
+    by: str  # "shardopt", or the framework that issues it ("DDP", "FSDP2", "DeepSpeed")
+    what: str
+    calls: int = 1  # collectives of this kind per step
+    in_step: bool = True  # inside optimizer.step(): counted in the step-time estimate
+
+
+@dataclass
+class WorldPlan:
+    world: int
+    layout: str  # what opt.layout.name reports (DeepSpeed rows: "deepspeed-zeroN")
+    detail: str
+    params: object  # numpy arrays of bytes per rank ...
+    grads: object
+    master: object
+    state: object
+    update_bytes: object  # ... and the estimate's memory traffic per rank
+    ns_flops: object  # Newton-Schulz FLOPs per rank and step
+    ns_owner: dict = field(default_factory=dict)  # Muon matrix -> owner rank in its shard group
+    collectives: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    replicas: int = 1  # HSDP: the shard group is world // replicas ranks
+    buffers: object = None  # bytes per rank: the largest communication buffers a step allocates (transient)
+
+    def comm(self, op: str, by: str = "shardopt"):
+        """Bytes per rank and step of ``op`` issued by ``by`` (numpy array)."""
+        return sum((c.per_rank for c in self.collectives if c.op == op and c.by == by), 0 * self.ns_flops)
+
+    def comm_total(self, in_step: bool):
+        """Bytes per rank and step of the collectives inside optimizer.step() (or outside it)."""
+        return sum((c.per_rank for c in self.collectives if c.in_step == in_step), 0 * self.ns_flops)
+
+    @property
+    def optimizer_bytes(self):
+        """What ``opt.state_bytes()`` reports on each rank: the state plus shardopt's master copy."""
+        return self.state + self.master if self.layout.startswith(("zero1", "fsdp2", "none")) else self.state
+
+    @property
+    def ns_imbalance(self) -> float | None:
+        mean = float(self.ns_flops.mean())
+        return float(self.ns_flops.max()) / mean if mean else None
+
+    @property
+    def idle_ranks(self) -> int:
+        return int((self.ns_flops == 0).sum()) if self.ns_flops.any() else 0
+
+    def estimate(self, gpu: GPU, link_gbps: float) -> dict:
+        """Estimated optimizer-step seconds on the slowest rank (an estimate, not a measurement)."""
+        link = link_gbps * 1e9 / 8
+        comm = self.comm_total(True)
+        elem = self.update_bytes / gpu.hbm_bytes_per_s
+        ns = self.ns_flops / gpu.bf16_flops
+        wire = comm / link
+        total = elem + ns + wire
+        r = int(total.argmax())
+        return {"seconds": float(total[r]), "elementwise_s": float(elem[r]), "ns_s": float(ns[r]),
+                "comm_s": float(wire[r]), "rank": r}
+
+
+def _arrays(tensors):
+    import numpy as np
+
+    from ..functional import ns_flops
+
+    numel = np.array([t.numel for t in tensors], dtype=np.int64)
+    pbytes = np.array([t.dtype.itemsize for t in tensors], dtype=np.int64)
+    sbytes = np.array([state_element_bytes(t.algorithm) for t in tensors], dtype=np.int64)
+    mbytes = np.array([master_element_bytes(t.dtype) for t in tensors], dtype=np.int64)
+    traffic = np.array([update_traffic_bytes(t.algorithm, t.dtype.itemsize, s, m)
+                        for t, s, m in zip(tensors, sbytes.tolist(), mbytes.tolist())], dtype=np.int64)
+    whole = [t.algorithm == "muon" for t in tensors]
+    costs = [ns_flops(t.shape) if w else 0 for t, w in zip(tensors, whole)]
+    # columns summed per rank over owned elements: state, master, update traffic
+    weights = np.stack([sbytes, mbytes, traffic], axis=1)
+    return numel, pbytes, weights, whole, costs
+
+
+def _stats_all_reduce(world: int, n_params: int, *, what="", by="shardopt", calls=1):
+    import numpy as np
+
+    from ..sharding import comm
+
+    per = comm.STATS_DTYPE.itemsize * comm.stats_numel(n_params) * calls
+    return Collective("all_reduce", np.full(world, per, np.int64), by,
+                      what or f"step stats: grad norm, non-finite count and {n_params} has-gradient counts",
+                      calls=calls)
+
+
+def _ns_table(tensors, owner, costs, ranks):
+    import numpy as np
+
+    flops = np.zeros(ranks, dtype=np.int64)
+    table = {}
+    for t, o, c in zip(tensors, owner, costs):
+        if o is not None:
+            flops[o] += c
+            table[t.name] = o
+    return flops, table
+
+
+def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, grads_by: str = "DDP") -> WorldPlan:
+    """shardopt's ZeRO-1 (``sharding='zero1'``) on ``world`` ranks; one process is the local layout."""
+    import numpy as np
+
+    from ..sharding import zero1
+    from ..sharding.plan import plan_zero1
+
+    numel, pbytes, weights, whole, costs = _arrays(tensors)
+    n_bytes = int((numel * pbytes).sum())
+    if world == 1:
+        owned = (numel[:, None] * weights).sum(0)
+        ns, table = _ns_table(tensors, [0 if w else None for w in whole], costs, 1)
+        one = np.ones(1, np.int64)
+        return WorldPlan(1, "none", "one process: every state tensor whole and local", n_bytes * one, n_bytes * one,
+                         owned[1] * one, owned[0] * one, owned[2] * one, ns, table)
+    plan = plan_zero1([t.numel for t in tensors], [t.dtype for t in tensors], whole, [float(c) for c in costs],
+                      world, bucket_elements=zero1.DEFAULT_BUCKET_ELEMENTS, align_bytes=zero1.ALIGN_BYTES)
+    owned = np.zeros((world, weights.shape[1]), dtype=np.int64)
+    gather = np.int64(0)
+    for st in plan.streams:
+        sp = st.plan
+        for k, o in enumerate(sp.owners):
+            if o is not None:
+                owned[o] += numel[st.indices[k]] * weights[st.indices[k]]
+        owned += _split_window_sums(sp, [weights[i] for i in st.indices])
+        gather += world * sp.segment * st.dtype.itemsize
+    ns, table = _ns_table(tensors, plan.owner, costs, world)
+    full = np.full(world, n_bytes, np.int64)
+    # finish(): a send segment and the W-segment receive buffer per bucket; prepare_grads() the same in grad dtype
+    buf = max(((world + 1) * b.plan.segment * b.dtype.itemsize for b in plan.buckets), default=0)
+    notes = []
+    if gather > 1.1 * n_bytes:
+        notes.append(f"the all-gather moves {gather / n_bytes:.1f}x the parameter bytes: the owners' Muon matrices, "
+                     "balanced by NS cost, hold more elements on some ranks than the parameters / W, and every "
+                     "segment is as long as the longest (fsdp2 and hsdp do not pad)")
+    colls = [Collective("all_gather", np.full(world, gather, np.int64), "shardopt",
+                        "updated parameters, one all-gather per bucket",
+                        calls=sum(1 for b in plan.buckets if b.plan.segment))]
+    if reduce_gradients:
+        colls.append(Collective("reduce_scatter", np.full(world, gather, np.int64), "shardopt",
+                                "gradients into the owned segments (reduce_gradients=True)", calls=len(plan.buckets)))
+    else:
+        colls.append(Collective("all_reduce", full.copy(), grads_by,
+                                f"gradients, issued by {grads_by} in backward (not by shardopt)", in_step=False))
+    colls.append(_stats_all_reduce(world, len(tensors)))
+    # the all-gather's packing: each rank copies its segment in and everything back out
+    copies = 2 * full + (2 * full if reduce_gradients else 0)
+    n_buckets = len(plan.buckets)
+    return WorldPlan(world, "zero1", f"{n_buckets} bucket{'s' * (n_buckets != 1)}, segments of "
+                     f"{zero1.ALIGN_BYTES}-byte aligned elements", full, full.copy(), owned[:, 1], owned[:, 0],
+                     owned[:, 2] + copies, ns, table, colls, notes, buffers=np.full(world, buf, np.int64))
+
+
+def _split_window_sums(sp, weights):
+    """Per rank, the weighted element count of its window of the bucket's splittable stream."""
+    import numpy as np
+
+    split = [k for k, o in enumerate(sp.owners) if o is None and sp.numels[k] > 0]
+    K = len(weights[0]) if weights else 0
+    if not split:
+        return np.zeros((sp.world, K), dtype=np.int64)
+    starts = np.array([sp.split_start[k] for k in split], dtype=np.int64)
+    sizes = np.array([sp.numels[k] for k in split], dtype=np.int64)
+    w = np.stack([weights[k] for k in split])
+    cum = np.concatenate([np.zeros((1, K), np.int64), np.cumsum(sizes[:, None] * w, axis=0)])
+    total = int(sizes.sum())
+    base = np.array(sp.split_base, dtype=np.int64)
+    lo = np.minimum(base, total)
+    hi = np.minimum(base + sp.segment - np.array(sp.whole_used, dtype=np.int64), total)
+
+    def upto(x):  # weighted count of stream elements before x
+        j = np.clip(np.searchsorted(starts, x, side="right") - 1, 0, len(split) - 1)
+        return cum[j] + (np.minimum(x, starts[j] + sizes[j]) - starts[j])[:, None] * w[j]
+
+    return upto(hi) - upto(lo)
+
+
+def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None) -> WorldPlan:
+    """FSDP2 (``fully_shard``) over ``world // replicas`` shard ranks, replicated ``replicas`` times (HSDP)."""
+    import numpy as np
+
+    from ..sharding.plan import plan_fsdp2
+
+    shards = world // replicas
+    numel, pbytes, weights, whole, costs = _arrays(tensors)
+    plan = plan_fsdp2([t.rows for t in tensors], whole, [float(c) for c in costs], shards)
+    r = np.arange(shards, dtype=np.int64)
+    K = weights.shape[1]
+    owned = np.zeros((shards, K), dtype=np.int64)
+    params = np.zeros(shards, dtype=np.int64)
+    a2a = np.zeros(shards, dtype=np.int64)
+    padded = 0
+    cbytes = comm_dtype.itemsize if comm_dtype is not None else 4
+    owned_muon = np.zeros(shards, dtype=np.int64)
+    for i, t in enumerate(tensors):
+        c = plan.chunk[i]
+        cols = t.numel // t.rows if t.rows else 0
+        local = np.clip(t.rows - r * c, 0, c) * cols
+        owned += local[:, None] * weights[i]
+        params += local * pbytes[i]
+        padded += c * shards * cols * int(pbytes[i])
+        o = plan.owner[i]
+        if o is not None and shards > 1:
+            # all-to-all #1: my rows to the owner; #2: the owner returns everyone's rows
+            a2a += np.where(r == o, 0, local) * cbytes
+            a2a[o] += (t.numel - int(local[o])) * cbytes
+            owned_muon[o] += t.numel
+    ns, table = _ns_table(tensors, plan.owner, costs, shards)
+    tile = (lambda a: np.tile(a, replicas))
+    colls = []
+    if shards > 1 and table:
+        colls.append(Collective("all_to_all", tile(a2a), "shardopt",
+                                "Muon gather step: rows to each matrix's owner and back", calls=2))
+    colls.append(_stats_all_reduce(world, len(tensors)))
+    colls.append(Collective("all_gather", np.full(world, 2 * padded, np.int64), "FSDP2",
+                            "parameters for forward and backward (FSDP2's, padded to whole row chunks)",
+                            calls=2, in_step=False))
+    colls.append(Collective("reduce_scatter", np.full(world, padded, np.int64), "FSDP2",
+                            "gradients, in backward (FSDP2's)", in_step=False))
+    if replicas > 1:
+        colls.append(Collective("all_reduce", tile(params), "FSDP2",
+                                f"gradient shards across the {replicas} replicas (HSDP, FSDP2's)", in_step=False))
+    detail = (f"HSDP: {replicas} replicas x {shards} shards" if replicas > 1 else f"{shards} shards") + \
+        ", Shard(0) chunks of ceil(rows / shards) rows"
+    # the owner receives its matrices' rows and assembles them in fp32
+    buffers = tile(owned_muon * (cbytes + 4))
+    return WorldPlan(world, "fsdp2", detail, tile(params), tile(params), tile(owned[:, 1]), tile(owned[:, 0]),
+                     tile(owned[:, 2]), tile(ns), table, colls, replicas=replicas, buffers=buffers)
+
+
+def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
+    """Lion/AdamW inside DeepSpeed ZeRO-``stage``: shardopt runs on DeepSpeed's flat fp32 partitions.
+
+    Partition sizes follow DeepSpeed 0.19.8: stage 1/2 pad the one flat group to
+    a multiple of 2 x W elements and cut it into W equal parts; stage 3 pads each
+    parameter to a multiple of W and gives every rank ceil(numel / W) of it."""
+    import numpy as np
+
+    numel, pbytes, weights, _, _ = _arrays(tensors)
+    dts = {t.dtype for t in tensors}
+    if len(dts) != 1:
+        raise ValueError(f"DeepSpeed needs one dtype per parameter group; the model mixes {sorted(map(str, dts))}")
+    p = int(pbytes[0])
+    sb = int(weights[0, 0])
+    traffic = update_traffic_bytes(tensors[0].algorithm, 4, sb, 0) + p  # fp32 partition, then the bf16 copy
+    ones = np.ones(world, np.int64)
+    n = int(numel.sum())
+    if stage in (1, 2):
+        flat = -(-n // (DS_NCCL_START_ALIGNMENT * world)) * DS_NCCL_START_ALIGNMENT * world
+        part = flat // world
+        grads = n * p if stage == 1 else part * p
+        colls = [
+            Collective("reduce_scatter", flat * p * ones, "DeepSpeed", "gradients, in backward (DeepSpeed's)",
+                       in_step=False),
+            Collective("all_gather", flat * p * ones, "DeepSpeed", "updated partitions (DeepSpeed's, in step)"),
+            _stats_all_reduce(world, 1, what="step stats of the one flat partition, over DeepSpeed's group"),
+        ]
+        detail = f"one flat group of {flat:,} elements (padded to 2 x W), {part:,} per rank"
+        return WorldPlan(world, f"deepspeed-zero{stage}", detail, n * p * ones, grads * ones, part * 4 * ones,
+                         part * sb * ones, part * traffic * ones, 0 * ones, {}, colls)
+    parts = -(-numel // world)
+    part = int(parts.sum())
+    persistent = numel <= DS_PERSISTENCE_THRESHOLD
+    sub_groups, acc = 0, 0
+    for k, x in enumerate(parts.tolist()):  # DeepSpeed's _create_fp16_sub_groups
+        acc += x
+        if acc >= DS_SUB_GROUP_SIZE or k == len(parts) - 1:
+            sub_groups, acc = sub_groups + 1, 0
+    gathered = int((parts * world)[~persistent].sum()) * p
+    colls = [
+        Collective("all_gather", 2 * gathered * ones, "DeepSpeed",
+                   "parameters for forward and backward (DeepSpeed's)", calls=2, in_step=False),
+        Collective("reduce_scatter", int((parts * world).sum()) * p * ones, "DeepSpeed",
+                   "gradients, in backward (DeepSpeed's)", in_step=False),
+        _stats_all_reduce(world, 1, calls=sub_groups,
+                          what=f"step stats, once per sub-group ({sub_groups}), over DeepSpeed's group"),
+    ]
+    params = part * p + int(numel[persistent].sum()) * p
+    detail = f"every parameter cut into W parts of ceil(numel/W); {sub_groups} optimizer sub-group(s)"
+    return WorldPlan(world, "deepspeed-zero3", detail, params * ones, part * p * ones, part * 4 * ones,
+                     part * sb * ones, part * traffic * ones, 0 * ones, {}, colls,
+                     [f"parameters under {DS_PERSISTENCE_THRESHOLD:,} elements stay whole on every rank "
+                      "(stage3_param_persistence_threshold)"])
+
+
+def plan_deepspeed_muon_world(tensors, world: int, stage: int) -> WorldPlan:
+    """Muon under DeepSpeed as the integration runs it today: at ZeRO-1/2 the engine
+    runs at stage 0 (DeepSpeed all-reduces the gradients) and shardopt shards Muon
+    with its own ZeRO-1; ZeRO-3 is refused. Replace this function when Muon runs
+    inside DeepSpeed's partitions."""
+    if stage == 3:
+        raise ValueError(
+            "Muon does not run under DeepSpeed ZeRO-3 (shardopt refuses it: Newton-Schulz needs whole matrices); "
+            "plan deepspeed-zero1/2, fsdp2 or hsdp instead"
+        )
+    wp = plan_zero1_world(tensors, world, grads_by="DeepSpeed")
+    wp.detail = f"DeepSpeed engine at stage 0 (ZeRO-{stage} asked), shardopt's ZeRO-1: " + wp.detail
+    return wp
+
+
+# ---------------------------------------------------------------------------- the plan
+def parse_layout(text: str):
+    """(kind, replicas, shards, stage); replicas/shards of ``hsdp:RxS`` may be None for ``*``."""
+    if text in ("zero1", "fsdp2"):
+        return text, None, None, None
+    if text.startswith("deepspeed-zero") and text[-1:] in ("1", "2", "3") and len(text) == len("deepspeed-zero1"):
+        return "deepspeed", None, None, int(text[-1])
+    if text.startswith("hsdp:"):
+        parts = text[5:].lower().split("x")
+        try:
+            if len(parts) == 2 and not (parts[0] == parts[1] == "*"):
+                r, s = (None if x == "*" else int(x) for x in parts)
+                if all(v is None or v > 0 for v in (r, s)):
+                    return "hsdp", r, s, None
+        except ValueError:
+            pass
+        raise ValueError(f"--layout {text}: use hsdp:RxS with R replicas and S shards per replica, "
+                         "one of them may be * (derived from the world size), e.g. hsdp:2x4 or hsdp:*x8")
+    raise ValueError(f"unknown layout {text!r}; use one of {LAYOUT_HELP}")
+
+
+@dataclass
+class Plan:
+    model: str
+    optimizer: str
+    layout: str
+    param_dtype: str
+    tensors: list
+    worlds: list
+    gpu: GPU
+    gpu_key: str
+    link_gbps: float
+    reduce_gradients: bool = False
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def groups(self) -> list[dict]:
+        out = {}
+        for t in self.tensors:
+            g = out.setdefault(t.group, {"algorithm": t.algorithm, "tensors": 0, "elements": 0})
+            g["tensors"] += 1
+            g["elements"] += t.numel
+        return list(out.values())
+
+    def to_dict(self) -> dict:
+        def stat(a):
+            return {"max": int(a.max()), "mean": float(a.mean()), "min": int(a.min())}
+
+        worlds = []
+        for w in self.worlds:
+            est = w.estimate(self.gpu, self.link_gbps)
+            worlds.append({
+                "world_size": w.world, "layout": w.layout, "detail": w.detail,
+                "memory_bytes_per_rank": {k: stat(getattr(w, k)) for k in ("params", "grads", "master", "state")},
+                "optimizer_state_bytes_per_rank": stat(w.optimizer_bytes),
+                "communication_bytes_per_rank_and_step": [
+                    {"op": c.op, "by": c.by, "what": c.what, "calls": c.calls, "in_optimizer_step": c.in_step,
+                     **stat(c.per_rank)} for c in w.collectives],
+                "newton_schulz": {"flops_per_rank": stat(w.ns_flops), "imbalance": w.ns_imbalance,
+                                  "idle_ranks": w.idle_ranks, "matrices": len(w.ns_owner), "owner": w.ns_owner},
+                "estimated_step": {**est, "gpu": self.gpu_key, "link_gbps": self.link_gbps, "is_estimate": True},
+                "notes": w.notes,
+            })
+        return {"model": self.model, "parameters": self.n_params, "tensors": len(self.tensors),
+                "optimizer": self.optimizer, "layout": self.layout, "param_dtype": self.param_dtype,
+                "reduce_gradients": self.reduce_gradients, "groups": self.groups(), "worlds": worlds}
+
+    # -- text --------------------------------------------------------------
+    def format(self) -> str:
+        groups = self.groups()
+        if len(groups) == 1:
+            opt = f"{self.optimizer}, one group"
+        else:
+            opt = " + ".join(f"{'aux ' if g['algorithm'] != 'muon' else ''}{g['algorithm']}: {g['tensors']} "
+                             f"{'matrices' if g['algorithm'] == 'muon' else 'tensors'} ({_count(g['elements'])})"
+                             for g in groups)
+        g = self.gpu
+        lines = [f"shardopt plan: {self.model}, {_count(self.n_params)} parameters in {len(self.tensors)} tensors, "
+                 f"{self.param_dtype}",
+                 f"optimizer {opt}",
+                 f"layout {self.layout}" + (" with reduce_gradients=True" if self.reduce_gradients else ""),
+                 f"step-time estimate: {self.gpu_key} ({g.name}: {g.hbm_bytes_per_s / 1e12:g} TB/s, "
+                 f"{g.bf16_flops / 1e12:g} TFLOP/s bf16), {self.link_gbps:g} Gb/s per rank"]
+        for w in self.worlds:
+            lines += [""] + self._format_world(w)
+        if len(self.worlds) > 1:
+            lines += [""] + self._format_summary()
+        return "\n".join(lines)
+
+    def _format_world(self, w: WorldPlan) -> list[str]:
+        out = [f"W = {w.world:,}  ({w.layout}: {w.detail})",
+               f"  {'memory per rank':<34}{'max':>12}{'mean':>12}"]
+        pd = self.param_dtype
+        ds = w.layout.startswith("deepspeed")
+        for label, a in ((f"parameters ({pd})", w.params), (f"gradients ({pd})", w.grads),
+                         ("master weights (fp32" + (", DeepSpeed's)" if ds else ")"), w.master),
+                         ("optimizer state (fp32)", w.state), ("total", w.params + w.grads + w.master + w.state)):
+            out.append(f"    {label:<32}{_bytes(a.max()):>12}{_bytes(a.mean()):>12}")
+        if w.buffers is not None and w.buffers.any():
+            b = w.buffers
+            out.append(f"    {'comm buffers (transient)':<32}{_bytes(b.max()):>12}{_bytes(b.mean()):>12}")
+        out.append(f"  {'communication per step and rank':<34}{'max':>12}")
+        for c in w.collectives:
+            calls = f" x{c.calls}" if c.calls > 1 else ""
+            out.append(f"    {c.op + calls:<20}{c.by:<14}{_bytes(c.per_rank.max()):>12}   {c.what}")
+        if w.ns_owner:
+            ns = w.ns_flops
+            line = (f"  Muon Newton-Schulz per rank: max {ns.max() / 1e9:,.1f} GFLOP, mean {ns.mean() / 1e9:,.1f}, "
+                    f"imbalance {w.ns_imbalance:.3f}")
+            out.append(line)
+            if w.idle_ranks:
+                group = f"a shard group of {w.world // w.replicas:,} ranks" if w.replicas > 1 else f"{w.world:,} ranks"
+                out.append(f"    {w.idle_ranks:,} of {w.world:,} ranks run no Newton-Schulz: {len(w.ns_owner)} "
+                           f"matrices for {group}")
+        est = w.estimate(self.gpu, self.link_gbps)
+        out.append(f"  estimated optimizer step: {_secs(est['seconds'])} = {_secs(est['elementwise_s'])} elementwise"
+                   f" + {_secs(est['ns_s'])} Newton-Schulz + {_secs(est['comm_s'])} communication  [estimate]")
+        out += [f"  note: {n}" for n in w.notes]
+        return out
+
+    def _format_summary(self) -> list[str]:
+        head = f"{'summary, max per rank':<30}" + "".join(f"{'W=' + format(w.world, ','):>12}" for w in self.worlds)
+        rows = [head]
+
+        def row(label, vals):
+            rows.append(f"{label:<30}" + "".join(f"{v:>12}" for v in vals))
+
+        row("optimizer state + master", [_bytes((w.state + w.master).max()) for w in self.worlds])
+        row("all memory above", [_bytes((w.params + w.grads + w.master + w.state).max()) for w in self.worlds])
+        row("comm in optimizer.step", [_bytes(w.comm_total(True).max()) for w in self.worlds])
+        row("comm outside it (framework)", [_bytes(w.comm_total(False).max()) for w in self.worlds])
+        if any(w.ns_owner for w in self.worlds):
+            row("Newton-Schulz imbalance", [f"{w.ns_imbalance:.3f}" if w.ns_imbalance else "-" for w in self.worlds])
+            row("ranks without Newton-Schulz", [f"{w.idle_ranks:,}" for w in self.worlds])
+        row(f"est. step, {self.gpu_key} [estimate]", [_secs(w.estimate(self.gpu, self.link_gbps)["seconds"])
+                                                     for w in self.worlds])
+        return rows
+
+    # -- plot --------------------------------------------------------------
+    def plot(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ws = [w.world for w in self.worlds]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for (label, key), style in zip((("parameters", "params"), ("gradients", "grads"),
+                                        ("master weights", "master"), ("optimizer state", "state")),
+                                       ("o-", "s--", "^-", "D-")):
+            ys = [max(int(getattr(w, key).max()), 1) for w in self.worlds]
+            a.plot(ws, ys, style, label=label)
+        a.set(xscale="log", yscale="log", xlabel="world size W", ylabel="bytes per rank (max)",
+              title="memory per rank")
+        kinds = sorted({(c.op, c.by) for w in self.worlds for c in w.collectives})
+        for op, by in kinds:
+            ys = [max(int(w.comm(op, by).max()), 1) for w in self.worlds]
+            b.plot(ws, ys, marker="o", label=f"{op} ({by})")
+        b.set(xscale="log", yscale="log", xlabel="world size W", ylabel="bytes per rank and step",
+              title="communication per step")
+        for ax in (a, b):
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"shardopt plan: {self.model}, {self.optimizer}, {self.layout}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _count(n) -> str:
+    for unit, f in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return str(int(n))
+
+
+def _bytes(n) -> str:
+    n = float(n)
+    for unit, f in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _secs(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} us"
+
+
+def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer: str = "adamw",
+         param_dtype="bf16", muon_aux: str = "adamw", reduce_gradients: bool = False, comm_dtype=None,
+         gpu: str = "h100", link_gbps: float = DEFAULT_LINK_GBPS) -> Plan:
+    """Plan a run: per world size, per-rank memory, communication and Newton-Schulz load.
+
+    ``model``: a preset name (``llama-1b``, ``llama-8b``, ``llama-70b``,
+    ``llama-405b``, ``gpt2``, ``demo``), a Hugging Face ``config.json`` (or its
+    folder), ``"module:function"`` returning an ``nn.Module``, or a module.
+    ``param_dtype`` None keeps the module's own dtypes. Returns a :class:`Plan`
+    (``.format()``, ``.to_dict()``, ``.plot(path)``; ``.worlds[k]`` holds the
+    per-rank numpy arrays)."""
+    kind, rep, shd, stage = parse_layout(layout)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if gpu not in GPUS:
+        raise ValueError(f"unknown gpu {gpu!r}; use one of {', '.join(GPUS)}")
+    if not link_gbps > 0:
+        raise ValueError(f"link_gbps must be > 0, got {link_gbps!r}")
+    if muon_aux not in ("adamw", "lion"):
+        raise ValueError(f"muon_aux must be 'adamw' or 'lion', got {muon_aux!r}")
+    if reduce_gradients and kind != "zero1":
+        raise ValueError("reduce_gradients applies to the zero1 layout only")
+    if world_sizes is None:
+        if kind == "hsdp" and rep and shd:
+            world_sizes = (rep * shd,)
+        else:
+            world_sizes = (8,)
+    world_sizes = list(world_sizes)
+    for w in world_sizes:
+        if not (isinstance(w, int) and 0 < w <= MAX_WORLD):
+            raise ValueError(f"world size {w!r}: use integers from 1 to {MAX_WORLD}")
+    meshes = []  # (replicas, shards) per world size
+    for w in world_sizes:
+        if kind == "hsdp":
+            r = rep if rep else (w // shd if w % shd == 0 else 0)
+            s = shd if shd else (w // rep if w % rep == 0 else 0)
+            if not r or not s or r * s != w:
+                raise ValueError(f"--layout {layout} does not fit world size {w}: replicas x shards must equal it")
+            meshes.append((r, s))
+        else:
+            meshes.append((1, w))
+    if kind == "deepspeed" and optimizer == "muon" and stage == 3:
+        plan_deepspeed_muon_world([], 1, stage)  # refuses, before the model is built
+    cdt = _torch_dtype(comm_dtype)
+    label, module = load_model(model)
+    tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux)
+    worlds = []
+    for w, (r, _) in zip(world_sizes, meshes):
+        if kind == "zero1":
+            worlds.append(plan_zero1_world(tensors, w, reduce_gradients=reduce_gradients))
+        elif kind in ("fsdp2", "hsdp"):
+            worlds.append(plan_fsdp2_world(tensors, w, replicas=r, comm_dtype=cdt))
+        elif optimizer == "muon":
+            worlds.append(plan_deepspeed_muon_world(tensors, w, stage))
+        else:
+            worlds.append(plan_deepspeed_world(tensors, w, stage))
+    dts = sorted({_dtype_name(t.dtype) for t in tensors})
+    return Plan(label, optimizer if optimizer != "muon" else f"muon (aux {muon_aux})", layout, "/".join(dts),
+                tensors, worlds, GPUS[gpu], gpu, float(link_gbps), reduce_gradients)
+
+
+# ---------------------------------------------------------------------------- command line
+def _world_sizes(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected world sizes such as 8 or 8,64,512, got {text!r}") from None
+    if not out or any(not 0 < x <= MAX_WORLD for x in out):
+        raise argparse.ArgumentTypeError(f"world sizes must lie in 1..{MAX_WORLD}, got {text!r}")
+    return out
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ._presets import PRESETS
+
+    presets = "; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
+    p = subparsers.add_parser(
+        "plan",
+        help="per-rank memory, communication and Newton-Schulz load of a run, from 1 to 4096+ ranks",
+        description=(
+            "Plan a run before you have the cluster: for each world size, the per-rank bytes of parameters, "
+            "gradients, master weights and optimizer state; the bytes each collective sends per step and rank; "
+            "Muon's Newton-Schulz FLOPs per rank (max/mean); and an estimated optimizer-step time. The layout "
+            "figures come from the planning functions the layouts themselves run (exact, not a formula); the "
+            "step time is an estimate."
+        ),
+        epilog=(
+            "Optimizer state is counted in fp32 and tensor parallelism is not modelled: those are the "
+            "optimizers' only state precision and mesh today, and each will be one more option of this "
+            "command when the optimizers support it. Bytes are counted as shardopt.sharding.comm counts them "
+            "(all-gather: output, reduce-scatter: input, all-to-all: bytes sent to other ranks); collectives "
+            "that DDP, FSDP2 or DeepSpeed issue themselves are listed under their name."
+        ),
+    )
+    p.add_argument("--model", default="llama-8b",
+                   help=f"a preset ({presets}); a Hugging Face config.json or its folder (shapes only, no "
+                        "weights, via transformers); or module:function returning an nn.Module built on the "
+                        "meta device (default: llama-8b)")
+    p.add_argument("--world-size", type=_world_sizes, default=None, metavar="W[,W...]",
+                   help="data-parallel world sizes, e.g. 8,64,512,4096 (default: 8; for hsdp:RxS, R x S)")
+    p.add_argument("--layout", default="zero1",
+                   help=f"{LAYOUT_HELP} (default: zero1). hsdp:RxS is R replicas of S FSDP2 shards; one of "
+                        "R and S may be * to follow each world size (hsdp:*x8)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="default: adamw. muon splits the model with shardopt.muon_param_groups")
+    p.add_argument("--muon-aux", choices=("adamw", "lion"), default="adamw",
+                   help="the algorithm of Muon's auxiliary group (embeddings, head, norms, biases)")
+    p.add_argument("--param-dtype", choices=DTYPES, default="bf16",
+                   help="parameter and gradient dtype (default: bf16, with shardopt's fp32 master copy sharded "
+                        "like the state)")
+    p.add_argument("--reduce-gradients", action="store_true",
+                   help="zero1: the optimizer reduce-scatters the gradients itself (no DDP)")
+    p.add_argument("--comm-dtype", choices=("fp32", "bf16"), default=None,
+                   help="fsdp2/hsdp: dtype of Muon's all-to-alls (the optimizer's comm_dtype; default fp32)")
+    p.add_argument("--gpu", choices=tuple(GPUS), default="h100",
+                   help="hardware profile for the estimated step time: " +
+                        "; ".join(f"{k}: {g.name}, {g.hbm_bytes_per_s / 1e12:g} TB/s, "
+                                  f"{g.bf16_flops / 1e12:g} bf16 TFLOP/s" for k, g in GPUS.items()))
+    p.add_argument("--link-gbps", type=_positive_float, default=DEFAULT_LINK_GBPS,
+                   help=f"network bandwidth per rank in Gb/s for the estimate (default: {DEFAULT_LINK_GBPS:g})")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the plan as JSON to PATH (no PATH: print JSON instead of the tables)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw per-rank memory and communication against W (log scale) to PNG")
+    return p
+
+
+def run(args) -> int:
+    try:
+        result = plan(args.model, world_sizes=args.world_size, layout=args.layout, optimizer=args.optimizer,
+                      param_dtype=args.param_dtype, muon_aux=args.muon_aux, reduce_gradients=args.reduce_gradients,
+                      comm_dtype=args.comm_dtype, gpu=args.gpu, link_gbps=args.link_gbps)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if args.json == "-":
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.format())
+        if args.json:
+            Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+            print(f"\nwrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        if args.json != "-":
+            print(f"wrote {args.plot}")
+    return 0
+
+
+__all__ = ["plan", "Plan", "WorldPlan", "Collective", "GPUS", "state_element_bytes", "master_element_bytes"]
