@@ -72,7 +72,7 @@ def _help(argv, capsys) -> str:
 
 def test_cli_help_names_no_issue_numbers(capsys):
     pages = {" ".join(a): _help(a, capsys) for a in (
-        ["--help"], ["demo", "--help"], ["bench", "--help"], ["ckpt", "--help"],
+        ["--help"], *([name, "--help"] for name in cli.COMMANDS),
         *(["ckpt", c, "--help"] for c in ("inspect", "verify", "consolidate", "split", "convert")),
     )}
     bad = [f"shardopt {k}: {h!r}" for k, text in pages.items() for h in _hits(text) + _hits(text, INTERNAL)]
