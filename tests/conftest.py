@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (runs on the GPU machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -483,6 +483,129 @@ def test_crash_between_renames(tmp_path, monkeypatch):
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(m.parameters(), m3.parameters()))
 
 
+# ---------------------------------------------------------------- saves that fail
+class _FullDisk:
+    """A file stream that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, stream, room):
+        self.stream, self.room = stream, room
+
+    def write(self, data):
+        n = len(memoryview(data).cast("B"))
+        if n > self.room:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _job_disk_full(rank, world, d):
+    """Save, train a step, then save again with rank 1's disk filling up mid-write."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    m, ps = _model("zero1", world)
+    opt = _opt("adamw", ps, "zero1")
+    _train(opt, ps, 0, K)
+    path = f"{d}/ck"
+    C.save(path, m, opt, extra={"step": K})
+    saved = _full(ps)
+    _train(opt, ps, K, K + 1)
+    real = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, p, mode):
+        with real(self, p, mode) as stream:
+            full = rank == 1 and "w" in mode and str(p).endswith(".distcp")
+            yield _FullDisk(stream, 64) if full else stream
+
+    FileSystem.create_stream = create_stream
+    try:
+        C.save(path, m, opt, extra={"step": K + 1})
+        err = None
+    except Exception as e:  # noqa: BLE001 - the point: a training loop's `except Exception` catches it
+        err = (type(e).__name__, isinstance(e, C.CheckpointError), str(e))
+    finally:
+        FileSystem.create_stream = real
+    # the previous checkpoint is whole and loads, into a fresh model and optimizer
+    m2, ps2 = _model("zero1", world)
+    opt2 = _opt("adamw", ps2, "zero1")
+    extra = C.load(path, m2, opt2)
+    return {"err": err, "extra": extra, "same": all(torch.equal(a, b) for a, b in zip(saved, _full(ps2))),
+            "listing": sorted(os.listdir(d))}
+
+
+@pytest.mark.slow
+def test_disk_full_during_save_is_a_checkpoint_error_on_every_rank(tmp_path):
+    d = str(tmp_path)
+    res = dist_utils.run(_job_disk_full, 2, d, timeout_s=120)
+    for r in res:
+        assert r["err"] is not None, "the save on a full disk did not fail"
+        name, is_ckpt_error, msg = r["err"]
+        assert is_ckpt_error, r["err"]
+        assert f"{d}/ck" in msg and "free on" in msg and "full disk" in msg and "rank(s) 1" in msg, msg
+        assert r["extra"] == {"step": K} and r["same"], r
+    assert res[0]["listing"] == ["ck"]  # the partial write is gone, the previous checkpoint stays
+    assert offline.verify(f"{d}/ck")[1] == []
+
+
+def test_save_onto_a_regular_file_is_refused_before_touching_it(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a checkpoint")
+    m, opt = _fresh()
+    with pytest.raises(C.CheckpointError, match=r"afile is an existing file, not a directory"):
+        C.save(str(afile), m, opt)
+    assert afile.read_bytes() == b"not a checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # no afile.old, no afile.tmp
+    # the offline writer (split) refuses it the same way
+    offline_pt = tmp_path / "c.pt"
+    _single_ckpt(str(tmp_path / "ck"))
+    offline.consolidate(str(tmp_path / "ck"), str(offline_pt))
+    with pytest.raises(C.CheckpointError, match="existing file"):
+        offline.split(str(offline_pt), str(afile))
+    assert afile.read_bytes() == b"not a checkpoint"
+
+
+def test_missing_manifest_messages_say_what_the_folder_is(tmp_path):
+    """The 'interrupted save' diagnosis only where the files show one."""
+    from shardopt.checkpoint._manifest import read_manifest
+
+    folder = tmp_path / "runs"
+    for name in ("lion", "adamw"):
+        _single_ckpt(str(folder / name), name)
+    (folder / "notes.txt").write_text("x")
+    dcp_only = tmp_path / "dcp_only"
+    shutil.copytree(folder / "lion", dcp_only)
+    os.remove(dcp_only / "shardopt.json")
+    tmp = tmp_path / "ck.tmp"
+    tmp.mkdir()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "shardopt.json.part").write_text("{")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        folder: ["folder of 2 shardopt checkpoint(s) (adamw, lion)", str(folder / "adamw")],
+        dcp_only: ["torch.distributed.checkpoint files but no shardopt.json"],
+        tmp: ["interrupted save", str(tmp_path / "ck")],
+        partial: ["interrupted save"],
+        empty: ["is not a shardopt checkpoint: it has no shardopt.json"],
+    }
+    for path, needles in cases.items():
+        with pytest.raises(C.CheckpointError) as e:
+            read_manifest(str(path))
+        msg = str(e.value)
+        assert all(n in msg for n in needles), (path, msg)
+        assert ("interrupted" in msg) == (path in (tmp, partial)), msg
+    with pytest.raises(C.CheckpointError, match="save that never completed"):
+        C.load(str(tmp_path / "ck"), *_fresh())
+
+
 # ---------------------------------------------------------------- the CLI
 def _run_cli(*argv):
     return cli.main(["--no-progress", *argv])
@@ -496,12 +619,14 @@ def test_cli_inspect_a_w4_zero1_checkpoint(resumed, capsys):
     assert "layout zero1, world size 4" in out and "Muon" in out
     assert "counter (buffer)" in out
     row = next(x for x in out.splitlines() if x.startswith("ps.2 "))
-    assert row.split() == ["ps.2", "13x11", "float32", "muon", "momentum_buffer", "3", f"{2 * 13 * 11 * 4:,}"]
+    # human units in the table (weights + state: 2 x 13 x 11 fp32 = 1144 bytes), exact bytes in --json
+    assert row.split() == ["ps.2", "13x11", "float32", "muon", "momentum_buffer", "3", "1.1", "KiB"]
     row = next(x for x in out.splitlines() if x.startswith("ps.3 "))
-    assert row.split() == ["ps.3", "1", "float32", "adamw", "exp_avg,exp_avg_sq", "3", f"{3 * 4:,}"]
+    assert row.split() == ["ps.3", "1", "float32", "adamw", "exp_avg,exp_avg_sq", "3", "12", "B"]
     assert _run_cli("inspect", "--json", f"{d}/w4-muon-zero1") == 0
     info = json.loads(capsys.readouterr().out)
     assert info["world_size"] == 4 and info["layout"] == "zero1" and info["algorithms"] == ["adamw", "muon"]
+    assert {r["name"]: r["bytes"] for r in info["rows"]}["ps.2"] == 2 * 13 * 11 * 4
 
 
 @pytest.mark.slow
@@ -563,6 +688,44 @@ def test_cli_verify_and_entry_points(resumed, tmp_path, capsys):
     from shardopt import cli as top
 
     assert top.main(["ckpt", "--no-progress", "verify", f"{d}/w2-lion-fsdp2"]) == 0
+
+
+def test_cli_on_a_folder_of_checkpoints(tmp_path, capsys):
+    """A folder of checkpoints (as the demo writes): inspect and verify act on each, consolidate asks which."""
+    folder = tmp_path / "checkpoint"
+    _single_ckpt(str(folder / "muon"), "muon")
+    _single_ckpt(str(folder / "lion"), "lion")
+    (folder / "demo.json").write_text("{}")
+    assert _run_cli("inspect", str(folder)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{folder} is a folder of 2 checkpoints: lion, muon")
+    assert f"checkpoint  {folder / 'lion'}" in out and f"checkpoint  {folder / 'muon'}" in out
+    # each group shows the settings of its own algorithm only
+    assert sum(line.startswith("group ") for line in out.splitlines()) == 4  # lion x2; muon + its aux adamw
+    aux = next(line for line in out.splitlines() if line.startswith("group ") and ", adamw:" in line)
+    muon = next(line for line in out.splitlines() if line.startswith("group ") and ", muon:" in line)
+    for key in ("ns_steps", "momentum", "nesterov", "ns_coefficients", "adjust_lr_fn"):
+        assert f"{key}=" not in aux and f"{key}=" in muon, (key, aux, muon)
+    assert "betas=" in aux and "eps=" in aux and "betas=" not in muon
+    assert _run_cli("inspect", "--json", str(folder)) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [os.path.basename(c["path"]) for c in info["checkpoints"]] == ["lion", "muon"]
+    raw_aux = next(g for g in info["checkpoints"][1]["groups"] if g["algorithm"] == "adamw")
+    assert "ns_steps" in raw_aux  # --json keeps every stored setting
+
+    assert _run_cli("verify", str(folder)) == 0
+    out = capsys.readouterr().out
+    assert f"{folder / 'lion'}: OK" in out and f"{folder / 'muon'}: OK" in out and "2 of 2 checkpoints OK" in out
+    path, off, length, _ = _chunk(str(folder / "muon"), "optim.ps.0")
+    _flip(path, off + length // 2)
+    assert _run_cli("verify", str(folder)) == 1
+    cap = capsys.readouterr()
+    assert f"{folder / 'lion'}: OK" in cap.out and "FAIL" in cap.err and "1 of 2 checkpoints OK" in cap.err
+
+    assert _run_cli("consolidate", str(folder), str(tmp_path / "x.pt")) == 1
+    err = capsys.readouterr().err
+    assert "folder of 2 checkpoints (lion, muon)" in err and f"consolidate {folder / 'lion'}" in err, err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_offline_writer_streams_one_tensor_at_a_time(tmp_path):

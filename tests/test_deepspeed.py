@@ -228,7 +228,10 @@ def _engine_cases(rank, world, cases, ckpt_cases, ckpt_dir):
             ns_calls.clear()
             _train(engine, rank, [s], case.bf16)
             per_step_ns.append(list(ns_calls))
+        printed: list = []
+        summary = basic.summary(print_fn=printed.append) if is_ours else None  # collective
         out[case.name] = {
+            "summary": summary, "printed": printed,
             "params": _full_params(engine),
             "stage": engine.zero_optimization_stage(),
             "basic": type(basic).__module__ + "." + type(basic).__name__,
@@ -376,6 +379,14 @@ def test_engine_runs_the_layout_asked_for(ds_run, name):
             per_buffer = r["state_numel"] / n_state  # elements of each state buffer this rank holds
             assert total / WORLD <= per_buffer <= total / WORLD + 64, per_buffer
             assert r["state_bytes"] == 4 * r["state_numel"]
+        # summary() reports DeepSpeed's partitioning, not the 'none' layout shardopt runs on each partition
+        rows = r0["summary"]
+        assert [t["rank"] for t in rows] == list(range(WORLD)) and rows == r1["summary"]
+        assert {t["layout"] for t in rows} == {f"ds-zero{case.stage}"}
+        assert [t["state_bytes"] for t in rows] == [r0["state_bytes"], r1["state_bytes"]]
+        assert rows[0]["unsharded_state_bytes"] == sum(t["state_bytes"] for t in rows)
+        assert r0["printed"][0].startswith(f"{expected_cls} layout=ds-zero{case.stage} world={WORLD}: DeepSpeed")
+        assert r1["printed"] == []
 
 
 # ---------------------------------------------------------------------------- Muon specifics

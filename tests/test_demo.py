@@ -25,7 +25,11 @@ SUMMARY_NAMES = {"lion": "Lion", "adamw": "AdamW", "muon": "Muon"}
 
 def demo(*args, timeout=300, env_extra=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.update(env_extra or {})
+    for k, v in (env_extra or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     return subprocess.run([sys.executable, "-m", "shardopt", "demo", "--size", "tiny", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -107,8 +111,14 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "demo.json").write_text(random.choice(["{not json", json.dumps({"optimizers": ["sgd"]}), "[]"]))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "demo.json").write_text(json.dumps({
+        "version": 2, "optimizers": ["lion", "adamw"], "size": "tiny", "seed": 1,
+        "checkpoints": {"lion": {"size": "tiny", "seed": 1}, "adamw": {"size": "tiny", "seed": 2}}}))
     nproc = random.choice([3, 5, 7])  # none divides the global batch
     cases = [
+        (["demo", "--resume", str(mixed)], "different runs (lion: seed 1, tiny model; adamw: seed 2, tiny model)"),
         (["demo", "--nproc", str(nproc)], f"--nproc {nproc}"),
         (["demo", "--resume", str(tmp_path / "missing")], "no such directory"),
         (["demo", "--resume", str(empty)], "not a demo checkpoint"),
@@ -184,9 +194,20 @@ def test_demo_trains_reports_checkpoints_and_resumes_at_another_world_size(tmp_p
     assert rows == {n: [0, 1] for n in OPTIMIZERS}
     assert_png(out / "loss.png")
 
-    # the checkpoint is a real shardopt checkpoint: `shardopt ckpt inspect` reads it
+    # the kernels are ready before the first progress bar, with a line of their own
+    lines = stdout.splitlines()
+    kernels = next(i for i, l in enumerate(lines) if l.startswith("C++ CPU kernels: "))
+    assert kernels < next(i for i, l in enumerate(lines) if "x2:" in l), stdout[:2000]
+
+    # the checkpoint is a real shardopt checkpoint: the `shardopt ckpt` lines the demo prints work as printed
     ckpt = out / "checkpoint"
     assert f"--resume {ckpt} --nproc 1" in stdout
+    printed = [l.split("shardopt ckpt ", 1)[1].split() for l in lines if "shardopt ckpt " in l]
+    assert [c[0] for c in printed] == ["inspect", "verify"], printed
+    for cmd in printed:
+        rc, got, err = _main(["ckpt", *cmd], capsys)
+        assert rc == 0, (cmd, err)
+        assert all(str(ckpt / n) in got for n in OPTIMIZERS), (cmd, got[:2000])
     rc, insp, err = _main(["ckpt", "inspect", str(ckpt / "lion")], capsys)
     assert rc == 0, err
     assert "lion" in insp.lower()
@@ -203,8 +224,13 @@ def test_demo_trains_reports_checkpoints_and_resumes_at_another_world_size(tmp_p
         assert abs(rz["eval_after_load"] - rz["eval_at_save"]) <= 1e-5 * abs(rz["eval_at_save"]), rz
         assert re.search(rf"{name}: resumed at step {steps} \(saved by 2 ranks.*continues without a jump", stdout2)
     assert_png(out / "loss.png")
+    # the banner names the layout that ran: ZeRO-1 on one rank is 'none'
+    assert stdout2.startswith("shardopt demo: resuming lion, adamw, muon | none (zero1 needs 2 or more ranks) | 1 rank")
+    assert all(r["layout"] == "none" for r in res2.values())
     meta = json.loads((ckpt / "demo.json").read_text())
-    assert meta["step"] == {n: steps + more for n in OPTIMIZERS} and meta["world_size"] == 1
+    assert meta["step"] == {n: steps + more for n in OPTIMIZERS}
+    assert all(meta["checkpoints"][n]["world_size"] == 1 and meta["checkpoints"][n]["layout"] == "none"
+               for n in OPTIMIZERS), meta
 
     # ... and it continues where an uninterrupted 2-rank run goes: same data per step,
     # restored weights, momenta and step counts. Measured on this model: a correct resume
@@ -218,6 +244,16 @@ def test_demo_trains_reports_checkpoints_and_resumes_at_another_world_size(tmp_p
         got, want = res2[name]["losses"], ref_res[name]["losses"][steps:]
         assert got == pytest.approx(want, abs=1e-3), (name, got, want)
 
+    # one optimizer, another layout, into the same folder: the other checkpoints keep describing themselves
+    ok(demo("--optimizer", "muon", "--layout", "fsdp2", "--steps", 4, "--seed", seed + 1, "--out", out))
+    meta = json.loads((ckpt / "demo.json").read_text())["checkpoints"]
+    assert meta["muon"] == {"step": 4, "layout": "fsdp2", "world_size": 2, "size": "tiny", "seed": seed + 1}
+    for name in ("lion", "adamw"):
+        assert meta[name] == {"step": steps + more, "layout": "none", "world_size": 1, "size": "tiny", "seed": seed}
+    # ... and a resume of all of them together is refused: they come from different runs
+    rc, _, err = _main(["demo", "--resume", str(ckpt)], capsys)
+    assert rc == 1 and "different runs" in err and "--optimizer" in err, err
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp2", "none", "deepspeed"])
@@ -227,8 +263,19 @@ def test_demo_layouts(layout, tmp_path):
     seed = random.randrange(1, 100_000)
     out = tmp_path / "out"
     steps = 12
-    stdout = ok(demo("--layout", layout, "--steps", steps, "--seed", seed, "--out", out, "--no-checkpoint",
-                     env_extra={"DS_ACCELERATOR": "cpu"}))
+    # no DS_ACCELERATOR from the environment: the demo names it for DeepSpeed, which would warn otherwise
+    proc = demo("--layout", layout, "--steps", steps, "--seed", seed, "--out", out, "--no-checkpoint",
+                env_extra={"DS_ACCELERATOR": None})
+    stdout = ok(proc)
+    if layout == "deepspeed":
+        both = proc.stdout + proc.stderr
+        assert "Setting accelerator" not in both, both[-3000:]
+        lines = both.splitlines()
+        repeated = {l for l in lines if l.strip() and "DeepSpeed" in l and lines.count(l) > 1}
+        assert not repeated, repeated  # each DeepSpeed message once, not once per rank
+        # the optimizers' own summary() reports DeepSpeed's partitioning, as the final table does
+        for name in ("Lion", "AdamW"):
+            assert f"{name} layout=ds-zero1 world=2: DeepSpeed ZeRO-1 partitions the state" in stdout
     res = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert sorted(res) == sorted(OPTIMIZERS)
     rows = table_rows(stdout)

@@ -290,3 +290,23 @@ def test_deepspeed_example_trains_under_torchrun(config):
         assert all(x["layout"] == "zero1" for x in results)
         a, b = (x["state_bytes"] for x in results)
         assert 0.6 < a / b < 1.6
+
+
+@pytest.mark.slow
+def test_ddp_zero1_example_runs_under_torchrun_sh_on_cpu():
+    """launch/examples/ddp_zero1.py, the README's DDP snippet as a script: unchanged, 2 CPU ranks."""
+    name = random.choice(["lion", "adamw", "muon"])
+    e = env()
+    e.pop("LOCAL_WORLD_SIZE", None)
+    r = done(subprocess.run([str(TORCHRUN_SH), "--nproc", "2", str(ROOT / "launch/examples/ddp_zero1.py"),
+                             "--steps", "30", "--optimizer", name],
+                            capture_output=True, text=True, env=e, timeout=300, cwd=ROOT))
+    results = sorted((json.loads(l.split("RESULT ", 1)[1]) for l in r.stdout.splitlines() if "RESULT " in l),
+                     key=lambda x: x["rank"])
+    assert [x["rank"] for x in results] == [0, 1], r.stdout[-3000:]
+    for x in results:
+        assert x["world"] == 2 and x["device"] == "cpu" and x["layout"] == "zero1", x
+        assert sum(x["last_losses"]) < 0.5 * sum(x["first_losses"]), x
+        assert x["state_bytes"] < 0.75 * x["unsharded_state_bytes"], x  # sharded, not replicated
+    assert results[0]["params_sha256"] == results[1]["params_sha256"]  # the all-gather left them equal
+    assert f"{results[0]['optimizer']} layout=zero1" in r.stdout  # rank 0 printed the summary

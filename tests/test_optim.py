@@ -295,3 +295,25 @@ def test_sparse_gradient_rejected_naming_parameter():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match=r"sparse gradients.*shape \(10, 4\)"):
         opt.step()
+
+
+# ---------------------------------------------------------------- summary()
+@pytest.mark.parametrize("name", ["lion", "adamw", "muon"])
+def test_summary_prints_human_units_and_only_meaningful_columns(name):
+    ps = make_params()
+    opt = build(name, ps, backend="torch")
+    lines = []
+    rows = opt.summary(print_fn=lines.append)
+    assert [sorted(r) for r in rows] == [sorted(["rank", "owned_elements", "state_bytes", "ns_flops",
+                                                 "unsharded_state_bytes", "layout"])]
+    r = rows[0]
+    assert r["state_bytes"] == opt.state_bytes() == r["unsharded_state_bytes"] and r["layout"] == "none"
+    assert lines[0] == f"{type(opt).__name__} layout=none world=1"
+    header, row = lines[1].split(), lines[2].split()
+    # the NS column only where there is Newton-Schulz work; bytes in B/KiB/MiB, not raw
+    assert ("NS" in header) == (name == "muon"), lines
+    kib = f"{r['state_bytes'] / 1024:.1f}"
+    assert row[:5] == ["0", f"{r['owned_elements']:,}", kib, "KiB", "100%"], lines
+    if name == "muon":
+        assert r["ns_flops"] > 0 and row[5:] == [f"{r['ns_flops'] / 1e3:.1f}", "k"], lines
+    assert lines[-1].startswith("without sharding, each rank would hold ")

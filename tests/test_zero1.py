@@ -83,6 +83,9 @@ def test_zero1_equivalence_memory_and_ns_ownership(world):
         assert [t["rank"] for t in table] == list(range(world))
         assert [t["state_bytes"] for t in table] == [res[r][(name, dtype, clip)]["numel"] * 4 for r in range(world)]
         assert sum(t["owned_elements"] for t in table) >= n_params
+        assert {t["unsharded_state_bytes"] for t in table} == {4 * total}  # fp32 state (and master), unsharded
+        if name.startswith("muon"):
+            assert sum(t["ns_flops"] for t in table) == sum(ns_flops(s) for s in SHAPES if len(s) == 2)
         # 3. Muon: each matrix orthogonalized exactly once in the group, as a full matrix
         if name.startswith("muon"):
             seen = sorted(s for r in range(world) for s in res[r][(name, dtype, clip)]["ns"])

@@ -174,15 +174,46 @@ def write_manifest(directory: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def checkpoints_in(directory: str) -> list[str]:
+    """The checkpoints directly inside ``directory`` (subfolders with a manifest), sorted by name."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names
+            if not n.endswith((".tmp", ".old")) and os.path.isfile(os.path.join(directory, n, MANIFEST))]
+
+
+def why_not_a_checkpoint(directory: str) -> str:
+    """Why ``directory``, which exists but has no manifest, is not a checkpoint: only what its files show."""
+    directory = directory.rstrip("/") or directory
+    inside = checkpoints_in(directory)
+    if inside:
+        names = ", ".join(os.path.basename(c) for c in inside)
+        return (f"{directory} is a folder of {len(inside)} shardopt checkpoint(s) ({names}), not a checkpoint "
+                f"itself; name one of them, e.g. {inside[0]}")
+    partial = os.path.exists(os.path.join(directory, MANIFEST + ".part"))
+    if directory.endswith(".tmp") or partial:
+        prev = directory[: -len(".tmp")] if directory.endswith(".tmp") else None
+        tail = (f"; the previous checkpoint, if there was one, is {prev}" if prev else
+                "; use the previous checkpoint")
+        return f"{directory} is an interrupted save: its {MANIFEST} was never completed{tail}"
+    try:
+        files = os.listdir(directory)
+    except OSError:
+        files = []
+    if DCP_METADATA in files or any(f.endswith(".distcp") for f in files):
+        return (f"{directory} holds torch.distributed.checkpoint files but no {MANIFEST}: it was not written by "
+                "shardopt.checkpoint.save (or the manifest was not copied with it)")
+    return f"{directory} is not a shardopt checkpoint: it has no {MANIFEST}"
+
+
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist")
     if not os.path.exists(path):
-        raise CheckpointError(
-            f"{directory} is not a complete shardopt checkpoint: {MANIFEST} is missing "
-            "(an interrupted save leaves no manifest; use the previous checkpoint)"
-        )
+        raise CheckpointError(why_not_a_checkpoint(directory))
     try:
         with open(path) as f:
             doc = json.load(f)

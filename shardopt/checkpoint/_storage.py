@@ -203,21 +203,91 @@ def _dist_on(group=None) -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def free_space(path: str) -> str:
+    """'12.3 MiB free on /mnt' for the file system holding ``path`` (or its nearest existing parent)."""
+    from ..optim._report import format_bytes
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError as e:
+        return f"free space unknown ({e})"
+    mount = probe
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    return f"{format_bytes(free)} free on {mount}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The per-rank exceptions inside torch's CheckpointException (or the exception itself)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return [exc]
+
+
+def write_failure(exc: BaseException, directory: str, what: str) -> CheckpointError:
+    """One clear error for a failed write, naming the path and the free space (the usual cause is a full disk)."""
+    import errno
+
+    causes = _causes(exc)
+    chain = []
+    for c in causes:
+        while c is not None and c not in chain:
+            chain.append(c)
+            c = c.__cause__ or c.__context__
+    # torch's zip writer turns the OSError into "unexpected pos ..." and drops the errno
+    full = any((isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT))
+               or "No space left on device" in str(c) for c in chain)
+    ranks = sorted(getattr(exc, "failures", None) or {})
+    first = causes[0]
+    detail = f"{type(first).__name__}: {str(first).strip().splitlines()[0] if str(first).strip() else ''}".rstrip(": ")
+    where = f" on rank(s) {', '.join(map(str, ranks))}" if ranks else ""
+    hint = "the disk is full" if full else "a full disk is the usual cause"
+    target = directory.rstrip("/")
+    target = target[: -len(".tmp")] if target.endswith(".tmp") else target
+    return CheckpointError(
+        f"saving checkpoint {target} failed{where} while {what} ({detail}); {free_space(directory)} ({hint}). "
+        "Free some space or save elsewhere; the previous checkpoint at this path, if any, is left as it was"
+    )
+
+
 def dcp_save(state_dict: dict, directory: str, *, process_group=None, per_item_files=False, no_dist=None) -> None:
+    """DCP save into ``directory``; a failed write is a :class:`CheckpointError` naming the path and the free space.
+
+    torch raises ``CheckpointException``, a ``BaseException`` that ``except Exception`` around a save would
+    not catch, on every rank when any rank's write fails.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     writer = FileSystemWriter(directory, single_file_per_rank=not per_item_files, sync_files=True, overwrite=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
-        dcp.save(state_dict, storage_writer=writer, planner=SavePlanner(), process_group=process_group,
-                 no_dist=(not _dist_on()) if no_dist is None else no_dist)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*existing checkpoint.*")
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+            dcp.save(state_dict, storage_writer=writer, planner=SavePlanner(), process_group=process_group,
+                     no_dist=(not _dist_on()) if no_dist is None else no_dist)
+    except (CheckpointException, OSError) as e:
+        raise write_failure(e, directory, "writing its data") from e
 
 
 def dcp_load(state_dict: dict, directory: str, *, process_group=None, no_dist=None) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     reader = FileSystemReader(directory)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
-        dcp.load(state_dict, storage_reader=reader, planner=LoadPlanner(), process_group=process_group,
-                 no_dist=(not _dist_on()) if no_dist is None else no_dist)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+            dcp.load(state_dict, storage_reader=reader, planner=LoadPlanner(), process_group=process_group,
+                     no_dist=(not _dist_on()) if no_dist is None else no_dist)
+    except CheckpointException as e:
+        first = _causes(e)[0]
+        raise CorruptCheckpointError(
+            f"reading checkpoint {directory} failed on rank(s) {', '.join(map(str, sorted(e.failures)))}: "
+            f"{type(first).__name__}: {first}"
+        ) from e
 
 
 def read_metadata(directory: str):
@@ -399,9 +469,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def check_save_path(path: str) -> None:
+    """Refuse, before anything is touched, a save path that cannot become a checkpoint directory."""
+    path = path.rstrip("/")
+    for p in (path, tmp_dir(path), old_dir(path)):
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise CheckpointError(
+                f"cannot save a checkpoint to {path}: {p} is an existing file, not a directory (a checkpoint is a "
+                "directory); save to another path, or move the file away"
+            )
+
+
 def prepare_tmp(path: str) -> str:
     """Rank 0, before a save: recover from a crash mid-swap, and clear a stale temporary directory."""
     path = path.rstrip("/")
+    check_save_path(path)
     old = old_dir(path)
     if not os.path.exists(path) and os.path.isdir(old):
         os.rename(old, path)  # a crash between the two renames of commit(): the previous checkpoint is .old
@@ -446,4 +528,9 @@ def resolve(path: str) -> str:
         warnings.warn(f"shardopt: {path} is missing but {old} exists (a save was interrupted while swapping "
                       f"directories); loading {old}", RuntimeWarning, stacklevel=3)
         return old
+    if os.path.isdir(tmp_dir(path)):
+        raise CheckpointError(f"no checkpoint at {path}: only {tmp_dir(path)}, the folder of a save that never "
+                              "completed, is there")
+    if os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: it is a file, not a checkpoint directory")
     raise CheckpointError(f"no checkpoint at {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 import warnings
 
 import torch
@@ -105,20 +106,25 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
         errors.append(_err(e))
     if rank == 0 and not errors:
         try:
-            S.prepare_tmp(path)
+            S.prepare_tmp(path)  # refuses a path that is a file before it touches anything
+        except CheckpointError as e:
+            errors.append(_err(e))
         except OSError as e:
-            errors.append(("CheckpointError", f"cannot create {S.tmp_dir(path)}: {e}"))
+            errors.append(("CheckpointError", f"cannot create {S.tmp_dir(path)}: {e}; {S.free_space(path)}"))
     _agree(errors, process_group)
     tmp = S.tmp_dir(path)
     state_dict = {t.key: t.value for t in live.targets() if t.value is not None and _numel(t) > 0}
-    S.dcp_save(state_dict, tmp, process_group=process_group)
-
     errors, sums = [], {}
     try:
-        md = S.read_metadata(tmp)
-        sums = S.storage_checksums(tmp, md, rank, w)
-    except Exception as e:  # noqa: BLE001
+        S.dcp_save(state_dict, tmp, process_group=process_group)
+    except CheckpointError as e:  # torch raises on every rank; ours is an Exception and names the path
         errors.append(_err(e))
+    if not errors:
+        try:
+            md = S.read_metadata(tmp)
+            sums = S.storage_checksums(tmp, md, rank, w)
+        except Exception as e:  # noqa: BLE001
+            errors.append(_err(e))
     if w > 1:  # every rank's checksums, and whether every rank got them, before anything is committed
         gathered: list = [None] * w
         dist.all_gather_object(gathered, (errors, sums), group=process_group)
@@ -127,8 +133,15 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
     if rank == 0 and not errors:
         try:
             _finish(path, tmp, live, sums, extra)
+        except CheckpointError as e:
+            errors.append(_err(e))
+        except (OSError, RuntimeError) as e:  # torch.save of `extra` reports a short write as RuntimeError
+            errors.append(_err(S.write_failure(e, path, "writing its manifest and extra state")))
         except Exception as e:  # noqa: BLE001
             errors.append(_err(e))
+    if errors and rank == 0:
+        # the partial write only takes space; the previous checkpoint at `path` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
     _agree(errors, process_group)
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 COMMANDS = ("inspect", "verify", "consolidate", "split", "convert")
@@ -26,11 +27,11 @@ def _add_commands(p: argparse.ArgumentParser) -> None:
 
     s = add("inspect", help="table of parameters, shapes, dtypes, state keys, bytes, algorithm, "
                                       "world size and layout")
-    s.add_argument("path", help="checkpoint directory")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("path", help="checkpoint directory, or a folder of checkpoints (each is inspected)")
+    s.add_argument("--json", action="store_true", help="machine-readable output, with exact byte counts")
 
     s = add("verify", help="check every stored tensor against its CRC-32")
-    s.add_argument("path")
+    s.add_argument("path", help="checkpoint directory, or a folder of checkpoints (each is verified)")
 
     s = add("consolidate", help="one torch.save file in torch.optim format (+ model weights)")
     s.add_argument("path", help="checkpoint directory")
@@ -77,22 +78,40 @@ def run_ckpt(args) -> int:
     progress = not getattr(args, "no_progress", False) and sys.stderr.isatty()
     cmd = args.ckpt_cmd
     try:
+        # a folder of checkpoints (shardopt demo writes one per optimizer): inspect and verify take each
+        # one in turn; the commands that read one checkpoint ask which
+        src = {"inspect": "path", "verify": "path", "consolidate": "path"}.get(cmd)
+        if cmd == "convert" and args.dst_fmt == "deepspeed":
+            src = "src"
+        inside = offline.folder_of_checkpoints(getattr(args, src)) if src else []
+        if inside and cmd in ("consolidate", "convert"):
+            raise CheckpointError(_which_one(args, cmd, src, inside))
         if cmd == "inspect":
-            info = offline.inspect(args.path)
+            if not inside:
+                info = offline.inspect(args.path)
+                print(json.dumps(info, indent=1, default=str) if args.json else offline.format_inspect(info))
+                return 0
+            infos = [offline.inspect(c) for c in inside]
             if args.json:
-                print(json.dumps(info, indent=1, default=str))
-            else:
+                print(json.dumps({"folder": args.path, "checkpoints": infos}, indent=1, default=str))
+                return 0
+            print(f"{args.path} is a folder of {len(inside)} checkpoints: "
+                  f"{', '.join(os.path.basename(c) for c in inside)}; inspecting each")
+            for info in infos:
+                print()
                 print(offline.format_inspect(info))
             return 0
         if cmd == "verify":
-            n, errors = offline.verify(args.path, progress=progress)
-            if errors:
-                for e in errors:
-                    print(f"FAIL {e}", file=sys.stderr)
-                print(f"{args.path}: {len(errors)} problem(s)", file=sys.stderr)
-                return 1
-            print(f"{args.path}: OK, {n} chunks verified")
-            return 0
+            if inside:
+                print(f"{args.path} is a folder of {len(inside)} checkpoints: "
+                      f"{', '.join(os.path.basename(c) for c in inside)}; verifying each")
+            bad = 0
+            for path in inside or [args.path]:
+                bad += _verify_one(offline, path, progress)
+            if inside:
+                print(f"{args.path}: {len(inside) - bad} of {len(inside)} checkpoints OK",
+                      file=sys.stderr if bad else sys.stdout)
+            return 1 if bad else 0
         if cmd == "consolidate":
             offline.consolidate(args.path, args.out, progress=progress)
             print(f"wrote {args.out}")
@@ -121,6 +140,29 @@ def run_ckpt(args) -> int:
         print(f"shardopt ckpt {cmd}: error: {e}", file=sys.stderr)
         return 1
     raise AssertionError(cmd)
+
+
+def _verify_one(offline, path: str, progress: bool) -> int:
+    """Verify one checkpoint and print its verdict; 1 if it has problems."""
+    n, errors = offline.verify(path, progress=progress)
+    if errors:
+        for e in errors:
+            print(f"FAIL {e}", file=sys.stderr)
+        print(f"{path}: {len(errors)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: OK, {n} chunks verified")
+    return 0
+
+
+def _which_one(args, cmd: str, src: str, inside: list[str]) -> str:
+    names = ", ".join(os.path.basename(c) for c in inside)
+    folder = getattr(args, src)
+    if cmd == "consolidate":
+        example = f"shardopt ckpt consolidate {inside[0]} {args.out}"
+    else:
+        example = f"shardopt ckpt convert --to deepspeed {inside[0]} {args.dst} --world-size {args.world_size or 'M'}"
+    return (f"{folder} is a folder of {len(inside)} checkpoints ({names}); {cmd} takes one of them, "
+            f"e.g. {example}")
 
 
 def main(argv=None) -> int:

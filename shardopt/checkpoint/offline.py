@@ -17,12 +17,15 @@ from collections import OrderedDict
 
 import torch
 
+from ..optim._report import format_bytes
 from . import _storage as S
 from ._manifest import (
     CONSOLIDATED_FORMAT,
     EXTRA,
     FORMAT,
+    MANIFEST,
     VERSION,
+    checkpoints_in,
     decode_group,
     dtype_str,
     legacy_scale,
@@ -60,6 +63,14 @@ class _NoBar:
 
     def __exit__(self, *a):
         pass
+
+
+def folder_of_checkpoints(path: str) -> list[str]:
+    """The checkpoints inside ``path`` when it is a folder of them (as ``shardopt demo`` writes), not one itself."""
+    path = os.fspath(path).rstrip("/") or os.fspath(path)
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, MANIFEST)):
+        return []
+    return checkpoints_in(path)
 
 
 def _open(path):
@@ -118,20 +129,36 @@ def format_inspect(info: dict) -> str:
         f"files       {len(info['files'])} data files, extra state: {'yes' if info['extra'] else 'no'}",
     ]
     for gi, g in enumerate(info["groups"]):
-        hp = ", ".join(f"{k}={_short(v)}" for k, v in g.items() if k not in ("n_params",))
-        out.append(f"group {gi}     {g['n_params']} params: {hp}")
+        alg = g.get("algorithm")
+        hp = ", ".join(f"{k}={_short(v)}" for k, v in sorted(g.items()) if _shown(k, alg))
+        out.append(f"group {gi}     {g['n_params']} params, {alg or '?'}: {hp}")
     hdr = ("name", "shape", "dtype", "algorithm", "state keys", "step", "bytes")
     rows = [(r["name"] + (" (buffer)" if r["kind"] == "buffer" else ""), "x".join(map(str, r["shape"])) or "()",
              r["dtype"], r["algorithm"], ",".join(r["state"]) or "-",
-             "-" if r["step"] is None else f"{r['step']:g}", f"{r['bytes']:,}") for r in info["rows"]]
+             "-" if r["step"] is None else f"{r['step']:g}", format_bytes(r["bytes"])) for r in info["rows"]]
     w = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in enumerate(hdr)]
     out.append("")
     out.append("  ".join(h.ljust(w[c]) if c < 6 else h.rjust(w[c]) for c, h in enumerate(hdr)))
     out.append("  ".join("-" * x for x in w))
     for r in rows:
         out.append("  ".join(v.ljust(w[c]) if c < 6 else v.rjust(w[c]) for c, v in enumerate(r)))
-    out.append(f"total {len(rows)} tensors, {info['total_bytes']:,} bytes")
+    out.append(f"total {len(rows)} tensors, {format_bytes(info['total_bytes'])} "
+               "(shardopt ckpt inspect --json gives exact bytes)")
     return "\n".join(out)
+
+
+def _shown(key: str, algorithm) -> bool:
+    """Whether a param-group setting belongs on that group's line: not the group size, not the algorithm
+    (already named), and not another algorithm's setting (a Muon optimizer's defaults also fill its
+    auxiliary AdamW group, as torch.optim fills every group)."""
+    from ..optim.base import ALGORITHMS
+
+    if key in ("n_params", "algorithm"):
+        return False
+    own = ALGORITHMS.get(algorithm)
+    if own is None or key in own.defaults:
+        return True
+    return not any(key in a.defaults for a in ALGORITHMS.values())
 
 
 def _short(v):
@@ -140,6 +167,20 @@ def _short(v):
     if isinstance(v, tuple):
         return "(" + ",".join(_short(x) for x in v) + ")"
     return str(v)
+
+
+def read_extra(path: str):
+    """The ``extra`` object a checkpoint was saved with (None if none), after checking its CRC-32.
+
+    ``extra.pt`` is a pickle: read only checkpoints you trust.
+    """
+    directory, m = _open(path)
+    if EXTRA not in m.get("files", {}):
+        return None
+    errs = S.verify_side_file(directory, m, EXTRA)
+    if errs:
+        raise CorruptCheckpointError(errs[0])
+    return torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
 
 
 # ---------------------------------------------------------------- verify

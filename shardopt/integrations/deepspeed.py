@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim import AdamW, Lion, Muon, ShardedOptimizer, muon_param_groups
+from ..optim._report import ExternalPartitioning
 from ..optim.base import ALGORITHMS
 
 PREFIX = "shardopt."
@@ -361,13 +362,18 @@ def _check_fits_zero(engine, opt: ShardedOptimizer) -> None:
     )
 
 
+def _dp_group(engine):
+    """The data-parallel group DeepSpeed partitions the optimizer state over."""
+    return getattr(engine.optimizer, "dp_process_group", None) or engine.seq_data_parallel_group
+
+
 def _install_group_reductions(engine, opt: ShardedOptimizer) -> None:
     """Under ZeRO each rank holds a disjoint partition: sum the scalars (grad norm, non-finite flag) over DP.
 
     DeepSpeed narrows ``param_groups`` while it steps one group at a time, which rebuilds the (local)
     layout, so the reduction is re-attached whenever the layout is rebuilt.
     """
-    group = getattr(engine.optimizer, "dp_process_group", None) or engine.seq_data_parallel_group
+    group = _dp_group(engine)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     class_ensure = opt._ensure_layout
@@ -421,7 +427,14 @@ def _after_configure_optimizer(engine) -> None:
     opt.layout  # DeepSpeed may have swapped the params (flat partitions, fp32 copies): build the state now
     if engine.zero_optimization():
         _install_group_reductions(engine, opt)
-        how = f"on DeepSpeed ZeRO-{engine.zero_optimization_stage()}'s flat fp32 partitions (sharding='none')"
+        stage = engine.zero_optimization_stage()
+        how = f"on DeepSpeed ZeRO-{stage}'s flat fp32 partitions (sharding='none')"
+        # summary() then reports DeepSpeed's partitioning, not the 'none' layout shardopt runs on each partition
+        opt.partitioned_by = ExternalPartitioning(
+            label=f"ds-zero{stage}",
+            description=f"DeepSpeed ZeRO-{stage} partitions the state; shardopt steps each rank's flat partition",
+            group=_dp_group(engine),
+        )
     else:
         if engine.optimizer is opt and engine.bfloat16_enabled():
             clip = engine.gradient_clipping()

@@ -22,7 +22,7 @@ import torch
 
 from ._ext import ExtensionLoader, is_stale
 
-__all__ = ["available", "build_error", "load", "source_path", "lion_step", "adamw_step"]
+__all__ = ["available", "build_error", "load", "needs_build", "source_path", "lion_step", "adamw_step"]
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset()
@@ -78,6 +78,26 @@ def _jit_build():
             if first_error is None:
                 first_error = exc
     raise first_error
+
+
+def needs_build() -> bool:
+    """Whether loading the kernels now would compile them (a JIT build that is missing or stale).
+
+    False once loaded, when the prebuilt module imports, or when the kernels are disabled.
+    """
+    import importlib.util
+
+    from ._ext import env_flag
+
+    if _LOADER._tried or env_flag("SHARDOPT_DISABLE_CPP"):
+        return False
+    try:
+        if importlib.util.find_spec("shardopt._C_cpu") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+    src = source_path()
+    return src is not None and is_stale(EXT_NAME, [src])
 
 
 _LOADER = ExtensionLoader("C++ CPU", "shardopt._C_cpu", "SHARDOPT_DISABLE_CPP", _jit_build)

@@ -367,48 +367,14 @@ class ShardedOptimizer(Optimizer):
         return total
 
     def summary(self, print_fn=print) -> list[dict]:
-        """Gather and print a per-rank table: owned elements, state bytes, NS FLOPs."""
-        from ..functional import ns_flops
+        """Gather and print a per-rank table: owned elements, state bytes, NS FLOPs (see ``optim/_report.py``).
 
-        layout = self.layout
-        owned = 0
-        flops = 0
-        params, _, gidx = self._flat_params()
-        for i, p in enumerate(params):
-            shape = layout.local_shape(i)
-            n = 1
-            for s in shape:
-                n *= s
-            owned += n
-            if ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]].matrix and layout.owns_matrix(i):
-                flops += ns_flops(p.shape, self.param_groups[gidx[i]].get("ns_steps", 5))
-        row = torch.tensor([float(owned), float(self.state_bytes()), float(flops)], dtype=torch.float64)
-        w, rank = comm.world(layout.group)
-        rows = [row]
-        if w > 1:
-            dev = _device_of(params[0]) if params else torch.device("cpu")
-            t = row.to(dev)
-            out = torch.empty(w * 3, dtype=torch.float64, device=dev)
-            comm.all_gather_untracked(out, t, layout.group)
-            allr = out.view(w, 3).cpu()
-            rows = [allr[r] for r in range(w)]
-        table = [
-            {"rank": r, "owned_elements": int(x[0]), "state_bytes": int(x[1]), "ns_flops": int(x[2])}
-            for r, x in enumerate(rows)
-        ]
-        if print_fn is not None and rank == 0:
-            # fp32 state tensors per parameter, plus the master copy of low-precision ones
-            unsharded = sum(
-                4 * p.numel() * (len(ALGORITHMS[self.param_groups[gidx[i]]["algorithm"]].state_keys(
-                    self.param_groups[gidx[i]])) + (self.master_weights and p.dtype in LOW_PRECISION))
-                for i, p in enumerate(params)
-            )
-            print_fn(f"{type(self).__name__} layout={layout.name} world={w}")
-            print_fn(f"{'rank':>4} {'owned elements':>15} {'state bytes':>13} {'NS GFLOP':>10}")
-            for t in table:
-                print_fn(f"{t['rank']:>4} {t['owned_elements']:>15,} {t['state_bytes']:>13,} {t['ns_flops'] / 1e9:>10.3f}")
-            print_fn(f"(unsharded state would be about {unsharded:,} bytes per rank)")
-        return table
+        Collective: every rank calls it; rank 0 prints with ``print_fn`` (None: nothing). Returns one dict per
+        rank with the raw numbers.
+        """
+        from ._report import summary
+
+        return summary(self, print_fn)
 
     # ------------------------------------------------------------------ step
     def _describe(self, i):

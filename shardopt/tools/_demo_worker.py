@@ -8,7 +8,9 @@ returns one result dict per optimizer; the other ranks return ``None``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import math
 import os
 import sys
@@ -204,8 +206,11 @@ class Trainer:
         import logging
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        engine, optimizer, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
-                                                       config=config)
+        # DeepSpeed prints some notices on every rank ("... built successfully"): keep rank 0's
+        quiet = contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() != 0 else contextlib.nullcontext()
+        with quiet:
+            engine, optimizer, _, _ = deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+                                                           config=config)
         self.engine, self.forward_module = engine, engine
         self.opt = optimizer
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
@@ -231,21 +236,6 @@ class Trainer:
         # e.g. "ds-zero1" (DeepSpeed partitions Lion/AdamW), "ds-zero0+zero1" (Muon: shardopt shards)
         label = f"ds-zero{self.engine.zero_optimization_stage()}"
         return label if inner == "none" else f"{label}+{inner}"
-
-    def unsharded_state_bytes(self, per_rank_bytes: list[int]) -> int:
-        """What one rank would hold without sharding: every state tensor at full parameter size."""
-        so = self.shard_opt
-        if self.engine is not None:
-            # DeepSpeed hands the optimizer flat partitions, not the model's parameters: the
-            # partitions add up to the whole (plus a little alignment padding)
-            return sum(per_rank_bytes)
-        total = 0
-        for group in so.param_groups:
-            for p in group["params"]:
-                for k, v in so.state[p].items():
-                    if k != "step" and torch.is_tensor(v):
-                        total += p.numel() * v.element_size()
-        return total
 
     # -- training -------------------------------------------------------
     def set_lr(self, step: int):
@@ -300,7 +290,55 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _uses_cpu_kernels(plan: dict) -> bool:
+    return plan["device"] == "cpu" and plan.get("backend", "auto") in ("auto", "cpu")
+
+
+def prepare_kernels(plan: dict, say=print) -> bool:
+    """Build (or load) the C++ CPU kernels now, before any progress bar, with one line of their own.
+
+    Returns whether they are available. The kernels' own build notice is folded into this line.
+    """
+    import contextlib
+    import io
+
+    from ..kernels import cpu
+
+    building = cpu.needs_build()
+    if building:
+        say("C++ CPU kernels: building them (first run only; about a minute on 2 cores) ...", end=" ", flush=True)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):
+        ok = cpu.available()
+    dt = time.perf_counter() - t0
+    if not ok:
+        why = f"unavailable ({cpu.build_error()}); the optimizers use the slower torch backend"
+        say(why if building else f"C++ CPU kernels: {why}", flush=True)
+    elif building:
+        say(f"built in {dt:.0f} s and cached for the next runs", flush=True)
+    else:
+        say("C++ CPU kernels: ready (built on an earlier run)", flush=True)
+    return ok
+
+
+def _kernels_ready(plan: dict, rank: int, world: int) -> dict:
+    """Every rank has its kernels loaded before training starts; rank 0 says so unless the parent did."""
+    if not _uses_cpu_kernels(plan):
+        return plan
+    from ..kernels import cpu
+
+    if not plan.get("kernels_announced"):
+        if rank == 0:
+            prepare_kernels(plan)
+        if world > 1:
+            dist.barrier()  # the others load what rank 0 built
+    if not cpu.available():
+        plan = dict(plan, backend="torch")  # said once above; no per-rank fallback warnings
+    return plan
+
+
 def worker(rank: int, world: int, device: torch.device, plan: dict):
+    plan = _kernels_ready(plan, rank, world)
     cfg = SIZES[plan["size"]]
     corpus = Corpus(cfg, plan["seed"])
     heldout = corpus.heldout()
@@ -350,8 +388,10 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
                    "loss": list(history["loss"]) + losses}
         saved = None
         if ckpt_dir:
+            # each checkpoint describes itself; the folder's demo.json is rebuilt from these
             extra = {"step": start + steps, "history": history, "world_size": world,
-                     "layout": tr.layout_name(), "eval_loss": eval_end, "optimizer": name}
+                     "layout": tr.layout_name(), "eval_loss": eval_end, "optimizer": name,
+                     "size": plan["size"], "seed": plan["seed"]}
             tr.save(ckpt_dir, extra)
             saved = ckpt_dir
         warm = times[2:] if len(times) > 4 else times
@@ -365,7 +405,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             "step_time_s": sum(warm) / len(warm),
             "state_bytes": [r["state_bytes"] for r in rows],
             "owned_elements": [r["owned_elements"] for r in rows],
-            "unsharded_state_bytes": tr.unsharded_state_bytes([r["state_bytes"] for r in rows]),
+            "unsharded_state_bytes": rows[0]["unsharded_state_bytes"],
             "eval_loss": eval_end,
             "resumed": resumed,
             "checkpoint": saved,

@@ -122,6 +122,25 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _saved_run(path: Path, meta: dict, optimizers: list[str]) -> tuple[str, int]:
+    """The model size and seed the chosen checkpoints were trained with; they must agree to resume together."""
+    from ._demo_model import SIZES
+
+    per = meta.get("checkpoints") or {}
+    runs = {}
+    for name in optimizers:
+        e = per.get(name, {})
+        size, seed = e.get("size", meta["size"]), e.get("seed", meta["seed"])
+        if size not in SIZES or not isinstance(seed, int):
+            raise CommandError(f"--resume {path}: cannot read {path / META}: it lacks the size or seed of {name}")
+        runs.setdefault((size, seed), []).append(name)
+    if len(runs) > 1:
+        desc = "; ".join(f"{', '.join(names)}: seed {seed}, {size} model" for (size, seed), names in runs.items())
+        raise CommandError(f"--resume {path}: its checkpoints come from different runs ({desc}); "
+                           "resume them one at a time with --optimizer")
+    return next(iter(runs))
+
+
 def make_plan(args) -> dict:
     """Turn the parsed flags into the plan every rank follows; all user errors surface here."""
     import torch
@@ -141,7 +160,7 @@ def make_plan(args) -> dict:
             optimizers = [args.optimizer]
         else:
             raise CommandError(f"--resume {resume}: it holds {', '.join(saved)}, not {args.optimizer}")
-        size, seed = meta["size"], meta["seed"]
+        size, seed = _saved_run(resume, meta, optimizers)
         if args.seed is not None and args.seed != seed:
             raise CommandError(f"--seed {args.seed} differs from the checkpoint's seed {seed}; leave it out")
     else:
@@ -207,11 +226,19 @@ def _free_port() -> int:
 
 
 def _prebuild_kernels(plan: dict):
-    """Build the C++ CPU kernels once here, not racing in every rank."""
-    if plan["device"] == "cpu" and plan["backend"] in ("auto", "cpu"):
-        from ..kernels import cpu
+    """Build the C++ CPU kernels once here, before any rank starts (and any progress bar), and say so."""
+    from ._demo_worker import _uses_cpu_kernels, prepare_kernels
 
-        cpu.available()
+    if _uses_cpu_kernels(plan):
+        if not prepare_kernels(plan):
+            plan["backend"] = "torch"
+        plan["kernels_announced"] = True
+
+
+def _quiet_deepspeed(plan: dict):
+    """Name DeepSpeed's accelerator before anything imports it: it warns when it has to guess."""
+    if plan["layout"] == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if plan["device"] == "cpu" else "cuda")
 
 
 def _spawn(plan: dict):
@@ -259,6 +286,7 @@ def _raise_rank_failure(tmp, result_file, world, plan, exc):
 
 def run(args) -> int:
     plan = make_plan(args)
+    _quiet_deepspeed(plan)
     if _under_torchrun():
         from ._demo_worker import run_rank
 
@@ -275,6 +303,13 @@ def run(args) -> int:
     return 0
 
 
+def layout_label(plan: dict) -> str:
+    """The layout that will run: ZeRO-1 on one rank has nothing to shard, so the optimizers run 'none'."""
+    if plan["layout"] == "zero1" and plan["world"] == 1:
+        return "none (zero1 needs 2 or more ranks)"
+    return plan["layout"]
+
+
 def _ranks(n) -> str:
     return f"{n} rank" if n == 1 else f"{n} ranks"
 
@@ -289,7 +324,7 @@ def _announce(plan: dict):
 
     with torch.device("meta"):
         n = num_params(TinyGPT(cfg))
-    print(f"shardopt demo: {what} | {plan['layout']} | {ranks} | {n / 1e6:.2f}M-param GPT, "
+    print(f"shardopt demo: {what} | {layout_label(plan)} | {ranks} | {n / 1e6:.2f}M-param GPT, "
           f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens", flush=True)
 
 
@@ -372,6 +407,39 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
+def folder_meta(ckpt: Path, plan: dict) -> dict:
+    """``demo.json``, rebuilt from the checkpoints in the folder: each one's own metadata (its ``extra``).
+
+    A run of one optimizer leaves the others' checkpoints from earlier runs in place; they keep describing
+    themselves (their step, layout, world size, model size and seed), whatever this run was.
+    """
+    from ..checkpoint import offline
+    from ..checkpoint.errors import CheckpointError
+
+    old_file = ckpt / META
+    try:
+        old = json.loads(old_file.read_text()) if old_file.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    entries = {}
+    for name in OPTIMIZERS:
+        d = ckpt / name
+        if not (d / "shardopt.json").is_file():
+            continue
+        try:
+            extra = offline.read_extra(str(d)) or {}
+        except CheckpointError:
+            continue  # damaged: not offered for --resume (`shardopt ckpt verify` says what is wrong)
+        entries[name] = {
+            "step": extra.get("step"), "layout": extra.get("layout"), "world_size": extra.get("world_size"),
+            # checkpoints of older demos lack these; their demo.json had them for the whole folder
+            "size": extra.get("size", old.get("size", plan["size"])),
+            "seed": extra.get("seed", old.get("seed", plan["seed"])),
+        }
+    return {"version": 2, "optimizers": list(entries), "size": plan["size"], "seed": plan["seed"],
+            "step": {n: e["step"] for n, e in entries.items()}, "checkpoints": entries}
+
+
 def report(plan: dict, results: list[dict]):
     out = Path(plan["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -397,20 +465,12 @@ def report(plan: dict, results: list[dict]):
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     ckpt = plan.get("checkpoint_dir")
     if ckpt:
-        meta_file = Path(ckpt) / META
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if meta.get("size", plan["size"]) != plan["size"] or meta.get("seed", plan["seed"]) != plan["seed"]:
-            meta = {}  # a different model/seed was saved here before: start the listing afresh
-        steps = dict(meta.get("step", {}))
-        steps.update({r["optimizer"]: r["steps"][-1] for r in results})
-        names = list(meta.get("optimizers", []))
-        names += [r["optimizer"] for r in results if r["optimizer"] not in names]
-        meta = {"version": 1, "optimizers": names, "size": plan["size"], "seed": plan["seed"],
-                "layout": plan["layout"], "world_size": plan["world"], "step": steps}
-        Path(ckpt).mkdir(parents=True, exist_ok=True)
-        meta_file.write_text(json.dumps(meta, indent=1))
+        meta = folder_meta(Path(ckpt), plan)
+        (Path(ckpt) / META).write_text(json.dumps(meta, indent=1))
         other = 1 if plan["world"] != 1 else 2
-        print(f"checkpoint: {ckpt}  (continue it at another world size: "
-              f"shardopt demo --resume {ckpt} --nproc {other})")
+        print(f"checkpoint: {ckpt}, one checkpoint per optimizer ({', '.join(meta['optimizers'])})")
+        print(f"  look inside:  shardopt ckpt inspect {ckpt}")
+        print(f"  check it:     shardopt ckpt verify {ckpt}")
+        print(f"  continue it at another world size:  shardopt demo --resume {ckpt} --nproc {other}")
     if checks and not all(c["ok"] for c in checks.values()):
         raise CommandError("the resumed loss curve did not continue from the checkpoint (see above)")
