@@ -5,7 +5,10 @@
 
 See README.md and docs/ for layouts (single device, ZeRO-1, FSDP2, DeepSpeed).
 """
+from .integrations import _trainer_watch
 from .optim import AdamW, Lion, Muon, NonFiniteGradientError, ShardedOptimizer, muon_param_groups
+
+_trainer_watch.install()  # one warning when a plain transformers.Trainer saves one rank's shard (no import of it)
 
 __version__ = "0.1.0"
 __all__ = ["AdamW", "Lion", "Muon", "muon_param_groups", "ShardedOptimizer", "NonFiniteGradientError", "__version__"]
