@@ -304,6 +304,20 @@ def mode_deepspeed(out, rank, world, cases):
         res["ds_warnings"] += run(tr, os.path.join(root, f"checkpoint-{SAVE}"))
         res["ds_params"][f"{case}/resumed"] = params_of(model)
         res["global_step"][case] = tr.state.global_step
+    # No "optimizer" in the config: Trainer builds optim="shardopt_*" and hands it to DeepSpeed as its client optimizer
+    res["client"] = {}
+    for optim in ("shardopt_lion", "shardopt_muon"):
+        cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+               "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+        try:
+            tr = ShardoptTrainer(model=tiny_llama(), train_dataset=Tokens(),
+                                 args=targs(os.path.join(out, optim), world, optim=optim, deepspeed=cfg, max_steps=2))
+            run(tr)
+            engine = tr.model_wrapped
+            res["client"][optim] = (engine.zero_optimization_stage(), type(engine.basic_optimizer).__name__,
+                                    engine.basic_optimizer.sharding)
+        except NotImplementedError as e:
+            res["client"][optim] = str(e)
     return res
 
 

@@ -183,6 +183,9 @@ def test_deepspeed_config_in_training_arguments_trains_and_resumes(w2):
     assert r["stage"][SHIPPED] == 0 and r["optimizer"][SHIPPED] == "Muon" and r["global_step"][SHIPPED] == 10
     assert _bitwise(r["ds_params"][f"{SHIPPED}/resumed"], r["ds_params"][f"{SHIPPED}/full"])
     assert not _bitwise(r["ds_params"][f"{SHIPPED}/full"], r["ds_params"]["muon-2/full"])
+    # optim="shardopt_*" with no "optimizer" in the config: Lion runs on DeepSpeed's partitions, Muon is refused
+    assert r["client"]["shardopt_lion"] == (2, "Lion", "none")
+    assert "Name it in the config instead" in r["client"]["shardopt_muon"]
 
 
 @pytest.mark.slow

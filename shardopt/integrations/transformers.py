@@ -44,7 +44,6 @@ import warnings
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers import trainer_optimizer as _hf_optimizer
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.training_args import OptimizerNames
@@ -232,7 +231,10 @@ def _add_enum_member(enum_cls, value: str):
 
 def install() -> None:
     """Make ``optim="shardopt_*"`` valid ``TrainingArguments`` and build them in any Trainer. Idempotent."""
-    handlers = getattr(_hf_optimizer, "_OPTIMIZER_HANDLERS", None)
+    try:  # transformers 5's table of optimizer builders, which Trainer.get_optimizer_cls_and_kwargs reads
+        from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS as handlers
+    except ImportError:  # without it only ShardoptTrainer / ShardoptCallback build the shardopt_* names
+        handlers = None
     for value in OPTIM_NAMES:
         member = _add_enum_member(OptimizerNames, value)
         if handlers is not None:
