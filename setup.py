@@ -53,7 +53,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "demo": ["matplotlib", "tqdm"],
-        "test": ["pytest>=7", "ninja", "matplotlib", "tqdm", "accelerate>=1.0", "triton"],
+        "test": ["pytest>=7", "ninja", "matplotlib", "tqdm", "accelerate>=1.0", "triton", "transformers>=5"],
         "deepspeed": ["deepspeed>=0.16", "transformers"],
         "all": [
             "pytest>=7",
@@ -63,7 +63,7 @@ setup(
             "accelerate>=1.0",
             "triton",
             "deepspeed>=0.16",
-            "transformers",
+            "transformers>=5",
         ],
     },
     entry_points={"console_scripts": ["shardopt=shardopt.cli:main"]},

@@ -26,6 +26,10 @@ __all__ = ["AdamW", "Lion", "Muon", "muon_param_groups", "ShardedOptimizer", "No
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'shardopt' has no attribute {name!r}")
+    if _LAZY[name] == ".optim":
+        # with the optimizers: one warning when a plain transformers.Trainer saves one rank's shard
+        # (it does not import transformers)
+        importlib.import_module(".integrations._trainer_watch", __name__).install()
     value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value

@@ -391,6 +391,31 @@ def test_extra_scheduler_and_rng(tmp_path):
     assert_close_params(_full(list(m2.parameters())), ref, "lion")
 
 
+def test_optimizer_only_checkpoint_leaves_the_model_alone(tmp_path, capsys):
+    """model_weights=False (the Trainer integration's mode): the model names the parameters, nothing of it is stored."""
+    path = str(tmp_path / "opt_only")
+    m, opt = _fresh("adamw")
+    _train(opt, list(m.parameters()), 0, K)
+    C.save(path, m, opt, model_weights=False)
+    man = _manifest(path)
+    assert man["model"] == {} and not any(k.startswith("model.") for k in man["tensors"])
+    assert set(man["params"]) == {n for n, _ in m.named_parameters()}
+    m2, opt2 = _fresh("adamw")
+    before = _full(list(m2.parameters()))
+    C.load(path, m2, opt2, model_weights=False)
+    assert all(torch.equal(a, b) for a, b in zip(_full(list(m2.parameters())), before))  # weights untouched
+    for p, q in zip(m.parameters(), m2.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][k], opt2.state[q][k])
+        assert opt2.state[q]["step"] == K
+    with pytest.raises(C.MissingEntryError, match="model weight"):  # the weights were not saved
+        C.load(path, m2, opt2)
+    assert _run_cli("inspect", path) == 0 and "exp_avg" in capsys.readouterr().out
+    assert _run_cli("consolidate", path, str(tmp_path / "c.pt")) == 0
+    sd = torch.load(str(tmp_path / "c.pt"), weights_only=False)
+    assert sd["model"] == {} and len(sd["state"]) == len(list(m.parameters()))
+
+
 def _kill_child(path, flag):
     return f"""
 import sys, time

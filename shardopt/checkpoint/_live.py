@@ -212,7 +212,8 @@ def _reshard_fsdp(module) -> None:
             m.reshard()
 
 
-def collect(model, optimizer) -> Live:
+def collect(model, optimizer, weights: bool = True) -> Live:
+    """``weights=False``: the model only names the optimizer's parameters; none of its tensors is a target."""
     module, engine = unwrap(model)
     live = Live()
     if dist.is_available() and dist.is_initialized():
@@ -227,11 +228,12 @@ def collect(model, optimizer) -> Live:
                     f"shardopt checkpoints do not support DeepSpeed ZeRO-3 partitioned parameters ({fqn}); "
                     "use ZeRO-1/2, or DeepSpeed's own checkpointing for ZeRO-3"
                 )
-            val = t.detach()
-            live.model_targets.append(Target(model_key(fqn), fqn, "model", tuple(t.shape), t.dtype, val))
+            name_of[id(t)] = fqn
+            if not weights:
+                continue
+            live.model_targets.append(Target(model_key(fqn), fqn, "model", tuple(t.shape), t.dtype, t.detach()))
             if kind == "buffer":
                 live.buffers.add(fqn)
-            name_of[id(t)] = fqn
     if optimizer is None and engine is not None:
         optimizer = engine.optimizer
     if optimizer is None:

@@ -83,7 +83,7 @@ def _err(exc: BaseException) -> tuple:
 
 
 # ---------------------------------------------------------------- save
-def save(path: str, model, optimizer=None, extra=None, *, process_group=None) -> str:
+def save(path: str, model, optimizer=None, extra=None, *, model_weights: bool = True, process_group=None) -> str:
     """Write ``model`` (and ``optimizer``'s state) to the checkpoint directory ``path``.
 
     Collective: every rank calls it. Works for a single device, ZeRO-1, FSDP2
@@ -95,13 +95,15 @@ def save(path: str, model, optimizer=None, extra=None, *, process_group=None) ->
     file is synced and checksummed, so a crash leaves the previous checkpoint
     whole. ``extra`` (rank 0's, any picklable object: step, LR scheduler state,
     RNG state, see :func:`rng_state`) is stored alongside and returned by
-    :func:`load`. Returns ``path``.
+    :func:`load`. ``model_weights=False`` writes the optimizer only: the model
+    then just names its parameters (the Trainer integration does this, as
+    Trainer keeps the weights in ``model.safetensors``). Returns ``path``.
     """
     path = os.fspath(path).rstrip("/")
     w, rank = _world(process_group)
     errors, live = [], None
     try:
-        live = collect(model, optimizer)
+        live = collect(model, optimizer, weights=model_weights)
     except Exception as e:
         errors.append(_err(e))
     if rank == 0 and not errors:
@@ -202,7 +204,7 @@ def build_manifest(live: Live, sums: dict, files: dict) -> dict:
 
 # ---------------------------------------------------------------- load
 def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_groups: bool = False,
-         process_group=None):
+         model_weights: bool = True, process_group=None):
     """Load checkpoint ``path`` into ``model`` (and ``optimizer``), in place; returns the saved ``extra``.
 
     Collective. The checkpoint may come from any world size and layout (and
@@ -229,7 +231,7 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_gr
         if errs:
             raise CorruptCheckpointError(errs[0])
         md = S.read_metadata(directory)
-        live = collect(model, optimizer)
+        live = collect(model, optimizer, weights=model_weights)
     except Exception as e:
         errors.append(_err(e))
     state_dict = {}

@@ -28,6 +28,9 @@ import torch
 from . import _steps
 
 FORMAT = 2
+# Run after each optimizer's own state_dict post-hooks, as ``hook(opt, state_dict)``, for integrations that must
+# see saves they do not drive (shardopt.integrations._trainer_watch: transformers.Trainer saving one rank's shard).
+GLOBAL_STATE_DICT_POST_HOOKS: list = []
 # torch.optim's implementation switches; they mean nothing to shardopt's groups
 TORCH_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
 
@@ -60,6 +63,8 @@ def pack(opt) -> dict:
         out = hook(opt, sd)
         if out is not None:
             sd = out
+    for hook in GLOBAL_STATE_DICT_POST_HOOKS:
+        hook(opt, sd)
     return sd
 
 
