@@ -7,6 +7,11 @@
   segment, splittable items (elementwise algorithms) fill the rest in order,
   so each rank owns one contiguous range of each splittable tensor. With no
   whole items this is the classic contiguous ZeRO-1 partition.
+* ``contiguous_pieces`` / ``per_item_pieces``: where the elements of each item
+  sit in partitions someone else laid out. DeepSpeed ZeRO-1/2 cuts one flat
+  buffer into ``W`` equal ranges; ZeRO-3 cuts every parameter into ``W``
+  equal ranges. Both give, per rank, which element range of each item it holds
+  and where in its flat partition that range lies.
 """
 from __future__ import annotations
 
@@ -73,3 +78,49 @@ def fill_segments(numels: list[int], owners: list[int | None], world: int, align
             used[r] += take
             start += take
     return SegmentPlan(seg, pieces)
+
+
+@dataclass(frozen=True)
+class FlatPiece:
+    """Elements ``[lo, hi)`` of item ``item`` (flattened), at ``offset`` in one rank's flat partition."""
+
+    item: int
+    lo: int
+    hi: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+
+def contiguous_pieces(numels: list[int], offsets: list[int], partition: int, world: int) -> list[list[FlatPiece]]:
+    """Items at ``offsets`` of one flat buffer that is cut into ``world`` partitions of ``partition`` elements.
+
+    Rank ``r`` holds buffer elements ``[r*partition, (r+1)*partition)`` (DeepSpeed ZeRO-1/2).
+    """
+    out: list[list[FlatPiece]] = [[] for _ in range(world)]
+    for k, (n, off) in enumerate(zip(numels, offsets)):
+        for r in range(world):
+            lo, hi = max(off, r * partition), min(off + n, (r + 1) * partition)
+            if lo < hi:
+                out[r].append(FlatPiece(k, lo - off, hi - off, lo - r * partition))
+    return out
+
+
+def per_item_pieces(numels: list[int], world: int) -> list[list[FlatPiece]]:
+    """Every item cut into ``world`` ranges of ``ceil(n/world)`` elements (the tail short or empty, padded).
+
+    Rank ``r``'s flat partition is the concatenation of its ranges, each padded to ``ceil(n/world)``
+    elements (DeepSpeed ZeRO-3).
+    """
+    out: list[list[FlatPiece]] = [[] for _ in range(world)]
+    base = 0
+    for k, n in enumerate(numels):
+        part = -(-n // world) if n else 0
+        for r in range(world):
+            lo, hi = min(n, r * part), min(n, (r + 1) * part)
+            if lo < hi:
+                out[r].append(FlatPiece(k, lo, hi, base))
+        base += part
+    return out
