@@ -108,6 +108,8 @@ class Case:
             cfg["bf16"] = {"enabled": True}
         if self.offload:
             cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if self.stage == 3:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition the small ones too
         return cfg
 
     @property
