@@ -534,6 +534,60 @@ def _reduce_scatter_buckets(zo) -> None:
     zo.allreduce_and_copy_with_multiple_ranks = allreduce_and_copy_with_multiple_ranks
 
 
+def _load_universal_stage3(zo, opt: ShardedOptimizer) -> None:
+    """ZeRO-3 reads universal checkpoints with Adam's state keys written in (fp32, exp_avg, exp_avg_sq) and
+    group 0's hyperparameters for every group. For a shardopt optimizer, read each group's own state keys
+    (Lion's and Muon's momentum_buffer), its own hyperparameters and each partition's step."""
+    import os
+
+    def load(checkpoint_dir):
+        if zo.swap_optimizer:
+            raise NotImplementedError("shardopt: loading a universal checkpoint into a ZeRO-3 optimizer swapped "
+                                      "to NVMe is not supported; use offload_optimizer device cpu")
+        zdir = os.path.join(checkpoint_dir, "zero")
+        optim_sd = torch.load(os.path.join(zdir, "optimizer_state.pt"), weights_only=False)
+        zo._load_global_state_stage3(optim_sd)
+        saved_groups = optim_sd.get("param_groups") or optim_sd["optimizer_state_dict"]["param_groups"]
+        if len(saved_groups) != len(opt.param_groups):
+            raise ValueError(f"shardopt: the universal checkpoint has {len(saved_groups)} param groups, the "
+                             f"optimizer {len(opt.param_groups)}; build it with the groups it was saved with")
+        for g, saved in zip(opt.param_groups, saved_groups):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        for sg, params in enumerate(zo.fp16_groups):
+            flat = zo.fp32_partitioned_groups_flat[sg]
+            group = opt.param_groups[zo.sub_group_to_group_id[sg]]
+            st = opt.state[flat]
+            for key in ("fp32", *ALGORITHMS[group["algorithm"]].state_keys(group)):
+                buf = torch.zeros_like(flat)
+                off = 0
+                for p in params:
+                    folder = os.path.join(zdir, zo.param_names[p])
+                    if not os.path.exists(os.path.join(folder, f"{key}.pt")):
+                        raise ValueError(
+                            f"shardopt: the universal checkpoint has no '{key}' for {zo.param_names[p]} ({folder}), "
+                            f"which the {group['algorithm']} group it belongs to needs; write it from a checkpoint "
+                            "of the same optimizer (shardopt ckpt convert --to deepspeed-universal)"
+                        )
+                    part = zo.load_hp_checkpoint_state(folder, key, param=p)
+                    buf.narrow(0, off, part.numel()).copy_(part)
+                    off += part.numel()
+                if key == "fp32":
+                    flat.data.copy_(buf)
+                else:
+                    st[key] = buf
+            step_file = os.path.join(zdir, zo.param_names[params[0]], "step.pt") if params else None
+            if step_file and os.path.exists(step_file):
+                st["step"] = int(float(torch.load(step_file, weights_only=False)))
+        for sg, flat in enumerate(zo.fp32_partitioned_groups_flat):
+            if flat.numel():
+                zo.fp16_partitioned_groups_flat[sg].data.copy_(flat.data)
+            for part, q in zip(zo.fp16_partitioned_groups[sg],
+                               zo.unflatten(zo.fp16_partitioned_groups_flat[sg], zo.fp16_partitioned_groups[sg])):
+                part.data = q.data
+
+    zo.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load
+
+
 def _after_configure_optimizer(engine) -> None:
     opt = engine.basic_optimizer
     if not isinstance(opt, ShardedOptimizer):
@@ -549,6 +603,8 @@ def _after_configure_optimizer(engine) -> None:
             opt.layout  # DeepSpeed swapped the params for its flat fp32 partitions: build the state now
             _install_group_reductions(engine, opt)
             how = f"on DeepSpeed ZeRO-{engine.zero_optimization_stage()}'s flat fp32 partitions (sharding='none')"
+        if engine.zero_optimization_stage() == 3:
+            _load_universal_stage3(engine.optimizer, opt)
         if engine.zero_cpu_offload():
             how += " (offloaded to the CPU: C++ CPU kernels)"
     else:
