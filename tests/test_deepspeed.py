@@ -92,10 +92,12 @@ class Case:
     groups: bool = False  # model_parameters as decay / no-decay groups (DeepSpeed steps them one at a time)
     offload: bool = False  # "offload_optimizer": {"device": "cpu"}
     world: int = WORLD
+    ga: int = 1  # gradient accumulation steps
 
     def config(self) -> dict:
         cfg = json.loads((ROOT / "launch/deepspeed" / self.config_file).read_text()) if self.config_file else {}
-        cfg.update({"train_micro_batch_size_per_gpu": micro(self.world), "gradient_accumulation_steps": 1,
+        cfg.update({"train_micro_batch_size_per_gpu": micro(self.world * self.ga),
+                    "gradient_accumulation_steps": self.ga,
                     "gradient_clipping": self.clip, "steps_per_print": 10**9})
         if self.client:
             cfg["zero_optimization"] = {"stage": self.stage}
@@ -142,6 +144,9 @@ CASES = (
         # a shardopt optimizer built by the user (sharding="auto") and handed to DeepSpeed ZeRO-2
         Case("client-lion-z2", "shardopt.Lion", 2, LION, client=True),
         Case("muon-z3-bf16", "shardopt.Muon", 3, MUON, bf16=True),
+        # gradient accumulation: the reduce-scattered buckets add into the partitions across micro-steps
+        Case("muon-z1-ga2", "shardopt.Muon", 1, MUON, ga=2),
+        Case("muon-z2-ga2", "shardopt.Muon", 2, MUON, ga=2),
         # a Muon the user built (from muon_param_groups) and handed to DeepSpeed ZeRO-2
         Case("client-muon-z2", "shardopt.Muon", 2, MUON, client=True),
         # optimizer offload: the partitions on the CPU, updated by the C++ CPU kernels (backend "auto")
@@ -173,15 +178,18 @@ def _full_params(engine) -> dict:
 
 
 def _train(engine, rank, steps, bf16):
-    m = engine.train_micro_batch_size_per_gpu()
+    """Each step's global batch in W x GA chunks: rank r's micro-step a takes chunk r * GA + a."""
+    m, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     for s in steps:
-        x, y = batch(s)
-        x, y = x[rank * m:(rank + 1) * m], y[rank * m:(rank + 1) * m]
-        if bf16:
-            x, y = x.bfloat16(), y.bfloat16()
-        loss = torch.nn.functional.mse_loss(engine(x), y)
-        engine.backward(loss)
-        engine.step()
+        for a in range(ga):
+            x, y = batch(s)
+            k = rank * ga + a
+            x, y = x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]
+            if bf16:
+                x, y = x.bfloat16(), y.bfloat16()
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
 
 
 def _opt_state(engine) -> list:
@@ -332,7 +340,8 @@ def reference_params(case: Case, steps: int = STEPS) -> tuple[dict, dict]:
     else:
         cls = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[case.algorithm]
         opt = cls(param_groups(model, case.groups), sharding="none", **params, **clip)
-    world, m = case.world, micro(case.world)
+    world = case.world * case.ga  # chunks of the global batch, averaged
+    m = micro(world)
     for s in range(steps):
         x, y = batch(s)
         halves = []
