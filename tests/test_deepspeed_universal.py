@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import shutil
 import subprocess
 import sys
 

@@ -585,7 +585,8 @@ def to_deepspeed_universal(path: str, ds_dir: str, *, tag: str | None = None, st
         for k in p["state"]:
             if k == "master_param":
                 continue
-            name = "exp_avg" if state_format == "deepspeed" and p["algorithm"] == "lion" and k == "momentum_buffer" else k
+            lion_ds = state_format == "deepspeed" and p["algorithm"] == "lion" and k == "momentum_buffer"
+            name = "exp_avg" if lion_ds else k
             torch.save({UNIVERSAL_PARAM: read(optim_key(fqn, k), shape).float()}, os.path.join(pdir, f"{name}.pt"))
         torch.save(torch.tensor(float(p["step"])), os.path.join(pdir, "step.pt"))
         bar.update()

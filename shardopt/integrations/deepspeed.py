@@ -312,10 +312,6 @@ def _ds_logger():
     return logger
 
 
-def _rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _zero_stage_of(param_dict: dict) -> int:
     zero = param_dict.get("zero_optimization") or {}
     if not isinstance(zero, dict):
