@@ -98,11 +98,12 @@ class MuonAlgorithm(Algorithm):
                 if wd != 0:
                     p32.mul_(1.0 - lr * wd)
                 pieces = layout.matrix_pieces(i)
+                fn = group["adjust_lr_fn"]
                 if pieces is None:
-                    p32.sub_(o.to(p32.dtype) * adjust_lr(lr, group["adjust_lr_fn"], all_params[i].shape))
+                    p32.sub_(o.to(p32.dtype) * adjust_lr(lr, fn, all_params[i].shape))
                 else:  # a flat partition holding ranges of several matrices
                     for off, n, shape in pieces:
-                        p32[off:off + n].sub_(o[off:off + n].to(p32.dtype) * adjust_lr(lr, group["adjust_lr_fn"], shape))
+                        p32[off:off + n].sub_(o[off:off + n].to(p32.dtype) * adjust_lr(lr, fn, shape))
             news.append(p32)
         _gated(gt.found_inf, params, news)
         if gt.found_inf is not None:
