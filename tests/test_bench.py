@@ -34,3 +34,20 @@ def test_bench_distributed_muon_traffic_equals_adamw_all_gather(tmp_path):
         assert set(by[("muon", rank)]["traffic"]) <= {"all_gather", "all_reduce"}
         assert by[("lion", rank)]["layout"] == "zero1"
     assert "(equal)" in stdout
+
+
+def test_bench_deepspeed_muon_budget(tmp_path):
+    """shardopt.Muon under DeepSpeed sends no more than DeepSpeed's own Muon and runs NS once per matrix."""
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    rows, stdout = _bench(tmp_path, "--distributed", "--deepspeed", "--worlds", "2", "--ds-hidden", "32",
+                          "--ds-layers", "1")
+    by = {(r["stage"], r["optimizer"]): r for r in rows}
+    for stage in (1, 2, 3):
+        ours, theirs = by[(stage, "shardopt.Muon")], by[(stage, "DeepSpeed Muon")]
+        assert max(ours["bytes_per_rank"]) <= max(theirs["bytes_per_rank"]), (stage, ours, theirs)
+        assert sum(ours["ns_per_rank"]) == ours["matrices"] == 4
+        assert all(ours["ns_per_rank"])
+        assert sum(theirs["ns_per_rank"]) >= theirs["matrices"]
+    assert "ZeRO-3 W=2: shardopt.Muon" in stdout and "MORE THAN" not in stdout

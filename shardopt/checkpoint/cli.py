@@ -41,13 +41,16 @@ def _add_commands(p: argparse.ArgumentParser) -> None:
     s.add_argument("pt", help="input .pt file (from consolidate, or a torch.optim state dict with param_names)")
     s.add_argument("path", help="output checkpoint directory")
 
-    s = add("convert", help="to or from a DeepSpeed ZeRO-1/2 checkpoint",
+    s = add("convert", help="to or from a DeepSpeed ZeRO-1/2/3 checkpoint, or to a DeepSpeed universal checkpoint",
                        description="shardopt ckpt convert --from deepspeed DS_DIR PATH\n"
-                                   "shardopt ckpt convert --to deepspeed PATH DS_DIR --world-size M",
+                                   "shardopt ckpt convert --to deepspeed PATH DS_DIR --world-size M\n"
+                                   "shardopt ckpt convert --to deepspeed-universal PATH DS_DIR",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--from", dest="src_fmt", choices=["deepspeed"], help="input format")
-    g.add_argument("--to", dest="dst_fmt", choices=["deepspeed"], help="output format")
+    g.add_argument("--to", dest="dst_fmt", choices=["deepspeed", "deepspeed-universal"],
+                   help="output format: DeepSpeed ZeRO-1/2 rank files for --world-size M, or a universal checkpoint "
+                        "(any world size and stage; load it with \"checkpoint\": {\"load_universal\": true})")
     s.add_argument("src", help="input: DeepSpeed checkpoint dir (--from) or shardopt checkpoint (--to)")
     s.add_argument("dst", help="output: shardopt checkpoint (--from) or DeepSpeed checkpoint dir (--to)")
     s.add_argument("--world-size", type=int, help="(--to) data-parallel world size the DeepSpeed run will use")
@@ -56,8 +59,8 @@ def _add_commands(p: argparse.ArgumentParser) -> None:
     s.add_argument("--parameter-alignment", action="store_true",
                    help="(--to) the DeepSpeed config sets zero_optimization.parameter_alignment")
     s.add_argument("--state-format", choices=["shardopt", "deepspeed"], default="shardopt",
-                   help="(--to) state key names for a shardopt client optimizer (default) or DeepSpeed's own Adam/Lion")
-    s.add_argument("--algorithm", choices=["lion", "adamw"],
+                   help="(--to) state key names for a shardopt optimizer (default) or DeepSpeed's own Adam/Lion")
+    s.add_argument("--algorithm", choices=["lion", "adamw", "muon"],
                    help="(--from) the algorithm, when the state keys do not tell")
 
 
@@ -125,6 +128,11 @@ def run_ckpt(args) -> int:
                 ds_convert.from_deepspeed(args.src, args.dst, tag=args.tag, algorithm=args.algorithm,
                                           progress=progress)
                 print(f"wrote {args.dst}")
+                return 0
+            if args.dst_fmt == "deepspeed-universal":
+                out = ds_convert.to_deepspeed_universal(args.src, args.dst, tag=args.tag,
+                                                        state_format=args.state_format, progress=progress)
+                print(f"wrote {out} (DeepSpeed universal checkpoint)")
                 return 0
             if not args.world_size:
                 print("shardopt ckpt convert --to deepspeed needs --world-size M", file=sys.stderr)

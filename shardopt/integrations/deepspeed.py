@@ -14,22 +14,33 @@ What the engine then does:
   is summed over DeepSpeed's data-parallel group, so every rank skips
   together. DeepSpeed steps one param group at a time, so clipping is left to
   its ``gradient_clipping`` (``grad_clip_norm`` is refused).
-* **Lion / AdamW, stage 0.** Full replicas (``sharding="none"``) unless
-  ``params`` asks for ``"sharding": "zero1"``.
-* **Muon.** Newton-Schulz needs whole matrices and DeepSpeed's flat partitions
-  cut them, so ZeRO-1/2 runs the engine at stage 0 (plain data-parallel
-  gradient all-reduce) and shards the state with shardopt's own ZeRO-1 layout:
-  each matrix is orthogonalized once, on its owner rank, and each rank holds
-  about 1/W of the state. One warning line says so. Muon with ZeRO-3 raises
-  ``NotImplementedError``. The parameter groups come from
+* **Muon, ZeRO-1/2/3.** DeepSpeed partitions as it does for Adam: gradients
+  are partitioned (ZeRO-2), parameters too (ZeRO-3), and the optimizer sees
+  the flat fp32 partitions. :class:`shardopt.sharding.flat.FlatPartitionLayout`
+  knows which element range of every Muon matrix each rank holds: one
+  all-to-all per step assembles each matrix on its owner (LPT by
+  Newton-Schulz cost), the owner orthogonalizes it once, and a second
+  all-to-all returns the pieces. The momentum stays on DeepSpeed's partitions.
+  At ZeRO-1/2 the gradient buckets are reduce-scattered (an all-to-all and a
+  local sum) instead of all-reduced, since no rank needs gradients outside its
+  partition any more. The parameter groups come from
   :func:`shardopt.muon_param_groups` on the model's named parameters.
+* **Lion / AdamW / Muon, stage 0.** Full replicas (``sharding="none"``) unless
+  ``params`` asks for ``"sharding": "zero1"``; Muon defaults to shardopt's
+  ZeRO-1 there.
 * **bf16 at stage 0.** The engine calls the shardopt optimizer directly (not
   DeepSpeed's bf16 wrapper): shardopt keeps the fp32 master copy, sharded the
   way its state is, and applies DeepSpeed's ``gradient_clipping``.
+* **Optimizer offload** (``"offload_optimizer": {"device": "cpu"}``): the
+  partitions live on the CPU and shardopt's C++ CPU kernels update them.
+  DeepSpeed refuses client optimizers there unless
+  ``zero_force_ds_cpu_optimizer`` is false; the integration sets it and logs
+  one line.
 * **Checkpoints.** Under ZeRO, DeepSpeed saves each rank's partition state as
-  usual. At stage 0 with a sharded shardopt layout, every rank's optimizer
-  state is gathered into the one file DeepSpeed writes, and each rank takes its
-  own part back on load (same world size).
+  usual (Muon's momentum included), and universal checkpoints load it at
+  another world size. At stage 0 with a sharded shardopt layout, every rank's
+  optimizer state is gathered into the one file DeepSpeed writes, and each
+  rank takes its own part back on load (same world size).
 
 The patches are narrow: DeepSpeed's own optimizer types go through its own
 code unchanged, and :func:`install` is idempotent.
@@ -46,6 +57,7 @@ import torch.distributed as dist
 from ..optim import AdamW, Lion, Muon, ShardedOptimizer, muon_param_groups
 from ..optim._report import ExternalPartitioning
 from ..optim.base import ALGORITHMS
+from ..sharding import comm
 
 PREFIX = "shardopt."
 _MARK = "_shardopt_patched"
@@ -133,8 +145,7 @@ def _to_dtype(key, value, entry):
 def resolve(type_name: str, params, zero_stage: int) -> Resolved:
     """Validate an ``optimizer`` entry and decide how it runs at ``zero_stage``.
 
-    Raises ``ValueError`` naming the valid types or keys, ``NotImplementedError``
-    for Muon under ZeRO-3.
+    Raises ``ValueError`` naming the valid types or keys.
     """
     entry = entry_for(type_name)
     params = {} if params is None else params
@@ -161,24 +172,22 @@ def resolve(type_name: str, params, zero_stage: int) -> Resolved:
     if isinstance(aux.get("aux_betas"), list):
         aux["aux_betas"] = tuple(aux["aux_betas"])
     sharding = kwargs.get("sharding")
-    stage = zero_stage
-    if entry.cls is Muon:
-        if zero_stage >= 3:
-            raise NotImplementedError(
-                "shardopt.Muon does not run under DeepSpeed ZeRO-3: Newton-Schulz needs whole matrices and ZeRO-3 "
-                "partitions the parameters themselves. Use ZeRO stage 1 or 2 (shardopt then shards Muon's state "
-                "itself), or torch FSDP2 (fully_shard) with shardopt.Muon"
+    if zero_stage >= 1:
+        if sharding not in (None, "auto", "none"):
+            raise ValueError(
+                f"{entry.name}: \"sharding\": {sharding!r} cannot be used with DeepSpeed ZeRO stage {zero_stage}: "
+                "DeepSpeed already partitions the optimizer state and shardopt runs on its partitions; "
+                "drop \"sharding\" (or set it to \"none\")"
             )
-        if zero_stage in (1, 2):
-            if sharding not in (None, "auto", "zero1"):
-                raise ValueError(
-                    f"shardopt.Muon: \"sharding\": {sharding!r} contradicts ZeRO stage {zero_stage}, which asks for "
-                    "sharded optimizer state; drop \"sharding\" (shardopt then uses its ZeRO-1 layout) or use stage 0"
-                )
-            kwargs["sharding"] = "zero1"
-            stage = 0
-        else:
-            kwargs.setdefault("sharding", "auto")
+        if kwargs.get("grad_clip_norm") is not None:
+            raise ValueError(
+                f"{entry.name}: grad_clip_norm cannot be used with DeepSpeed ZeRO stage {zero_stage}, which steps "
+                "one parameter group at a time; use DeepSpeed's top-level \"gradient_clipping\" instead"
+            )
+        kwargs["sharding"] = "none"
+    else:
+        kwargs.setdefault("sharding", "auto" if entry.cls is Muon else "none")
+    if entry.cls is Muon:
         aux_alg = aux.get("aux_algorithm", "adamw")
         if aux_alg not in ("adamw", "lion"):
             raise ValueError(f"shardopt.Muon: aux_algorithm must be 'adamw' or 'lion', got {aux_alg!r}")
@@ -186,24 +195,8 @@ def resolve(type_name: str, params, zero_stage: int) -> Resolved:
             v = aux.get(k)
             if v is not None and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
                 raise ValueError(f"shardopt.Muon: {k!r} must be a list of parameter-name substrings, got {v!r}")
-    else:
-        if zero_stage >= 1:
-            if sharding not in (None, "auto", "none"):
-                raise ValueError(
-                    f"{entry.name}: \"sharding\": {sharding!r} cannot be used with DeepSpeed ZeRO stage {zero_stage}: "
-                    "DeepSpeed already partitions the optimizer state and shardopt runs on its partitions; "
-                    "drop \"sharding\" (or set it to \"none\")"
-                )
-            if kwargs.get("grad_clip_norm") is not None:
-                raise ValueError(
-                    f"{entry.name}: grad_clip_norm cannot be used with DeepSpeed ZeRO stage {zero_stage}, which steps "
-                    "one parameter group at a time; use DeepSpeed's top-level \"gradient_clipping\" instead"
-                )
-            kwargs["sharding"] = "none"
-        else:
-            kwargs.setdefault("sharding", "none")
     _check_values(entry, kwargs, aux)
-    return Resolved(entry, kwargs, aux, zero_stage, stage)
+    return Resolved(entry, kwargs, aux, zero_stage, zero_stage)
 
 
 def _check_values(entry: OptimizerEntry, kwargs: dict, aux: dict) -> None:
@@ -290,6 +283,7 @@ def build_optimizer(engine, resolved: Resolved, model_parameters) -> ShardedOpti
     kwargs = dict(resolved.kwargs)
     if resolved.entry.cls is Muon:
         params = _muon_groups(engine.module, model_parameters, resolved.aux, rank0)
+        _untag_deepspeed_muon(engine.module)
     elif resolved.stage == 0:
         params = _with_names(engine.module, model_parameters)
     else:
@@ -304,15 +298,19 @@ def build_optimizer(engine, resolved: Resolved, model_parameters) -> ShardedOpti
         raise ValueError(f"{resolved.entry.name}: {e}; valid optimizer.params: {valid}") from e
 
 
+def _untag_deepspeed_muon(module) -> None:
+    """DeepSpeed's ZeRO-1/2 runs its own Muon update on parameters tagged ``use_muon`` whenever the optimizer's
+    class name contains "muon" (ours does); a model once trained with ``"type": "Muon"`` carries the tag."""
+    for p in module.parameters():
+        if getattr(p, "use_muon", False):
+            p.use_muon = False
+
+
 # ---------------------------------------------------------------------------- engine glue
 def _ds_logger():
     from deepspeed.utils import logger
 
     return logger
-
-
-def _rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _zero_stage_of(param_dict: dict) -> int:
@@ -334,13 +332,6 @@ def _check_fits_zero(engine, opt: ShardedOptimizer) -> None:
     if not engine.zero_optimization():
         return
     stage = engine.zero_optimization_stage()
-    if any(ALGORITHMS[g["algorithm"]].matrix for g in opt.param_groups):
-        raise NotImplementedError(
-            f"a shardopt Muon optimizer cannot run inside DeepSpeed ZeRO-{stage}'s flat partitions (Newton-Schulz "
-            "needs whole matrices). Name it in the config instead ({\"optimizer\": {\"type\": \"shardopt.Muon\"}} "
-            "after `import shardopt.deepspeed`), which runs ZeRO-1/2 correctly, or use ZeRO stage 0 with "
-            "shardopt.Muon(sharding=\"zero1\")"
-        )
     if opt.grad_clip_norm is not None:
         raise ValueError(
             f"{type(opt).__name__}(grad_clip_norm=...) cannot be used with DeepSpeed ZeRO-{stage}, which steps one "
@@ -420,22 +411,213 @@ def _stage0_load_state_dict(self, state_dict, load_optimizer_states=True, **_ign
     ShardedOptimizer.load_state_dict(self, state_dict)
 
 
+def _has_matrices(opt: ShardedOptimizer) -> bool:
+    return any(ALGORITHMS[g["algorithm"]].matrix for g in opt.param_groups)
+
+
+def _same_ranks(a, b) -> bool:
+    if a is b:
+        return True
+    ranks = getattr(dist, "get_process_group_ranks", None)
+    world = dist.group.WORLD
+    return ranks is not None and ranks(a if a is not None else world) == ranks(b if b is not None else world)
+
+
+def _flat_plan(engine, opt: ShardedOptimizer):
+    """The geometry of DeepSpeed's partitions, as :class:`shardopt.sharding.flat.FlatPlan` (same on every rank)."""
+    from ..sharding.flat import FlatPlan, build_group
+    from ..sharding.plan import contiguous_pieces, per_item_pieces
+
+    zo = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    group = zo.dp_process_group
+    W = dist.get_world_size(group)
+    names = engine.param_names
+    groups, binds = [], []
+
+    def name(p):
+        return names.get(p) or f"a parameter of shape {tuple(getattr(p, 'ds_shape', p.shape))}"
+
+    if stage in (1, 2):
+        for i, items in enumerate(zo.round_robin_bit16_groups):
+            if not _same_ranks(zo.real_dp_process_group[i], group):
+                raise NotImplementedError(
+                    f"shardopt.{type(opt).__name__} under DeepSpeed ZeRO-{stage}: param group {i} is reduced over "
+                    "another process group (MoE expert parallelism), which shardopt's flat-partition layout does "
+                    "not support; keep expert parameters out of the shardopt optimizer"
+                )
+            matrix = ALGORITHMS[opt.param_groups[i]["algorithm"]].matrix
+            meta = zo.round_robin_bit16_meta[i]
+            P = int(zo.partition_size[i])
+            pieces = contiguous_pieces([m.numel() for m in meta], list(zo.round_robin_bit16_offsets[i]), P, W)
+            key = f"group{i}"
+            groups.append(build_group(key, [name(p) for p in items], [tuple(m.shape) for m in meta],
+                                      [matrix] * len(items), pieces, [P] * W))
+            binds.append((zo.single_partition_of_fp32_groups[i], key))
+    else:
+        for sg, items in enumerate(zo.fp16_groups):
+            if not _same_ranks(zo._get_sub_group_process_group(sg), group):
+                raise NotImplementedError(
+                    f"shardopt.{type(opt).__name__} under DeepSpeed ZeRO-3: sub-group {sg} is partitioned over "
+                    "another process group (hierarchical partitioning or MoE), which shardopt's flat-partition "
+                    "layout does not support"
+                )
+            numels = [int(p.ds_numel) for p in items]
+            for p, n in zip(items, numels):
+                if int(p.ds_tensor.ds_numel) != -(-n // W):
+                    raise NotImplementedError(f"shardopt: {name(p)} has a ZeRO-3 partition of {p.ds_tensor.ds_numel} "
+                                              f"elements, expected ceil({n}/{W}); this partitioning is not supported")
+            matrix = ALGORITHMS[opt.param_groups[zo.sub_group_to_group_id[sg]]["algorithm"]].matrix
+            key = f"sub_group{sg}"
+            groups.append(build_group(key, [name(p) for p in items], [tuple(p.ds_shape) for p in items],
+                                      [matrix] * len(items), per_item_pieces(numels, W),
+                                      [sum(-(-n // W) for n in numels)] * W))
+            binds.append((zo.fp32_partitioned_groups_flat[sg], key))
+    plan = FlatPlan(groups, group, name=f"deepspeed-zero{stage}", comm_dtype=opt.comm_dtype)
+    for t, key in binds:
+        plan.bind(t, key)
+    dev = binds[0][0].device if binds else torch.device("cpu")
+    comm.check_ranks_agree(plan.signature(), group, dev, f"DeepSpeed ZeRO-{stage} partition layout")
+    return plan
+
+
+def _install_flat_layout(engine, opt: ShardedOptimizer) -> None:
+    """Muon under ZeRO: the layout over DeepSpeed's flat partitions (and its group's stats all-reduce)."""
+    plan = _flat_plan(engine, opt)
+    for g in opt.param_groups:
+        g.pop("param_names", None)  # the params are DeepSpeed's flat partitions now; the plan keeps the FQNs
+    opt._layout_factory = plan.layout_for
+    opt._layout = None
+    opt._shardopt_plan = plan
+    opt.layout  # build it (and the state) now
+    if engine.zero_optimization_stage() in (1, 2) and getattr(engine.optimizer, "reduce_scatter", True):
+        _reduce_scatter_buckets(engine.optimizer)
+
+
+def _reduce_scatter_buckets(zo) -> None:
+    """ZeRO-1/2 all-reduces each gradient bucket and every rank keeps its partition's slices. With Muon on the
+    flat layout no rank needs the rest, so reduce-scatter the bucket instead: one all-to-all that sends each
+    slice to the rank that keeps it, and a local sum. Buckets a slice of which several ranks keep are left to
+    DeepSpeed."""
+    orig = zo.allreduce_and_copy_with_multiple_ranks
+
+    def allreduce_and_copy_with_multiple_ranks(small_bucket, communication_data_type, log=None, divide=True,
+                                               process_group=None, bucket_ranks=None, output_bucket=None):
+        group = zo.dp_process_group if process_group is None else process_group
+        dsts = []
+        for r in bucket_ranks or []:
+            if isinstance(r, frozenset):
+                r = next(iter(r)) if len(r) == 1 else None
+            dsts.append(r)
+        if not small_bucket or any(d is None for d in dsts) or getattr(zo, "sequence_parallel_size", 1) != 1:
+            return orig(small_bucket, communication_data_type, log=log, divide=divide, process_group=process_group,
+                        bucket_ranks=bucket_ranks, output_bucket=output_bucket)
+        W, me = comm.world(group)
+        dtype = communication_data_type
+        order = sorted(range(len(small_bucket)), key=lambda k: dsts[k])
+        send = torch.cat([small_bucket[k].reshape(-1) for k in order]).to(dtype)
+        if divide and zo.gradient_average:
+            send.div_(W)
+        splits = [sum(small_bucket[k].numel() for k in order if dsts[k] == d) for d in range(W)]
+        recv = torch.empty(W * splits[me], dtype=dtype, device=send.device)
+        comm.all_to_all_single(recv, send, [splits[me]] * W, splits, group, me)
+        reduced = recv.view(W, splits[me]).sum(0, dtype=torch.float32).to(dtype)
+        off = 0
+        outputs = output_bucket if output_bucket is not None else [None] * len(small_bucket)
+        for k in order:
+            if dsts[k] != me:
+                continue
+            n = small_bucket[k].numel()
+            synced = reduced[off:off + n].view_as(small_bucket[k])
+            off += n
+            zo._add_to_grad_partition_buffer(outputs[k], synced)
+            small_bucket[k].copy_(synced)
+
+    zo.allreduce_and_copy_with_multiple_ranks = allreduce_and_copy_with_multiple_ranks
+
+
+def _load_universal_stage3(zo, opt: ShardedOptimizer) -> None:
+    """ZeRO-3 reads universal checkpoints with Adam's state keys written in (fp32, exp_avg, exp_avg_sq) and
+    group 0's hyperparameters for every group. For a shardopt optimizer, read each group's own state keys
+    (Lion's and Muon's momentum_buffer), its own hyperparameters and each partition's step."""
+    import os
+
+    def load(checkpoint_dir):
+        if zo.swap_optimizer:
+            raise NotImplementedError("shardopt: loading a universal checkpoint into a ZeRO-3 optimizer swapped "
+                                      "to NVMe is not supported; use offload_optimizer device cpu")
+        zdir = os.path.join(checkpoint_dir, "zero")
+        optim_sd = torch.load(os.path.join(zdir, "optimizer_state.pt"), weights_only=False)
+        zo._load_global_state_stage3(optim_sd)
+        saved_groups = optim_sd.get("param_groups") or optim_sd["optimizer_state_dict"]["param_groups"]
+        if len(saved_groups) != len(opt.param_groups):
+            raise ValueError(f"shardopt: the universal checkpoint has {len(saved_groups)} param groups, the "
+                             f"optimizer {len(opt.param_groups)}; build it with the groups it was saved with")
+        for g, saved in zip(opt.param_groups, saved_groups):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        for sg, params in enumerate(zo.fp16_groups):
+            flat = zo.fp32_partitioned_groups_flat[sg]
+            group = opt.param_groups[zo.sub_group_to_group_id[sg]]
+            st = opt.state[flat]
+            for key in ("fp32", *ALGORITHMS[group["algorithm"]].state_keys(group)):
+                buf = torch.zeros_like(flat)
+                off = 0
+                for p in params:
+                    folder = os.path.join(zdir, zo.param_names[p])
+                    if not os.path.exists(os.path.join(folder, f"{key}.pt")):
+                        raise ValueError(
+                            f"shardopt: the universal checkpoint has no '{key}' for {zo.param_names[p]} ({folder}), "
+                            f"which the {group['algorithm']} group it belongs to needs; write it from a checkpoint "
+                            "of the same optimizer (shardopt ckpt convert --to deepspeed-universal)"
+                        )
+                    part = zo.load_hp_checkpoint_state(folder, key, param=p)
+                    buf.narrow(0, off, part.numel()).copy_(part)
+                    off += part.numel()
+                if key == "fp32":
+                    flat.data.copy_(buf)
+                else:
+                    st[key] = buf
+            step_file = os.path.join(zdir, zo.param_names[params[0]], "step.pt") if params else None
+            if step_file and os.path.exists(step_file):
+                st["step"] = int(float(torch.load(step_file, weights_only=False)))
+        for sg, flat in enumerate(zo.fp32_partitioned_groups_flat):
+            if flat.numel():
+                zo.fp16_partitioned_groups_flat[sg].data.copy_(flat.data)
+            for part, q in zip(zo.fp16_partitioned_groups[sg],
+                               zo.unflatten(zo.fp16_partitioned_groups_flat[sg], zo.fp16_partitioned_groups[sg])):
+                part.data = q.data
+
+    zo.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load
+
+
 def _after_configure_optimizer(engine) -> None:
     opt = engine.basic_optimizer
     if not isinstance(opt, ShardedOptimizer):
         return
-    opt.layout  # DeepSpeed may have swapped the params (flat partitions, fp32 copies): build the state now
+    if _has_matrices(opt):
+        _untag_deepspeed_muon(engine.module)
     if engine.zero_optimization():
-        _install_group_reductions(engine, opt)
-        stage = engine.zero_optimization_stage()
-        how = f"on DeepSpeed ZeRO-{stage}'s flat fp32 partitions (sharding='none')"
-        # summary() then reports DeepSpeed's partitioning, not the 'none' layout shardopt runs on each partition
-        opt.partitioned_by = ExternalPartitioning(
-            label=f"ds-zero{stage}",
-            description=f"DeepSpeed ZeRO-{stage} partitions the state; shardopt steps each rank's flat partition",
-            group=_dp_group(engine),
-        )
+        if _has_matrices(opt):
+            _install_flat_layout(engine, opt)
+            how = (f"on DeepSpeed ZeRO-{engine.zero_optimization_stage()}'s flat fp32 partitions; each Muon matrix "
+                   "is assembled on its owner rank and orthogonalized once")
+        else:
+            opt.layout  # DeepSpeed swapped the params for its flat fp32 partitions: build the state now
+            _install_group_reductions(engine, opt)
+            stage = engine.zero_optimization_stage()
+            how = f"on DeepSpeed ZeRO-{stage}'s flat fp32 partitions (sharding='none')"
+            # summary() then reports DeepSpeed's partitioning, not the 'none' layout shardopt runs on each partition
+            opt.partitioned_by = ExternalPartitioning(
+                label=f"ds-zero{stage}",
+                description=f"DeepSpeed ZeRO-{stage} partitions the state; shardopt steps each rank's flat partition",
+                group=_dp_group(engine),
+            )
+        if engine.zero_optimization_stage() == 3:
+            _load_universal_stage3(engine.optimizer, opt)
+        if engine.zero_cpu_offload():
+            how += " (offloaded to the CPU: C++ CPU kernels)"
     else:
+        opt.layout
         if engine.optimizer is opt and engine.bfloat16_enabled():
             clip = engine.gradient_clipping()
             if clip and clip > 0 and opt.grad_clip_norm is None:
@@ -466,18 +648,7 @@ def install() -> None:
             opt = param_dict.get("optimizer")
             self._shardopt = None
             if isinstance(opt, dict) and is_shardopt_type(opt.get("type")):
-                requested = _zero_stage_of(param_dict)
-                resolved = resolve(opt["type"], opt.get("params"), requested)
-                if resolved.stage != requested:
-                    param_dict = dict(param_dict)
-                    param_dict["zero_optimization"] = dict(param_dict["zero_optimization"], stage=resolved.stage)
-                    if _rank0():
-                        _ds_logger().warning(
-                            f"shardopt: {resolved.entry.name} cannot run inside DeepSpeed ZeRO-{requested}'s flat "
-                            "partitions (Newton-Schulz needs whole matrices), so the engine runs at ZeRO stage 0 "
-                            "(data-parallel gradient all-reduce) and shardopt shards Muon's state 1/W itself "
-                            "(sharding='zero1'): each matrix is orthogonalized once, on its owner rank"
-                        )
+                resolved = resolve(opt["type"], opt.get("params"), _zero_stage_of(param_dict))
                 # DeepSpeed lower-cases its own names only; keep ours canonical.
                 param_dict = dict(param_dict)
                 param_dict["optimizer"] = dict(opt, type=resolved.entry.name)
@@ -539,6 +710,15 @@ def install() -> None:
         orig_configure = Engine._configure_optimizer
 
         def _configure_optimizer(self, client_optimizer, model_parameters):
+            ours = isinstance(client_optimizer, ShardedOptimizer) or getattr(self._config, "_shardopt", None)
+            if ours and self.zero_use_cpu_optimizer() and self.zero_force_ds_cpu_optimizer():
+                # DeepSpeed refuses client optimizers under offload unless told otherwise; ours has CPU kernels
+                self._config.zero_force_ds_cpu_optimizer = False
+                if self.global_rank == 0:
+                    _ds_logger().warning(
+                        "shardopt: set zero_force_ds_cpu_optimizer=false: the shardopt optimizer updates the "
+                        "offloaded partitions with its own C++ CPU kernels"
+                    )
             orig_configure(self, client_optimizer, model_parameters)
             _after_configure_optimizer(self)
 

@@ -130,6 +130,9 @@ class ShardedOptimizer(Optimizer):
         self._layout = None
         self._layout_key = None
         self._keep_state = False
+        # set by an integration whose framework owns the partitioning (DeepSpeed): builds the layout instead
+        # of make_layout, with the same arguments
+        self._layout_factory = None
         super().__init__(params, defaults)
         self._ready = True
         self._ensure_layout()
@@ -235,7 +238,7 @@ class ShardedOptimizer(Optimizer):
         if self._layout is not None and key == self._layout_key:
             return
         whole = [ALGORITHMS[self.param_groups[g]["algorithm"]].matrix for g in gidx]
-        layout = make_layout(
+        layout = (self._layout_factory or make_layout)(
             params, names, whole, self.sharding, self.process_group, self.reduce_gradients,
             ns_steps=[self.param_groups[g].get("ns_steps", 5) for g in gidx],
             comm_dtype=self.comm_dtype,
@@ -249,9 +252,10 @@ class ShardedOptimizer(Optimizer):
             # restored by deepcopy/unpickling: the state already belongs to these parameters
             carried = {p: st for p, st in self.state.items() if "step" in st}
             self._keep_state = False
-        elif self._layout is not None and layout.name == "none" and self._layout.name == "none":
-            # A local layout has no cross-parameter structure, so state follows its parameter, as in
-            # torch.optim: DeepSpeed ZeRO steps one param group at a time by narrowing param_groups.
+        elif self._layout is not None and layout.state_per_param and self._layout.state_per_param:
+            # A local layout (or one over DeepSpeed's flat partitions) keeps each parameter's state with
+            # it, as torch.optim does: DeepSpeed ZeRO steps one param group at a time by narrowing
+            # param_groups.
             # Only parameters replaced wholesale before any step (DeepSpeed's flat partitions) leave
             # their state behind.
             if trained or set(key) & set(self._layout_key):
@@ -312,6 +316,7 @@ class ShardedOptimizer(Optimizer):
 
     def __getstate__(self):
         d = super().__getstate__()
+        d.pop("_layout_factory", None)  # holds a process group; an integration installs it again
         for k in ("sharding", "process_group", "reduce_gradients", "nonfinite", "backend", "grad_clip_norm",
                   "grad_clip_value", "master_weights", "comm_dtype", "_host_skipped", "ns_shapes"):
             d[k] = getattr(self, k)
@@ -328,6 +333,7 @@ class ShardedOptimizer(Optimizer):
         self._last_norm = None
         self._layout = None
         self._layout_key = None
+        self._layout_factory = None
         self._keep_state = True
         self._ready = True
 

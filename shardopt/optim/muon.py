@@ -85,7 +85,9 @@ class MuonAlgorithm(Algorithm):
                 dtype=ns_dtype,
             )
 
-        outs = layout.orthogonalize(idx, inputs, ns)
+        # the reference NS returns values exact in a narrower ns_dtype: layouts may send them back in it
+        exact = ns_dtype if ns_dtype in (torch.bfloat16, torch.float16) and ns_backend == "torch" else None
+        outs = layout.orthogonalize(idx, inputs, ns, exact_dtype=exact)
         lr, wd = float(group["lr"]), group["weight_decay"]
         all_params, _, _ = opt._flat_params()
         news = []
@@ -95,7 +97,13 @@ class MuonAlgorithm(Algorithm):
             if p.numel():
                 if wd != 0:
                     p32.mul_(1.0 - lr * wd)
-                p32.sub_(o.to(p32.dtype) * adjust_lr(lr, group["adjust_lr_fn"], all_params[i].shape))
+                pieces = layout.matrix_pieces(i)
+                fn = group["adjust_lr_fn"]
+                if pieces is None:
+                    p32.sub_(o.to(p32.dtype) * adjust_lr(lr, fn, all_params[i].shape))
+                else:  # a flat partition holding ranges of several matrices
+                    for off, n, shape in pieces:
+                        p32[off:off + n].sub_(o[off:off + n].to(p32.dtype) * adjust_lr(lr, fn, shape))
             news.append(p32)
         _gated(gt.found_inf, params, news)
         if gt.found_inf is not None:

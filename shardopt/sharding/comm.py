@@ -57,6 +57,18 @@ def all_to_all_single(out, inp, out_splits, in_splits, group, self_rank: int) ->
     dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
 
 
+def needs_device_buffers(group) -> bool:
+    """Whether ``group``'s backend takes accelerator tensors only (NCCL): CPU buffers must be staged."""
+    try:
+        return dist.get_backend(group) == "nccl"
+    except Exception:  # noqa: BLE001 - no process group: nothing to stage for
+        return False
+
+
+def accelerator_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def all_reduce_sum(t: torch.Tensor, group) -> None:
     COUNTERS["all_reduce"] += _nbytes(t)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)

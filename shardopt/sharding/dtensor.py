@@ -124,7 +124,7 @@ class DTensorLayout(Layout):
         comm.all_reduce_sum(t, self.group)
         return t
 
-    def orthogonalize(self, indices, inputs, fn):
+    def orthogonalize(self, indices, inputs, fn, exact_dtype=None):
         W, me = self.world_size, self.rank
         if W == 1:
             return batched_by_shape([x.reshape(self.params[i].shape) for i, x in zip(indices, inputs)], fn)

@@ -4,9 +4,14 @@ A layout answers, for every parameter index of an optimizer:
 * ``local_shape(i)``: the shape of this rank's optimizer state for it
   (``(0,)`` when the rank owns none of it);
 * ``param_view(i)`` / ``grad_view(i)``: the tensors the kernels update/read;
-* ``orthogonalize(indices, inputs, fn)``: the Muon gather step; ``inputs`` are
-  this rank's pieces, ``fn`` maps a batch of full matrices to their
-  orthogonalized versions; returns this rank's pieces of the result;
+* ``orthogonalize(indices, inputs, fn, exact_dtype=None)``: the Muon gather
+  step; ``inputs`` are this rank's pieces, ``fn`` maps a batch of full
+  matrices to their orthogonalized versions; returns this rank's pieces of the
+  result (``exact_dtype``: the results are exact in that dtype, so they may
+  travel in it);
+* ``matrix_pieces(i)``: None when local tensor ``i`` is (a piece of) one
+  matrix, else the ``(offset, numel, matrix shape)`` ranges of the matrices it
+  holds (a DeepSpeed flat partition);
 * ``prepare_grads()`` before the update and ``finish()`` after it, where the
   communication of a step happens;
 * ``all_reduce_sum(t)`` for the step stats (grad norm, non-finite flag, and,
@@ -37,6 +42,7 @@ class Layout:
     rank = 0
     group = None
     distributed = False  # ranks hold different pieces: they must agree on which parameters step
+    state_per_param = False  # the state of a parameter stays valid when the parameter list narrows
 
     def __init__(self, params, names):
         self.params = params
@@ -75,8 +81,11 @@ class Layout:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def orthogonalize(self, indices, inputs, fn):
+    def orthogonalize(self, indices, inputs, fn, exact_dtype=None):
         return batched_by_shape(inputs, fn)
+
+    def matrix_pieces(self, i):
+        return None
 
     def matrix_indices(self, indices):
         """Which Muon matrices this rank takes part in updating."""
@@ -90,6 +99,7 @@ class LocalLayout(Layout):
     """Single device, or ``sharding='none'``: every state tensor is local and whole."""
 
     name = "none"
+    state_per_param = True
 
     def local_shape(self, i):
         return tuple(self.params[i].shape)

@@ -12,6 +12,11 @@
   :class:`~shardopt.sharding.zero1.Zero1Layout` runs on.
 * ``plan_fsdp2``: the FSDP2 plan (``Shard(0)`` row chunks, Muon owners) that
   :class:`~shardopt.sharding.dtensor.DTensorLayout` runs on.
+* ``contiguous_pieces`` / ``per_item_pieces``: where the elements of each item
+  sit in partitions someone else laid out. DeepSpeed ZeRO-1/2 cuts one flat
+  buffer into ``W`` equal ranges; ZeRO-3 cuts every parameter into ``W``
+  equal ranges. Both give, per rank, which element range of each item it holds
+  and where in its flat partition that range lies.
 
 The layouts and ``shardopt plan`` call the same functions, so what the planner
 prints for W ranks is what W ranks would do. Inputs are plain numbers (and
@@ -257,3 +262,49 @@ def plan_fsdp2(rows: list[int], whole: list[bool], costs: list[float], world: in
     for i, o in zip(midx, lpt_assign([costs[i] for i in midx], world, loads)):
         owner[i] = o
     return Fsdp2Plan(world, [chunk_rows(r, world) for r in rows], owner, loads)
+
+
+@dataclass(frozen=True)
+class FlatPiece:
+    """Elements ``[lo, hi)`` of item ``item`` (flattened), at ``offset`` in one rank's flat partition."""
+
+    item: int
+    lo: int
+    hi: int
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+
+def contiguous_pieces(numels: list[int], offsets: list[int], partition: int, world: int) -> list[list[FlatPiece]]:
+    """Items at ``offsets`` of one flat buffer that is cut into ``world`` partitions of ``partition`` elements.
+
+    Rank ``r`` holds buffer elements ``[r*partition, (r+1)*partition)`` (DeepSpeed ZeRO-1/2).
+    """
+    out: list[list[FlatPiece]] = [[] for _ in range(world)]
+    for k, (n, off) in enumerate(zip(numels, offsets)):
+        for r in range(world):
+            lo, hi = max(off, r * partition), min(off + n, (r + 1) * partition)
+            if lo < hi:
+                out[r].append(FlatPiece(k, lo - off, hi - off, lo - r * partition))
+    return out
+
+
+def per_item_pieces(numels: list[int], world: int) -> list[list[FlatPiece]]:
+    """Every item cut into ``world`` ranges of ``ceil(n/world)`` elements (the tail short or empty, padded).
+
+    Rank ``r``'s flat partition is the concatenation of its ranges, each padded to ``ceil(n/world)``
+    elements (DeepSpeed ZeRO-3).
+    """
+    out: list[list[FlatPiece]] = [[] for _ in range(world)]
+    base = 0
+    for k, n in enumerate(numels):
+        part = -(-n // world) if n else 0
+        for r in range(world):
+            lo, hi = min(n, r * part), min(n, (r + 1) * part)
+            if lo < hi:
+                out[r].append(FlatPiece(k, lo, hi, base))
+        base += part
+    return out

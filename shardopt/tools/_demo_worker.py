@@ -233,9 +233,10 @@ class Trainer:
         inner = so.layout.name if so is not None else "?"
         if self.engine is None:
             return inner
-        # e.g. "ds-zero1" (DeepSpeed partitions Lion/AdamW), "ds-zero0+zero1" (Muon: shardopt shards)
+        # e.g. "ds-zero1": DeepSpeed partitions (Muon too, on shardopt's flat-partition layout);
+        # "ds-zero0+zero1": stage 0 with shardopt's own sharding
         label = f"ds-zero{self.engine.zero_optimization_stage()}"
-        return label if inner == "none" else f"{label}+{inner}"
+        return label if inner == "none" or inner.startswith("deepspeed") else f"{label}+{inner}"
 
     # -- training -------------------------------------------------------
     def set_lr(self, step: int):

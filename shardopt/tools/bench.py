@@ -261,6 +261,62 @@ def _run_distributed(args):
     return table
 
 
+# ---------------------------------------------------------------- distributed, under DeepSpeed
+def _run_deepspeed_budget(args):
+    """``--distributed --deepspeed``: shardopt.Muon against DeepSpeed's own Muon at ZeRO-1/2/3.
+
+    Per step and rank: bytes sent (every collective, DeepSpeed's included) and Newton-Schulz matrices.
+    See :mod:`shardopt.tools._ds_comm_bench` for the model and the byte accounting.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ._ds_comm_bench import worker
+
+    hidden, layers, stages = args.ds_hidden, args.ds_layers, [1, 2, 3]
+    worlds = [w for w in args.worlds if w > 1] or [2, 4]
+    print(f"DeepSpeed Muon budget on CPU gloo ranks: hidden {hidden}, {layers} blocks (qkv, proj, up, down "
+          f"+ lm_head), fp32, one measured step", file=sys.stderr)
+    table = []
+    for world in worlds:
+        with mp.Manager() as mgr:
+            out = mgr.dict()
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.start_processes(worker, args=(world, port, hidden, layers, stages, out), nprocs=world,
+                               start_method="spawn")
+            res = dict(out)
+        for stage in stages:
+            for kind in ("shardopt", "deepspeed"):
+                rows = [res[r][(stage, kind)] for r in range(world)]
+                table.append({
+                    "stage": stage, "world": world, "optimizer": "shardopt.Muon" if kind == "shardopt" else "DeepSpeed Muon",
+                    "bytes_per_rank": [int(r["fwd_bwd"] + r["step"]) for r in rows],
+                    "fwd_bwd_bytes": [int(r["fwd_bwd"]) for r in rows], "step_bytes": [int(r["step"]) for r in rows],
+                    "by_op": [r["by_op"] for r in rows], "shardopt_comm": [r["shardopt_comm"] for r in rows],
+                    "ns_per_rank": [r["ns"] for r in rows], "matrices": rows[0]["matrices"],
+                })
+    print(f"{'ZeRO':>4} {'W':>2} {'optimizer':<15} {'fwd+bwd MB':>10} {'step MB':>8} {'total MB':>9} "
+          f"{'shardopt.comm MB':>16} {'NS per rank':<16} {'NS total':>8} {'matrices':>8}")
+    for t in table:
+        mb = max(t["bytes_per_rank"]) / 1e6
+        ours = max(sum(c.values()) for c in t["shardopt_comm"]) / 1e6
+        ns = t["ns_per_rank"]
+        print(f"{t['stage']:>4} {t['world']:>2} {t['optimizer']:<15} {max(t['fwd_bwd_bytes']) / 1e6:10.3f} "
+              f"{max(t['step_bytes']) / 1e6:8.3f} {mb:9.3f} {ours:16.3f} {str(ns):<16} {sum(ns):>8} "
+              f"{t['matrices']:>8}")
+    print("(MB per rank per step: the largest rank; ring bytes sent, all-reduce 2(W-1)/W N)")
+    for world in worlds:
+        for stage in stages:
+            ours, theirs = (max(t["bytes_per_rank"]) for t in table
+                            if t["world"] == world and t["stage"] == stage)
+            verdict = "<=" if ours <= theirs else "MORE THAN"
+            print(f"ZeRO-{stage} W={world}: shardopt.Muon {ours:,} B {verdict} DeepSpeed Muon {theirs:,} B per rank")
+    return table
+
+
 # ---------------------------------------------------------------- entry points
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark optimizer steps against torch/DeepSpeed peers",
@@ -278,6 +334,11 @@ def add_parser(sub):
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed peers (they JIT-build ~50 s each)")
     p.add_argument("--no-muon", action="store_true")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="with --distributed: shardopt.Muon vs DeepSpeed's own Muon at ZeRO-1/2/3, bytes and NS "
+                        "per step and rank (W from --worlds, default 2 4)")
+    p.add_argument("--ds-hidden", type=int, default=128, help="(--deepspeed) hidden size")
+    p.add_argument("--ds-layers", type=int, default=2, help="(--deepspeed) blocks")
     return p
 
 
@@ -290,7 +351,9 @@ def run(args) -> int:
     for k, v in _DEFAULTS["cuda" if args.device == "cuda" and not args.distributed else "cpu"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.distributed:
+    if args.distributed and args.deepspeed:
+        rows = _run_deepspeed_budget(args)
+    elif args.distributed:
         rows = _run_distributed(args)
     else:
         device = torch.device(args.device)
