@@ -168,7 +168,7 @@ def test_deepspeed_config_in_training_arguments_trains_and_resumes(w2):
         for case in DS_CASES:
             name, stage = case.split("-")
             # Muon runs the engine at stage 0 on shardopt's own ZeRO-1 (docs/integrations.md)
-            assert r["stage"][case] == (0 if name == "muon" else int(stage))
+            assert r["stage"][case] == int(stage)  # Muon too: it runs on DeepSpeed's own partitions
             assert r["optimizer"][case] == {"lion": "Lion", "adamw": "AdamW", "muon": "Muon"}[name]
             assert r["global_step"][case] == 10
             full, resumed = r["ds_params"][f"{case}/full"], r["ds_params"][f"{case}/resumed"]

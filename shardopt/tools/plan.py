@@ -486,19 +486,87 @@ def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
                       "(stage3_param_persistence_threshold)"])
 
 
-def plan_deepspeed_muon_world(tensors, world: int, stage: int) -> WorldPlan:
-    """Muon under DeepSpeed as the integration runs it today: at ZeRO-1/2 the engine
-    runs at stage 0 (DeepSpeed all-reduces the gradients) and shardopt shards Muon
-    with its own ZeRO-1; ZeRO-3 is refused. Replace this function when Muon runs
-    inside DeepSpeed's partitions."""
-    if stage == 3:
-        raise ValueError(
-            "Muon does not run under DeepSpeed ZeRO-3 (shardopt refuses it: Newton-Schulz needs whole matrices); "
-            "plan deepspeed-zero1/2, fsdp2 or hsdp instead"
-        )
-    wp = plan_zero1_world(tensors, world, grads_by="DeepSpeed")
-    wp.detail = f"DeepSpeed engine at stage 0 (ZeRO-{stage} asked), shardopt's ZeRO-1: " + wp.detail
-    return wp
+def plan_deepspeed_muon_world(tensors, world: int, stage: int, ns_bytes: int = 2) -> WorldPlan:
+    """Muon inside DeepSpeed ZeRO-``stage`` (:mod:`shardopt.sharding.flat`): each param group (the Muon
+    matrices, the aux group) is DeepSpeed's flat partition; every matrix is sent to its LPT owner in one
+    all-to-all and its Newton-Schulz result comes back in a second one (``ns_bytes`` per element: bf16
+    Newton-Schulz results travel in bf16); DeepSpeed all-gathers (ZeRO-1/2) or partitions (ZeRO-3) the
+    parameters. At ZeRO-1/2 the gradient buckets are reduce-scattered by an all-to-all (shardopt's)."""
+    import numpy as np
+
+    from ..functional import ns_flops
+    from ..sharding.plan import contiguous_pieces, lpt_assign, per_item_pieces
+
+    dts = {t.dtype for t in tensors}
+    if len(dts) != 1:
+        raise ValueError(f"DeepSpeed needs one dtype per parameter group; the model mixes {sorted(map(str, dts))}")
+    p = next(iter(dts)).itemsize
+    ones = np.ones(world, np.int64)
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.group, []).append(t)
+    mats = [t for t in tensors if t.algorithm == "muon"]
+    owners = dict(zip((t.name for t in mats), lpt_assign([float(ns_flops(t.shape)) for t in mats], world)))
+    params = np.zeros(world, np.int64)
+    grads = np.zeros(world, np.int64)
+    master = np.zeros(world, np.int64)
+    state = np.zeros(world, np.int64)
+    traffic = np.zeros(world, np.int64)
+    a2a = np.zeros(world, np.int64)
+    grad_a2a = np.zeros(world, np.int64)
+    ds_gather = 0
+    for ts in groups.values():
+        numels = [t.numel for t in ts]
+        n = sum(numels)
+        sb = state_element_bytes(ts[0].algorithm)
+        if stage in (1, 2):
+            flat = -(-n // (DS_NCCL_START_ALIGNMENT * world)) * DS_NCCL_START_ALIGNMENT * world
+            part = np.full(world, flat // world, np.int64)
+            offsets = [0, *np.cumsum(numels)[:-1].tolist()]
+            pieces = contiguous_pieces(numels, offsets, flat // world, world)
+            params += n * p
+            grads += n * p if stage == 1 else part * p
+            ds_gather += flat * p
+            grad_a2a += (flat - part) * p
+        else:
+            pieces = per_item_pieces(numels, world)
+            part = np.array([sum(pc.numel for pc in pcs) for pcs in pieces], np.int64)
+            parts = np.array([-(-x // world) for x in numels], np.int64)
+            params += int(parts.sum()) * p
+            grads += int(parts.sum()) * p
+        master += part * 4
+        state += part * sb
+        traffic += part * (update_traffic_bytes(ts[0].algorithm, 4, sb, 0) + p)
+        if ts[0].algorithm != "muon":
+            continue
+        for k, t in enumerate(ts):
+            o = owners[t.name]
+            held = np.zeros(world, np.int64)
+            for r in range(world):
+                held[r] = sum(pc.numel for pc in pieces[r] if pc.item == k)
+            sent = held * 4
+            sent[o] = 0
+            a2a += sent
+            a2a[o] += (int(held.sum()) - int(held[o])) * ns_bytes
+    ns, table = _ns_table(mats, [owners[t.name] for t in mats], [ns_flops(t.shape) for t in mats], world)
+    colls = [Collective("all_to_all", a2a, "shardopt", "Muon gather step: each matrix's ranges to its owner and back",
+                        calls=2 * len(groups)),
+             _stats_all_reduce(world, 1, calls=len(groups),
+                               what="step stats, once per flat group stepped, over DeepSpeed's group")]
+    if stage in (1, 2):
+        colls += [Collective("all_to_all", grad_a2a, "shardopt", "gradient buckets reduce-scattered by an all-to-all "
+                             "(in backward; a bucket that straddles partitions stays DeepSpeed's all-reduce)",
+                             in_step=False),
+                  Collective("all_gather", ds_gather * ones, "DeepSpeed", "updated partitions (DeepSpeed's, in step)")]
+        detail = f"{len(groups)} flat groups (Muon matrices, aux), each padded to 2 x W and cut into W parts"
+    else:
+        total = sum(-(-t.numel // world) * world for t in tensors) * p
+        colls += [Collective("all_gather", 2 * total * ones, "DeepSpeed",
+                             "parameters for forward and backward (DeepSpeed's)", calls=2, in_step=False),
+                  Collective("reduce_scatter", total * ones, "DeepSpeed", "gradients, in backward (DeepSpeed's)",
+                             in_step=False)]
+        detail = "every parameter cut into W parts of ceil(numel/W); each Muon matrix assembled on its owner"
+    return WorldPlan(world, f"deepspeed-zero{stage}", detail, params, grads, master, state, traffic, ns, table, colls)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -736,8 +804,6 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
             meshes.append((r, s))
         else:
             meshes.append((1, w))
-    if kind == "deepspeed" and optimizer == "muon" and stage == 3:
-        plan_deepspeed_muon_world([], 1, stage)  # refuses, before the model is built
     cdt = _torch_dtype(comm_dtype)
     label, module = load_model(model)
     tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux)
