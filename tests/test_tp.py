@@ -192,3 +192,74 @@ def test_tp_2x2_fed_trained_uneven_hsdp_and_nonfinite():
     for skipped, unchanged in (r["nan"] for r in res):
         assert skipped == 1 and unchanged
 
+
+# ---------------------------------------------------------------------------- DCP on the TP mesh
+def _strided_holder(mesh, placements, full):
+    from torch.distributed.tensor import distribute_tensor
+
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, placements))
+    return m
+
+
+def _job_dcp(rank, world, path):
+    import shardopt
+    import shardopt.checkpoint
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    out = {}
+    # save at 2 x 2 (dp x tp) after 3 steps, load at 4 x 1 and train 3 more
+    mesh = _mesh((2, 2), ("dp", "tp"))
+    model = tm.parallelize(tm.build(), mesh)
+    opt = tm.make_opt("muon", model)
+    dp = mesh.get_coordinate()[0]
+    for k in range(3):
+        idx, tgt = tm.batch(k)
+        opt.zero_grad()
+        model(idx[2 * dp:2 * dp + 2], tgt[2 * dp:2 * dp + 2]).backward()
+        opt.step()
+    shardopt.checkpoint.save(f"{path}/tp", model, opt)
+    mesh4 = _mesh((4, 1), ("dp", "tp"))
+    model = tm.parallelize(tm.build(seed=7), mesh4)
+    opt = tm.make_opt("muon", model)
+    shardopt.checkpoint.load(f"{path}/tp", model, opt)
+    out["steps"] = {float(st["step"]) for st in opt.state.values()}
+    out["placements"] = sorted({str(p.placements) for p in model.parameters()})
+    for k in range(3, 6):
+        idx, tgt = tm.batch(k)
+        opt.zero_grad()
+        model(idx[rank:rank + 1], tgt[rank:rank + 1]).backward()
+        opt.step()
+    out["resumed"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    # a _StridedShard that is not one box: rank r holds rows r and 4 + r of 8
+    mesh1 = _mesh((4,), ("dp",))
+    full = torch.randn(8, 3, generator=torch.Generator().manual_seed(3))
+    m = _strided_holder(mesh1, [_StridedShard(0, split_factor=2)], full)
+    out["strided_rows"] = m.w.to_local()[:, 0].tolist()
+    o = shardopt.AdamW(m.parameters(), lr=1e-2, backend="torch")
+    for k in range(2):
+        m.w.grad = None
+        tm.set_grads([m.w], [torch.randn(8, 3, generator=torch.Generator().manual_seed(20 + k))])
+        o.step()
+    shardopt.checkpoint.save(f"{path}/strided", m, o)
+    m2 = _strided_holder(mesh1, [Shard(0)], torch.zeros(8, 3))
+    o2 = shardopt.AdamW(m2.parameters(), lr=1e-2, backend="torch")
+    shardopt.checkpoint.load(f"{path}/strided", m2, o2)
+    out["strided"] = [t.full_tensor().clone() for t in (m.w, o.state[m.w]["exp_avg"], o.state[m.w]["exp_avg_sq"])]
+    out["loaded"] = [t.full_tensor().clone() for t in (m2.w, o2.state[m2.w]["exp_avg"], o2.state[m2.w]["exp_avg_sq"])]
+    return out
+
+
+def test_dcp_reshard_tp_2x2_to_4x1_and_strided_shards(tmp_path):
+    res = dist_utils.run(_job_dcp, 4, str(tmp_path))
+    ref, _, _ = tm.single("muon", 6, grads=False)
+    for r in res:
+        assert r["steps"] == {3.0}
+        assert "(Shard(dim=0), Shard(dim=0))" in r["placements"]  # FSDP2 over a tp=1 mesh
+        assert tm.rel(r["resumed"], ref) <= 2e-3, tm.rel(r["resumed"], ref)
+        # the strided shard's pieces went to the right rows: loaded into plain Shard(0), the same tensors
+        assert all(torch.equal(a, b) for a, b in zip(r["strided"], r["loaded"]))
+    full = torch.randn(8, 3, generator=torch.Generator().manual_seed(3))
+    assert [r["strided_rows"] for r in res] == [[full[k, 0].item(), full[4 + k, 0].item()] for k in range(4)]
+    print("DCP 2x2 -> 4x1, resumed Muon vs one process:", max(tm.rel(r["resumed"], ref) for r in res))
