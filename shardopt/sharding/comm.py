@@ -9,6 +9,11 @@ bytes, all-to-all = bytes sent to other ranks.
 
 The docstring's bus accounting: for W ranks an all-gather of an N-byte buffer
 is counted as N bytes, the same figure for ZeRO-1 AdamW and ZeRO-1 Muon.
+
+The overlapped paths (ZeRO-1's per-bucket all-gathers, FSDP2's chunked gather
+step) call the same functions with ``async_op=True``: the bytes are counted at
+the start, the returned :class:`Pending` is waited for later, and
+``WAIT_SECONDS`` records how long each wait (or blocking call) held this rank.
 """
 from __future__ import annotations
 
