@@ -7,7 +7,8 @@ Shard(1))``), fed the same gradients as the single process (Lion bitwise,
 AdamW <= 1e-6, clipping norms equal) and trained end to end on the same batches
 (Lion/AdamW <= 1e-5, Muon <= 2e-3 in fp32); an uneven model (TP splits 37 rows
 19/18, FSDP 19 rows 10/9, q/k/v 5 rows 3/2); HSDP x TP on (2, 1, 2); a
-non-finite gradient on a TP replica only.
+non-finite gradient on a TP replica only; the construction-time agreement check
+on the TP mesh.
 """
 from __future__ import annotations
 
@@ -80,9 +81,39 @@ def _nan_on_a_replica(mesh):
     return opt.skipped_steps, all(torch.equal(a, p.full_tensor()) for a, p in zip(before, params))
 
 
+def _agreement(rank, mesh):
+    """The construction-time check on a TP mesh: values compared among the ranks holding the same piece."""
+    import shardopt
+    from torch.distributed.tensor import DTensor, Shard
+
+    out = {}
+    model = tm.parallelize(tm.build(), mesh)
+    ps = list(model.parameters())
+    b0, b1 = model.blocks[0].fc2.bias, model.blocks[1].fc2.bias  # row-parallel biases: replicated over tp
+    k0, k1 = (next(k for k, p in enumerate(ps) if p is b) for b in (b0, b1))
+    if mesh.get_coordinate()[1] == 1:  # one TP rank lists two same-shape replicated tensors swapped
+        ps[k0], ps[k1] = ps[k1], ps[k0]
+    try:
+        shardopt.AdamW(ps, backend="torch")
+        out["order"] = None
+    except ValueError as e:
+        out["order"] = str(e)
+    # a local shard its placements do not describe, on one rank only: every rank raises
+    mesh1 = _mesh((4,), ("dp",))
+    rows = 3 if rank == 3 else 2
+    w = torch.nn.Parameter(DTensor.from_local(torch.randn(rows, 4), mesh1, [Shard(0)], run_check=False,
+                                              shape=(8, 4), stride=(4, 1)))
+    try:
+        shardopt.Lion([{"params": [w], "param_names": ["odd.weight"]}], backend="torch")
+        out["shard"] = None
+    except ValueError as e:
+        out["shard"] = str(e)
+    return out
+
+
 def _job(rank, world):
     mesh = _mesh((2, 2), ("dp", "tp"))
-    out = {}
+    out = {"agreement": _agreement(rank, mesh)}
     for name, kw in (("lion", dict(grad_clip_norm=0.5)), ("adamw", dict(grad_clip_norm=0.5)), ("muon", {})):
         out[("fed", name)] = _fed(name, mesh, ("dp",), **kw)
         out[("uneven", name)] = _fed(name, mesh, ("dp",), model_kw=dict(hidden=37), **kw)
@@ -188,6 +219,12 @@ def test_tp_2x2_fed_trained_uneven_hsdp_and_nonfinite():
     wrong = tm.rel(_per_shard_ns_reference(STEPS, None), ref)
     print(f"TP 2x2 trained, relative error vs one process: {errs}; per-shard NS: {wrong:.2e}")
     assert wrong > 2e-3 * 2, wrong
+    # agreement on a TP mesh: reordered TP replicas and a foreign local shard are caught on every rank
+    for r in res:
+        msg = r["agreement"]["order"]
+        assert msg and "ranks disagree on the order of the optimizer parameters" in msg, msg
+        msg = r["agreement"]["shard"]
+        assert msg and "odd.weight" in msg and "local shard of shape (3, 4)" in msg, msg
     # a NaN on one TP replica of a norm weight: skipped on every rank, nothing changed
     for skipped, unchanged in (r["nan"] for r in res):
         assert skipped == 1 and unchanged
