@@ -252,6 +252,7 @@ def _fqn_for(p, i, names, name_of, gi):
 
 def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
     layout = opt.layout
+    opt.wait_param_gather()  # overlap_param_gather: the parameters are read (saved) or written (loaded) next
     live.layout = layout.name
     live.optimizer_class = type(opt).__name__
     params, names, gidx = opt._flat_params()
