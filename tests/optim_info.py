@@ -59,6 +59,7 @@ _COMMON_BAD = [
     (dict(grad_clip_value=float("nan")), "grad_clip_value"), (dict(nonfinite="ignore"), "nonfinite"),
     (dict(backend="fast"), "unknown backend"), (dict(sharding="zero3"), "sharding"),
     (dict(master_weights="yes"), "master_weights"),
+    (dict(overlap_comm=1), "overlap_comm"), (dict(overlap_param_gather="on"), "overlap_param_gather"),
 ]
 
 INFOS = [

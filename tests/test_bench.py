@@ -27,7 +27,7 @@ def test_bench_cpu_table(tmp_path):
 
 def test_bench_distributed_muon_traffic_equals_adamw_all_gather(tmp_path):
     rows, stdout = _bench(tmp_path, "--distributed", "--worlds", "2", "--hidden", "32", "--layers", "2",
-                          "--vocab", "64", "--iters", "1")
+                          "--vocab", "64", "--iters", "1", "--no-overlap")
     by = {(r["algo"], r["rank"]): r for r in rows}
     for rank in (0, 1):
         assert by[("muon", rank)]["traffic"]["all_gather"] == by[("adamw", rank)]["traffic"]["all_gather"] > 0
@@ -51,3 +51,26 @@ def test_bench_deepspeed_muon_budget(tmp_path):
         assert all(ours["ns_per_rank"])
         assert sum(theirs["ns_per_rank"]) >= theirs["matrices"]
     assert "ZeRO-3 W=2: shardopt.Muon" in stdout and "MORE THAN" not in stdout
+
+
+def test_bench_newton_schulz_choices_time_and_orthogonality(tmp_path):
+    rows, stdout = _bench(tmp_path, "--ns-only", "--muon-hidden", "24", "--muon-layers", "1", "--iters", "1")
+    by = {r["name"]: r for r in rows}
+    quintic = by["NS quintic (3.4445, -4.775, 2.0315) float32"]
+    pe = by["NS polar_express float32"]
+    assert "NS polar_express, ns_split=3 (q/k/v) bfloat16" in by and all(r["ms"] > 0 for r in rows)
+    # the quintic stops in its band; Polar Express gets closer to orthogonal in the same 5 steps
+    for kind in ("decaying", "gaussian"):
+        assert pe[kind]["rms_err"] < quintic[kind]["rms_err"]
+    assert "rms|1-s|" in stdout
+
+
+def test_bench_distributed_overlap_rows(tmp_path):
+    data, stdout = _bench(tmp_path, "--distributed", "--worlds", "2", "--hidden", "32", "--layers", "1",
+                          "--vocab", "64", "--iters", "1", "--muon-hidden", "16", "--muon-layers", "1")
+    modes = {(t["layout"], t["algo"], t["overlap"]) for t in data["overlap"]}
+    assert modes == {("zero1", a, m) for a in ("adamw", "muon") for m in ("off", "on", "param_gather")} | {
+        ("fsdp2", "muon", "off"), ("fsdp2", "muon", "on")}
+    assert all(t["ms_max"] > 0 and t["wait_ms_max"] >= 0 for t in data["overlap"])
+    assert {r["algo"] for r in data["zero1"]} == {"lion", "adamw", "muon"}
+    assert "comm wait ms" in stdout

@@ -103,14 +103,18 @@ def _job_w2(rank, world):
         float(st["step"]) == 0 for st in opt2.state.values()
     )
     res["dcp_keys"] = sorted(sd["state"].keys())
-    # tensor parallelism (a matrix sharded on dim 1) is refused with the parameter's name
+    # tensor parallelism alone (a matrix sharded on dim 1, no FSDP): Muon assembles it like any other
     mesh = init_device_mesh("cpu", (world,))
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
-    try:
-        shardopt.Muon([{"params": [w], "param_names": ["blocks.0.attn.wq"]}])
-        res["tp_error"] = None
-    except NotImplementedError as e:
-        res["tp_error"] = str(e)
+    full = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    w = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
+    opt = shardopt.Muon([{"params": [w], "param_names": ["blocks.0.attn.wq"]}], backend="torch",
+                        ns_dtype=torch.float32)
+    for k in range(3):
+        w.grad = distribute_tensor(torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + k)), mesh, [Shard(1)])
+        opt.step()
+    res["tp_only"] = (w.full_tensor().detach().clone(), sorted(opt.ns_shapes))
+    # overlap off: the same bits (the chunked, async gather step changes nothing but the timing)
+    res["overlap_off"] = _equivalence_cases(world, overlap_comm=False)
     return res
 
 
@@ -131,7 +135,7 @@ def _per_shard_muon_reference(world):
 
 
 @pytest.mark.parametrize("world", [2])
-def test_fsdp2_equivalence_state_placement_swap_tp(world):
+def test_fsdp2_equivalence_state_placement_swap_tp_overlap(world):
     res = dist_utils.run(_job_w2, world)
     ref_muon = None
     for name in CASE_IDS:
@@ -165,7 +169,21 @@ def test_fsdp2_equivalence_state_placement_swap_tp(world):
     assert_close_params(res[0]["swapped"], ref_muon, "muon")
     assert res[0]["dcp_init_noop"]
     assert res[0]["dcp_keys"] == res[1]["dcp_keys"]
-    assert res[0]["tp_error"] and "blocks.0.attn.wq" in res[0]["tp_error"] and "Tensor parallelism" in res[0]["tp_error"]
+    # TP alone: the same as one process, each matrix orthogonalized once, by one rank
+    ref_w = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(5)))
+    ref_opt = shardopt.Muon([ref_w], backend="torch", ns_dtype=torch.float32, sharding="none")
+    for k in range(3):
+        ref_w.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(10 + k))
+        ref_opt.step()
+    for r in res:
+        assert max_rel_err([r["tp_only"][0]], [ref_w.detach()]) <= 1e-6
+    assert sorted(s for r in res for s in r["tp_only"][1]) == [(8, 6)]  # the last step
+    # overlap on (the default) and off give the same bits
+    for r in res:
+        for name in CASE_IDS:
+            on, off = r["cases"][name], r["overlap_off"][name]
+            assert all(torch.equal(a, b) for a, b in zip(on["params"], off["params"])), name
+            assert on["a2a"] == off["a2a"]
 
 
 def _job_w4_save(rank, world, path):

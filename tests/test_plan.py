@@ -4,7 +4,9 @@ The pure planning functions are checked against the loops they replaced; the
 planner's per-rank figures for the demo model against real gloo runs at W = 1,
 2 and 4 (ZeRO-1, FSDP2, HSDP 2 x 2, and DeepSpeed ZeRO-1/2/3 at W = 2): optimizer
 ``state_bytes()``, local parameter and gradient bytes, every ``comm.COUNTERS``
-entry of one step, the Newton-Schulz owner of every matrix and ``opt.ns_shapes``.
+entry of one step, the Newton-Schulz owner of every matrix and ``opt.ns_shapes``; at W = 4
+also FSDP2 x TP on 2 x 2 and HSDP x TP on (2, 1, 2) (``--tp 2``), the demo model cut by
+``parallelize_module`` as the planner's default TP plan cuts it.
 Three spawned jobs (one per W) cover all of it.
 """
 from __future__ import annotations
@@ -159,6 +161,34 @@ def _fsdp2_case(optimizer, mesh):
     return _measure(opt, params, set_grads)
 
 
+def _tp_case(optimizer, mesh, dp_dims):
+    """The demo model under parallelize_module (qkv/fc column-, proj/fc_out row-parallel, as the
+    planner's default TP plan cuts it) and FSDP2 over ``dp_dims``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import tp_models
+
+    model = _demo_model()
+    full = dict(zip([n for n, _ in model.named_parameters()], _grads(model)))
+    dp = mesh[dp_dims] if len(dp_dims) > 1 else mesh[dp_dims[0]]
+    for blk in model.blocks:
+        parallelize_module(blk, mesh["tp"], {"qkv": ColwiseParallel(), "fc": ColwiseParallel(),
+                                             "proj": RowwiseParallel(), "fc_out": RowwiseParallel()})
+        fully_shard(blk, mesh=dp)
+    fully_shard(model, mesh=dp)
+    opt = _build(model, optimizer)
+    named = dict((id(p), n) for n, p in model.named_parameters())
+    params = opt._flat_params()[0]
+
+    def set_grads():
+        for p in params:
+            p.grad = None
+        tp_models.set_grads(params, [full[named[id(p)]] for p in params])
+
+    return _measure(opt, params, set_grads)
+
+
 def _deepspeed_case(optimizer, stage, rank):
     import deepspeed
 
@@ -207,6 +237,12 @@ def _job(rank, world):
         hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         for optimizer in ("adamw", "muon"):
             out[("hsdp:2x2", optimizer, "fp32")] = _fsdp2_case(optimizer, hsdp)
+        # tensor parallelism: FSDP2 x TP on 2 x 2, HSDP x TP on (2, 1, 2)
+        tp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        hsdp_tp = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("rep", "shard", "tp"))
+        for optimizer in ("adamw", "muon"):
+            out[("fsdp2+tp2", optimizer, "fp32")] = _tp_case(optimizer, tp, ("dp",))
+            out[("hsdp:2x1+tp2", optimizer, "fp32")] = _tp_case(optimizer, hsdp_tp, ("rep", "shard"))
     if world == 2:
         for stage in (1, 2, 3):
             out[(f"deepspeed-zero{stage}", "adamw", "fp32")] = _deepspeed_case("adamw", stage, rank)
@@ -228,9 +264,10 @@ def _plans(real_runs):
             key = (layout, optimizer, dtype)
             if key not in cache:
                 cache[key] = {}
-            plan_layout = "zero1" if layout == "zero1-rg" else layout
+            plan_layout = "zero1" if layout == "zero1-rg" else layout.split("+")[0]
+            tp = int(layout.split("+tp")[1]) if "+tp" in layout else 1
             cache[key][w] = shardopt.plan(model, world_sizes=[w], layout=plan_layout, optimizer=optimizer,
-                                          param_dtype=dtype, reduce_gradients=layout == "zero1-rg").worlds[0]
+                                          param_dtype=dtype, reduce_gradients=layout == "zero1-rg", tp=tp).worlds[0]
     return cache
 
 
@@ -250,8 +287,8 @@ def test_plan_matches_real_runs_memory_comm_and_ns_owners(real_runs):
                         assert res[key]["owner"] == wp.ns_owner, key
                 checked += 1
                 continue
-            expect_layout = "none" if (layout.startswith("zero1") and w == 1) else layout.split(":")[0].replace(
-                "zero1-rg", "zero1").replace("hsdp", "fsdp2")
+            expect_layout = "none" if (layout.startswith("zero1") and w == 1) else layout.split("+")[0].split(":")[
+                0].replace("zero1-rg", "zero1").replace("hsdp", "fsdp2")
             shards = w // wp.replicas
             for r, res in enumerate(ranks):
                 got = res[key]
@@ -270,7 +307,7 @@ def test_plan_matches_real_runs_memory_comm_and_ns_owners(real_runs):
                 assert got["ns_shapes"] == mine, (key, w, r)
                 assert sum(ns_flops(s) for s in mine) == wp.ns_flops[r]
             checked += 1
-    assert checked == 7 + (7 + 2 + 6) + (7 + 2 + 2)  # every case of the W = 1, 2 and 4 jobs
+    assert checked == 7 + (7 + 2 + 6) + (7 + 2 + 2 + 4)  # every case of the W = 1, 2 and 4 jobs
 
 
 def test_plan_matches_real_runs_step_stats_all_reduce(real_runs):
@@ -297,7 +334,7 @@ def test_cli_prints_writes_json_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert out.startswith("shardopt plan: gpt2 (GPT-2 small (124 M)), 124.44 M parameters in 148 tensors, bf16")
-    for s in ("W = 8  (fsdp2: HSDP: 4 replicas x 2 shards", "optimizer state (fp32)", "all_to_all x2",
+    for s in ("W = 8  (fsdp2: HSDP: 4 replicas x 2 shards", "optimizer state (fp32)", "all_to_all x",
               "step stats", "FSDP2", "Muon Newton-Schulz per rank", "[estimate]", "summary, max per rank"):
         assert s in out, s
     d = json.loads(js.read_text())
@@ -316,6 +353,10 @@ def test_cli_prints_writes_json_and_plot(tmp_path, capsys):
     (["--layout", "hsdp:2x4", "--world-size", "16"], "does not fit world size 16"),
     (["--layout", "fsdp2", "--reduce-gradients"], "reduce_gradients applies to the zero1 layout only"),
     (["--model", "os:getcwd"], "returned str, not an nn.Module"),
+    (["--layout", "zero1", "--tp", "2"], "tensor parallelism (tp=2) applies to the fsdp2 and hsdp layouts"),
+    (["--layout", "fsdp2", "--tp", "3", "--world-size", "8"], "world size 8 is not a multiple of tp=3"),
+    (["--layout", "hsdp:2x4", "--tp", "2", "--world-size", "8"], "replicas x shards x tp (2) must equal it"),
+    (["--tp", "0"], "tp must be a whole number >= 1"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, fragment):
     rc = cli.main(["plan", "--model", "demo", *argv] if "--model" not in argv else ["plan", *argv])
@@ -336,6 +377,20 @@ def test_model_sources_hf_config_and_module_function(tmp_path):
     # module:function, built on the meta device
     p = shardopt.plan("shardopt.tools._presets:GPT2Shapes", world_sizes=[2], layout="fsdp2")
     assert p.n_params == 124_439_808
+
+
+def test_tp_plans_llama_70b_on_4096_ranks():
+    """--tp 8: each rank holds 1/8 of every TP-cut weight's shard; Muon owners span shards x TP."""
+    t0 = time.perf_counter()
+    p = shardopt.plan("llama-70b", world_sizes=[512, 4096], layout="hsdp:*x8", optimizer="muon", tp=8)
+    assert time.perf_counter() - t0 < 20
+    flat = shardopt.plan("llama-70b", world_sizes=[64], layout="hsdp:*x8", optimizer="muon").worlds[0]
+    w = p.worlds[0]
+    assert w.world // w.replicas == 64  # the group: 8 shards x 8 TP ranks, 8 replicas of it at W = 512
+    # the TP-cut matrices (all of Muon's) are 8x smaller per rank than HSDP's 8 shards alone give
+    assert int(w.state.max()) < int(flat.state.max()) / 4
+    assert len(w.ns_owner) == 560 and w.idle_ranks == 0
+    assert "HSDP x TP: 8 replicas x 8 shards x 8 TP ranks" in p.format()
 
 
 def test_help_does_not_import_torch():

@@ -119,3 +119,48 @@ def test_plan_fsdp2_rows_and_owners():
     assert row_ranges(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert row_ranges(3, 4) == [(0, 1), (1, 2), (2, 3), (3, 3)]  # torch.chunk: the tail rank is empty
     assert [hi - lo for lo, hi in row_ranges(7, 4)] == [len(c) for c in torch.arange(7).chunk(4)]
+
+
+def test_local_runs_are_torch_placements_on_random_meshes():
+    """local_runs (the planner's and DTensorLayout's index arithmetic) against torch's own
+    Shard / _StridedShard splitting and compute_local_shape_and_global_offset, on random
+    1-3-D meshes, placements and uneven shapes."""
+    import itertools
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from shardopt.sharding.plan import Split, boxes, flat_runs, local_runs, runs_len
+
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(600):
+        mesh = tuple(rng.choice([1, 2, 3, 4]) for _ in range(rng.choice([1, 2, 3])))
+        shape = (rng.randint(0, 13), rng.randint(0, 7))
+        pls, splits = [], []
+        for d in range(len(mesh)):
+            kind, td = rng.choice(["R", "S", "SS"]), rng.randint(0, 1)
+            if kind == "R":
+                pls.append(Replicate())
+            elif kind == "S":
+                pls.append(Shard(td))
+                splits.append(Split(td, (d,)))
+            else:
+                sf = rng.choice([1, 2, 3])
+                pls.append(_StridedShard(td, split_factor=sf))
+                splits.append(Split(td, (d,), sf))
+        for coord in itertools.product(*[range(m) for m in mesh]):
+            runs = local_runs(shape, splits, coord, mesh)
+            size, _ = _compute_local_shape_and_global_offset(shape, mesh, list(coord), pls)
+            assert tuple(runs_len(r) for r in runs) == tuple(size)
+            loc = torch.arange(shape[0] * shape[1]).view(shape)
+            for d, pl in enumerate(pls):
+                if not isinstance(pl, Replicate):
+                    loc = pl._split_tensor(loc, mesh[d], with_padding=False)[0][coord[d]]
+            fl = flat_runs(shape, runs)
+            got = torch.cat([torch.arange(a, a + n) for a, n in fl]) if fl else torch.empty(0, dtype=torch.long)
+            assert torch.equal(got, loc.reshape(-1)), (shape, mesh, pls, coord)
+            assert sum(math.prod(b[1]) for b in boxes(runs)) == loc.numel()
+            checked += 1
+    assert checked > 3000

@@ -44,6 +44,14 @@ def test_matches_reference_fp32(shape):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("steps", [5, 9])
+def test_polar_express_matches_reference(steps):
+    G = torch.randn(17, 33, generator=torch.Generator().manual_seed(5))
+    out = triton_ns.newton_schulz(G, steps=steps, coefficients="polar_express", dtype=torch.float32, blocks=BLOCKS)
+    ref = reference_ns(G, steps=steps, coefficients="polar_express", dtype=torch.float32)
+    assert _rel(out, ref) < 1e-5
+
+
 def test_gram_and_fused_square_are_exactly_symmetric():
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(2, 37, 50, generator=gen)  # 3 row tiles, the last one partial

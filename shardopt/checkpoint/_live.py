@@ -9,7 +9,6 @@ them, so the same description serves both directions.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -130,41 +129,28 @@ def model_tensors(module):
 
 
 # ---------------------------------------------------------------- pieces of a state tensor
-def _runs(shape, offsets, sizes):
-    """Flat element runs [(global_start, length)] of an N-D box, in the box's row-major order."""
-    shape, offsets, sizes = list(shape), list(offsets), list(sizes)
-    nd = len(shape)
-    if nd == 0:
-        return [(0, 1)]
-    k = nd - 1
-    while k > 0 and sizes[k] == shape[k]:
-        k -= 1
-    # dims > k are full; a run covers sizes[k] * prod(shape[k+1:]) elements
-    inner = math.prod(shape[k + 1:]) if k + 1 < nd else 1
-    strides = [math.prod(shape[d + 1:]) for d in range(nd)]
-    length = sizes[k] * inner
-    runs = []
-    for idx in itertools.product(*[range(offsets[d], offsets[d] + sizes[d]) for d in range(k)]):
-        start = sum(i * strides[d] for d, i in enumerate(idx)) + offsets[k] * strides[k]
-        runs.append((start, length))
-    return runs
-
-
 def dtensor_pieces(global_shape, mesh, placements, local: torch.Tensor):
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    """This rank's pieces of a DTensor in flat coordinates: ``[(flat start, 1-D view of local)]``.
 
-    if mesh.get_coordinate() is None:
+    From the exact index runs of :func:`shardopt.sharding.mesh.dtensor_local_runs`, so a
+    ``_StridedShard`` local shard (rows 0-1 and 4-5 of 8, say) gives one piece per run, not the
+    single box that ``compute_local_shape_and_global_offset`` would suggest."""
+    from ..sharding.mesh import dtensor_local_runs
+    from ..sharding.plan import flat_runs, runs_len
+
+    runs = dtensor_local_runs(global_shape, mesh, placements)
+    if runs is None:
         return []
-    sizes, offsets = compute_local_shape_and_global_offset(torch.Size(global_shape), mesh, placements)
+    sizes = tuple(runs_len(r) for r in runs)
     if math.prod(sizes) == 0:
         return []
-    if tuple(local.shape) != tuple(sizes):
-        raise ValueError(f"local shard shape {tuple(local.shape)} differs from its DTensor chunk {tuple(sizes)}")
+    if tuple(local.shape) != sizes:
+        raise ValueError(f"local shard shape {tuple(local.shape)} differs from its DTensor chunk {sizes}")
     flat = local.reshape(-1)
     if flat.data_ptr() != local.data_ptr() and local.numel() > 0:
         raise ValueError("a DTensor local shard is not contiguous; it cannot be loaded in place")
     pieces, pos = [], 0
-    for start, n in _runs(global_shape, offsets, sizes):
+    for start, n in flat_runs(tuple(global_shape), runs):
         pieces.append((start, flat[pos:pos + n]))
         pos += n
     return pieces
@@ -268,6 +254,7 @@ def _fqn_for(p, i, names, name_of, gi):
 
 def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
     layout = opt.layout
+    opt.wait_param_gather()  # overlap_param_gather: the parameters are read (saved) or written (loaded) next
     live.layout = layout.name
     live.optimizer_class = type(opt).__name__
     params, names, gidx = opt._flat_params()

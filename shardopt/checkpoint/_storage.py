@@ -7,7 +7,10 @@ ZeRO-1 range is one piece, a whole Muon matrix on its owner is one piece
 ``[0, numel)``, a ``Shard(0)`` FSDP2 shard is the contiguous range of its
 rows. DCP then reshards on load by range overlap, whatever layout and world
 size wrote the pieces. Model weights are stored in their own shape (plain
-tensors, or DTensors as FSDP2 has them).
+tensors, or DTensors as FSDP2 / TP have them); a DTensor contributes the boxes
+of its local shard, from the exact index runs of
+:func:`shardopt.sharding.mesh.dtensor_local_runs` (a ``_StridedShard`` shard
+may be several boxes, where DCP's own planner assumes one).
 
 The planners here are the documented DCP extension points
 (``create_local_plan`` / ``resolve_data`` / ``lookup_tensor``); they add two
@@ -83,6 +86,22 @@ class LazyTensor:
     make: Callable[[], torch.Tensor]
 
 
+def dtensor_boxes(obj) -> list:
+    """``[(global offsets, sizes, view of the local shard)]`` of this rank's piece of a DTensor."""
+    from ..sharding.mesh import dtensor_local_runs
+    from ..sharding.plan import boxes
+
+    runs = dtensor_local_runs(obj.shape, obj.device_mesh, obj.placements)
+    if runs is None or any(not r for r in runs):
+        return []
+    local = obj.to_local()
+    out = []
+    for g, size, loc in boxes(runs):
+        view = local[tuple(slice(o, o + n) for o, n in zip(loc, size))]
+        out.append((tuple(g), tuple(size), view))
+    return out
+
+
 # ---------------------------------------------------------------- planners
 def _props(dtype):
     return TensorProperties(dtype=dtype)
@@ -108,6 +127,15 @@ class SavePlanner(DefaultSavePlanner):
                             properties=_props(obj.dtype), size=torch.Size([obj.numel]),
                         ),
                     ))
+            elif _is_dtensor(obj):
+                for off, size, _ in dtensor_boxes(obj):
+                    items.append(WriteItem(
+                        index=MetadataIndex(key, torch.Size(off)), type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(size)),
+                            properties=_props(obj.dtype), size=obj.shape,
+                        ),
+                    ))
             elif isinstance(obj, LazyTensor):
                 shape = torch.Size(obj.shape)
                 items.append(WriteItem(
@@ -131,6 +159,12 @@ class SavePlanner(DefaultSavePlanner):
                 if o == off:
                     return t.detach()
             raise AssertionError(f"no piece at {off} for {write_item.index.fqn}")
+        if _is_dtensor(obj):
+            off = tuple(write_item.index.offset)
+            for o, _, view in dtensor_boxes(obj):
+                if o == off:
+                    return view.detach().contiguous()
+            raise AssertionError(f"no box at {off} for {write_item.index.fqn}")
         if isinstance(obj, LazyTensor):
             t = obj.make()
             if tuple(t.shape) != tuple(obj.shape) or t.dtype != obj.dtype:
@@ -147,16 +181,7 @@ def dest_chunks(obj) -> list:
     if isinstance(obj, FlatPieces):
         return obj.chunks()
     if _is_dtensor(obj):
-        from torch.distributed.tensor._utils import (
-            compute_local_shape_and_global_offset,
-        )
-
-        if obj.device_mesh.get_coordinate() is None:
-            return []
-        sizes, offsets = compute_local_shape_and_global_offset(obj.shape, obj.device_mesh, obj.placements)
-        if 0 in sizes:
-            return []
-        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))]
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(n)) for o, n, _ in dtensor_boxes(obj)]
     if obj.numel() == 0:
         return []
     return [ChunkStorageMetadata(offsets=torch.Size([0] * obj.dim()), sizes=obj.shape)]
@@ -166,7 +191,7 @@ def _dest_tensor(obj, index: int):
     if isinstance(obj, FlatPieces):
         return obj.pieces[index][1]
     if _is_dtensor(obj):
-        return obj.to_local()
+        return dtensor_boxes(obj)[index][2]
     return obj
 
 

@@ -6,6 +6,7 @@ sharded layout is tested against it.
 """
 from .adamw import adamw
 from .lion import lion
-from .muon import adjust_lr, muon, muon_momentum, newton_schulz, ns_flops
+from .muon import adjust_lr, muon, muon_momentum, newton_schulz, newton_schulz_split, ns_flops, ns_schedule
 
-__all__ = ["adamw", "lion", "muon", "muon_momentum", "newton_schulz", "adjust_lr", "ns_flops"]
+__all__ = ["adamw", "lion", "muon", "muon_momentum", "newton_schulz", "adjust_lr", "ns_flops", "ns_schedule",
+           "newton_schulz_split"]

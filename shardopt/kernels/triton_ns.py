@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional.muon import DEFAULT_NS_COEFFICIENTS
+from ..functional.muon import DEFAULT_NS_COEFFICIENTS, ns_schedule
 
 try:  # pragma: no branch - depends on the environment
     import triton
@@ -340,7 +340,7 @@ def newton_schulz(
             f"triton newton_schulz got a CPU tensor of shape {tuple(G.shape)}; Triton kernels run on GPUs, "
             "or on CPU only under TRITON_INTERPRET=1 set before the first call. Use ns_backend='torch' for CPU."
         )
-    a, b, c = (float(v) for v in coefficients)
+    schedule, scale = ns_schedule(coefficients, steps)  # a triple, or "polar_express" (per iteration)
     X = G.to(dtype)
     squeeze = X.dim() == 2
     if squeeze:
@@ -350,13 +350,16 @@ def newton_schulz(
         X = X.mT
     # the normalisation as in the reference: fp32 norm, fp32 divide, one cast
     norm = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
+    if scale != 1.0:
+        norm = norm * scale
     X = (X.float() / (norm + eps)).to(dtype).contiguous()
     bsz, m, _ = X.shape
-    if X.numel() and steps > 0:
+    if X.numel() and schedule:
         A = torch.empty((bsz, m, m), dtype=dtype, device=X.device)
         Bm = torch.empty_like(A)
         Y = torch.empty_like(X)
-        for _ in range(steps):
+        for a, b, c in schedule:
+            a, b, c = float(a), float(b), float(c)
             syrk(X, A, blocks=blocks)
             syrk(A, Bm, A=A, alpha=b, beta=c, blocks=blocks)
             ns_update(Bm, X, Y, alpha=a, blocks=blocks)

@@ -85,7 +85,7 @@ def lr_and_decay(group: dict, where: str) -> None:
 
 
 def optimizer_options(*, sharding, nonfinite, grad_clip_norm, grad_clip_value, master_weights, reduce_gradients,
-                      comm_dtype, nonfinite_choices) -> None:
+                      comm_dtype, nonfinite_choices, overlap_comm=True, overlap_param_gather=False) -> None:
     where = "the optimizer"
     choice(sharding, "sharding", where, ("auto", "zero1", "fsdp2", "none"))
     choice(nonfinite, "nonfinite", where, nonfinite_choices)
@@ -95,3 +95,5 @@ def optimizer_options(*, sharding, nonfinite, grad_clip_norm, grad_clip_value, m
     flag(master_weights, "master_weights", where)
     flag(reduce_gradients, "reduce_gradients", where)
     float_dtype(comm_dtype, "comm_dtype", where)
+    flag(overlap_comm, "overlap_comm", where)
+    flag(overlap_param_gather, "overlap_param_gather", where)

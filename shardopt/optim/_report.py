@@ -99,9 +99,7 @@ def summary(opt, print_fn=print) -> list[dict]:
         if ALGORITHMS[g["algorithm"]].matrix:
             has_matrix = True
             if layout.owns_matrix(i):
-                from ..functional import ns_flops
-
-                flops += ns_flops(p.shape, g.get("ns_steps", 5))
+                flops += ALGORITHMS[g["algorithm"]].ns_cost(g, p.shape)
     unsharded = _unsharded_bytes(opt)
     row = torch.tensor([float(owned), float(opt.state_bytes()), float(flops), float(unsharded)], dtype=torch.float64)
     w, rank = comm.world(group)

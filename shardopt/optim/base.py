@@ -51,6 +51,21 @@ class NonFiniteGradientError(FloatingPointError):
     """Raised on every rank together when ``nonfinite='raise'`` sees inf/NaN gradients."""
 
 
+class _Hooks:
+    """What :meth:`ShardedOptimizer.attach` returns: ``remove()`` takes the hooks off again."""
+
+    def __init__(self, handles, opt, ids):
+        self.handles, self.opt, self.ids = handles, opt, ids
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.opt._hooked_ids -= self.ids
+        layout = self.opt._layout
+        if layout is not None and layout.name == "zero1":
+            layout.hooked = {i for p_id, i in self.opt._index_of.items() if p_id in self.opt._hooked_ids}
+
+
 @dataclass
 class GradTransform:
     """How an update reads its gradients (see :mod:`shardopt.kernels.torch_ops`)."""
@@ -73,6 +88,17 @@ class Algorithm:
     def validate(self, group: dict, where: str) -> None:
         """Check every hyperparameter of ``group`` (``where`` names it in errors)."""
         _checks.lr_and_decay(group, where)
+
+    def validate_param(self, group: dict, p, describe: str) -> None:
+        """Check one parameter of ``group`` against the group's hyperparameters (e.g. Muon's ns_split)."""
+
+    def ns_cost(self, group: dict, shape) -> float:
+        """Newton-Schulz FLOPs of one step on a parameter of ``shape`` (owners are balanced by it)."""
+        if not self.matrix:
+            return 0.0
+        from ..functional import ns_flops
+
+        return float(ns_flops(tuple(shape), group.get("ns_steps", 5)))
 
     def step(self, opt: "ShardedOptimizer", group: dict, idx: list[int], params, grads, states,
              steps: list[int], gt: GradTransform) -> None:
@@ -105,11 +131,13 @@ class ShardedOptimizer(Optimizer):
         grad_clip_value: float | None = None,
         master_weights: bool = True,
         comm_dtype: torch.dtype | None = None,
+        overlap_comm: bool = True,
+        overlap_param_gather: bool = False,
     ):
         _checks.optimizer_options(
             sharding=sharding, nonfinite=nonfinite, grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value,
             master_weights=master_weights, reduce_gradients=reduce_gradients, comm_dtype=comm_dtype,
-            nonfinite_choices=NONFINITE_CHOICES,
+            nonfinite_choices=NONFINITE_CHOICES, overlap_comm=overlap_comm, overlap_param_gather=overlap_param_gather,
         )
         kernels.validate_backend(backend)
         defaults = dict(defaults)
@@ -123,6 +151,10 @@ class ShardedOptimizer(Optimizer):
         self.grad_clip_value = grad_clip_value
         self.master_weights = master_weights
         self.comm_dtype = comm_dtype
+        self.overlap_comm = overlap_comm
+        self.overlap_param_gather = overlap_param_gather
+        self._hooked_ids: set = set()  # parameters whose modules wait for their all-gather (attach)
+        self._warned_unattached = False
         self._counter = _steps.StepCounter()
         self._host_skipped = 0
         self._last_norm: torch.Tensor | None = None
@@ -190,6 +222,7 @@ class ShardedOptimizer(Optimizer):
                 )
             if algo.matrix and p.is_complex():
                 raise ValueError(f"{d} is complex; Muon takes real matrices only (as torch.optim.Muon does)")
+            algo.validate_param(group, p, f"{d} in {self._where(gi, group)}")
         if getattr(self, "_ready", False):
             self._layout = None
             self._ensure_layout()
@@ -237,15 +270,25 @@ class ShardedOptimizer(Optimizer):
         key = tuple(id(p) for p in params)
         if self._layout is not None and key == self._layout_key:
             return
-        whole = [ALGORITHMS[self.param_groups[g]["algorithm"]].matrix for g in gidx]
+        algos = [ALGORITHMS[self.param_groups[g]["algorithm"]] for g in gidx]
+        whole = [a.matrix for a in algos]
         layout = (self._layout_factory or make_layout)(
             params, names, whole, self.sharding, self.process_group, self.reduce_gradients,
-            ns_steps=[self.param_groups[g].get("ns_steps", 5) for g in gidx],
+            ns_costs=[a.ns_cost(self.param_groups[g], p.shape) for a, g, p in zip(algos, gidx, params)],
             comm_dtype=self.comm_dtype,
             group_signatures=[self._group_signature(g) for g in range(len(self.param_groups))],
             group_of=gidx,
             copies_now=[self.master_weights and p.dtype in LOW_PRECISION for p in params],
+            overlap=self.overlap_comm,
         )
+        if self.overlap_param_gather and layout.name not in ("zero1", "none"):
+            raise ValueError(
+                f"overlap_param_gather=True applies to the ZeRO-1 layout (plain parameters under torch.distributed), "
+                f"not to layout {layout.name!r}: FSDP2 gathers the parameters itself (and prefetches them)"
+            )
+        if self.overlap_param_gather and layout.name == "zero1":
+            layout.overlap_param_gather = True
+            layout.hooked = {i for i, p in enumerate(params) if id(p) in self._hooked_ids}
         carried = {}
         trained = any(_steps.get(st) > 0 for st in self.state.values() if "step" in st)
         if self._keep_state:
@@ -268,6 +311,7 @@ class ShardedOptimizer(Optimizer):
         self._layout = layout
         self._layout_key = key
         self._names, self._gidx = names, gidx
+        self._index_of = {id(p): i for i, p in enumerate(params)}
         self.state = collections.defaultdict(dict)  # as torch.optim keeps it
         self.state.update(carried)
         self._init_state()
@@ -295,11 +339,47 @@ class ShardedOptimizer(Optimizer):
         self._ensure_layout()
         return self._layout
 
+    # ------------------------------------------------------------------ overlapped parameter all-gathers
+    def attach(self, model: torch.nn.Module):
+        """With ``overlap_param_gather=True``: wait for each parameter's all-gather in a forward
+        pre-hook of the module that holds it, instead of at the end of ``step()``.
+
+        Registers one hook on every module of ``model`` that directly holds parameters of this
+        optimizer (DDP and other wrappers are walked through). Parameters not in ``model`` are
+        still waited for in ``step()``. Returns a handle; ``handle.remove()`` undoes it. Without
+        ``overlap_param_gather`` (or on a layout without all-gathers) the hooks do nothing."""
+        handles = []
+        covered: set = set()
+        for m in model.modules():
+            ids = frozenset(id(p) for p in m.parameters(recurse=False) if id(p) in self._index_of)
+            if not ids:
+                continue
+            handles.append(m.register_forward_pre_hook(self._gather_hook(ids)))
+            covered |= ids
+        self._hooked_ids |= covered
+        layout = self._layout
+        if layout is not None and layout.name == "zero1":
+            layout.hooked = {i for p_id, i in self._index_of.items() if p_id in self._hooked_ids}
+        return _Hooks(handles, self, covered)
+
+    def _gather_hook(self, ids):
+        def hook(module, args):
+            layout = self._layout
+            if layout is not None and layout.in_flight:
+                layout.wait_params([self._index_of[k] for k in ids if k in self._index_of])
+        return hook
+
+    def wait_param_gather(self) -> None:
+        """Land every all-gather that ``overlap_param_gather`` left in flight (a no-op otherwise)."""
+        if self._layout is not None:
+            self._layout.wait_params()
+
     # ------------------------------------------------------------------ state_dict
     def state_dict(self):
         """torch.optim's state_dict (``step`` as a float tensor), plus where it came from under
         ``"shardopt"``: format version, layout, world size and rank."""
         self._ensure_layout()
+        self.wait_param_gather()
         self._counter.resolve(wait=True)
         return _state_dict.pack(self)
 
@@ -311,14 +391,17 @@ class ShardedOptimizer(Optimizer):
         wrote it; use ``shardopt.checkpoint`` to reshard.
         """
         self._ensure_layout()
+        self.wait_param_gather()
         self._counter.resolve(wait=True)
         _state_dict.load(self, state_dict)
 
     def __getstate__(self):
         d = super().__getstate__()
+        self.wait_param_gather()
         d.pop("_layout_factory", None)  # holds a process group; an integration installs it again
         for k in ("sharding", "process_group", "reduce_gradients", "nonfinite", "backend", "grad_clip_norm",
-                  "grad_clip_value", "master_weights", "comm_dtype", "_host_skipped", "ns_shapes"):
+                  "grad_clip_value", "master_weights", "comm_dtype", "overlap_comm", "overlap_param_gather",
+                  "_host_skipped", "ns_shapes"):
             d[k] = getattr(self, k)
         self._counter.resolve(wait=True)
         d["_skipped_on_device"] = self._counter.skipped
@@ -327,7 +410,11 @@ class ShardedOptimizer(Optimizer):
     def __setstate__(self, state):
         state = dict(state)
         skipped = state.pop("_skipped_on_device", 0)
+        state.setdefault("overlap_comm", True)
+        state.setdefault("overlap_param_gather", False)
         super().__setstate__(state)
+        self._hooked_ids = set()  # hooks belong to the original's modules
+        self._warned_unattached = False
         self._counter = _steps.StepCounter()
         self._counter.skipped = skipped
         self._last_norm = None
@@ -380,6 +467,7 @@ class ShardedOptimizer(Optimizer):
         """
         from ._report import summary
 
+        self.wait_param_gather()
         return summary(self, print_fn)
 
     # ------------------------------------------------------------------ step
@@ -395,6 +483,7 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._ensure_layout()
         layout = self._layout
+        layout.wait_params()  # gathers overlap_param_gather left in flight, before anything reads parameters
         params, _, gidx = self._flat_params()
         self._counter.resolve()
         for i, p in enumerate(params):
@@ -410,35 +499,44 @@ class ShardedOptimizer(Optimizer):
                            decision.found_inf if decision is not None and decision.host_skip() is None else None)
         self.ns_shapes = []
         for gi, group in enumerate(self.param_groups):
-            algo = ALGORITHMS[group["algorithm"]]
-            stepped = [i for i in range(len(params)) if gidx[i] == gi and present[i]]
-            if not stepped:
-                continue
-            # every rank counts steps for every parameter with a gradient anywhere, owned or not,
-            # so the state is the same on all ranks
-            sts = [self.state[params[i]] for i in stepped]
-            if gt.found_inf is not None:
-                self._counter.count_unless(sts, gt.found_inf)
-            else:
-                self._counter.count(sts)
-            idx = layout.matrix_indices(stepped) if algo.matrix else [i for i in stepped if layout.owns(i)]
-            if not idx and not algo.matrix:
-                continue
-            work = []
-            for i in idx:
-                st = self.state[params[i]]
-                work.append(st["master_param"] if "master_param" in st else layout.param_view(i))
-            pv = [layout.local_state(w) for w in work]
-            gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
-            keys = algo.state_keys(group)
-            sv = {k: [layout.local_state(self.state[params[i]][k]) for i in idx] for k in keys}
-            algo.step(self, group, idx, pv, gv, sv, [self.state[params[i]]["step"] for i in idx], gt)
-            masters = [(layout.param_view(i), layout.local_state(self.state[params[i]]["master_param"]))
-                       for i in idx if "master_param" in self.state[params[i]]]
-            if masters:
-                torch._foreach_copy_([m[0] for m in masters], [m[1] for m in masters])
+            self._step_group(gi, group, params, gidx, grads, present, gt)
+            layout.group_done(gi)
+        if self.overlap_param_gather and layout.name == "zero1" and not layout.hooked and not self._warned_unattached:
+            self._warned_unattached = True
+            warnings.warn("shardopt: overlap_param_gather=True but no model is attached (opt.attach(model)); the "
+                          "all-gathers are waited for at the end of step() instead", RuntimeWarning)
         layout.finish()
         return loss
+
+    def _step_group(self, gi, group, params, gidx, grads, present, gt):
+        layout = self._layout
+        algo = ALGORITHMS[group["algorithm"]]
+        stepped = [i for i in range(len(params)) if gidx[i] == gi and present[i]]
+        if not stepped:
+            return
+        # every rank counts steps for every parameter with a gradient anywhere, owned or not,
+        # so the state is the same on all ranks
+        sts = [self.state[params[i]] for i in stepped]
+        if gt.found_inf is not None:
+            self._counter.count_unless(sts, gt.found_inf)
+        else:
+            self._counter.count(sts)
+        idx = layout.matrix_indices(stepped) if algo.matrix else [i for i in stepped if layout.owns(i)]
+        if not idx and not algo.matrix:
+            return
+        work = []
+        for i in idx:
+            st = self.state[params[i]]
+            work.append(st["master_param"] if "master_param" in st else layout.param_view(i))
+        pv = [layout.local_state(w) for w in work]
+        gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
+        keys = algo.state_keys(group)
+        sv = {k: [layout.local_state(self.state[params[i]][k]) for i in idx] for k in keys}
+        algo.step(self, group, idx, pv, gv, sv, [self.state[params[i]]["step"] for i in idx], gt)
+        masters = [(layout.param_view(i), layout.local_state(self.state[params[i]]["master_param"]))
+                   for i in idx if "master_param" in self.state[params[i]]]
+        if masters:
+            torch._foreach_copy_([m[0] for m in masters], [m[1] for m in masters])
 
     def _agree_on_gradients(self, params, grads):
         """The fused gradient pass and the one all-reduce of a step.
@@ -454,10 +552,16 @@ class ShardedOptimizer(Optimizer):
         if not need_stats and not layout.distributed:
             self._last_norm = None
             return None, local
-        pieces = [g for g in grads if g is not None]
-        dev = pieces[0].device if pieces else (_device_of(params[0]) if params else torch.device("cpu"))
+        pieces = [g for i, g in enumerate(grads) if g is not None and layout.counts_in_norm(i)]
+        replicas = [g for i, g in enumerate(grads) if g is not None and not layout.counts_in_norm(i)]
+        present_any = pieces or replicas
+        dev = present_any[0].device if present_any else (_device_of(params[0]) if params else torch.device("cpu"))
         if need_stats:
+            # the norm counts each distinct piece once (its canonical copy); non-finite values count anywhere
             stats = kernels.grad_stats(pieces, clip_value=self.grad_clip_value, backend=self.backend)
+            if replicas:
+                extra = kernels.grad_stats(replicas, clip_value=self.grad_clip_value, backend=self.backend)
+                stats = stats.to(dev) + torch.stack([torch.zeros_like(extra[1]), extra[1]]).to(dev)
         else:
             stats = torch.zeros(2, dtype=comm.STATS_DTYPE, device=dev)
         if layout.distributed:

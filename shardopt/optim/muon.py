@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import adjust_lr, muon_momentum, newton_schulz
-from ..functional.muon import DEFAULT_NS_COEFFICIENTS
+from ..functional import adjust_lr, muon_momentum, newton_schulz, newton_schulz_split
+from ..functional.muon import DEFAULT_NS_COEFFICIENTS, NS_COEFFICIENT_NAMES, ns_flops_split
 from ..kernels.torch_ops import _gated, effective_grads
 from . import _checks
 from .base import Algorithm, ShardedOptimizer, register
@@ -38,7 +38,7 @@ class MuonAlgorithm(Algorithm):
     defaults = {
         "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True,
         "ns_coefficients": DEFAULT_NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": 5, "adjust_lr_fn": None,
-        "ns_dtype": None, "ns_backend": "torch",
+        "ns_dtype": None, "ns_backend": "torch", "ns_split": None, "ns_split_dim": 0,
     }
 
     def state_keys(self, group):
@@ -52,10 +52,27 @@ class MuonAlgorithm(Algorithm):
                          hint="Newton-Schulz divides by norm + eps, and a zero gradient would give NaN")
         _checks.integer(group.get("ns_steps"), "ns_steps", where, lo=1, hi=99)
         coeffs = group.get("ns_coefficients")
-        if not (isinstance(coeffs, (tuple, list)) and len(coeffs) == 3):
-            raise ValueError(f"invalid ns_coefficients {coeffs!r} for {where}: it must be three numbers (a, b, c)")
-        for k, c in enumerate(coeffs):
-            _checks.scalar(c, f"ns_coefficients[{k}]", where)
+        if isinstance(coeffs, str):
+            if coeffs not in NS_COEFFICIENT_NAMES:
+                raise ValueError(f"unknown ns_coefficients {coeffs!r} for {where}; valid: three numbers (a, b, c) "
+                                 f"or {', '.join(map(repr, NS_COEFFICIENT_NAMES))}")
+        else:
+            if not (isinstance(coeffs, (tuple, list)) and len(coeffs) == 3):
+                raise ValueError(f"invalid ns_coefficients {coeffs!r} for {where}: it must be three numbers "
+                                 "(a, b, c) or 'polar_express'")
+            for k, c in enumerate(coeffs):
+                _checks.scalar(c, f"ns_coefficients[{k}]", where)
+        split = group.get("ns_split")
+        if split is not None:
+            ok = isinstance(split, int) and not isinstance(split, bool) and split >= 1
+            ok = ok or (isinstance(split, (tuple, list)) and len(split) > 0 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in split))
+            if not ok:
+                raise ValueError(f"invalid ns_split {split!r} for {where}: use None, a number of equal blocks "
+                                 "(e.g. 3 for a fused QKV, or the number of heads) or a tuple of block sizes")
+        if group.get("ns_split_dim", 0) not in (0, 1) or isinstance(group.get("ns_split_dim", 0), bool):
+            raise ValueError(f"invalid ns_split_dim {group.get('ns_split_dim')!r} for {where}: use 0 (row blocks) "
+                             "or 1 (column blocks)")
         _checks.choice(group.get("adjust_lr_fn"), "adjust_lr_fn", where, (None, "original", "match_rms_adamw"),
                        word="invalid")
         _checks.float_dtype(group.get("ns_dtype"), "ns_dtype", where)
@@ -65,6 +82,25 @@ class MuonAlgorithm(Algorithm):
             from ..kernels import triton_ns
 
             triton_ns._require_triton()
+
+    def validate_param(self, group, p, describe):
+        split = group.get("ns_split")
+        if split is None or p.dim() != 2:
+            return
+        dim = group.get("ns_split_dim", 0)
+        size = p.shape[dim]
+        what = "rows" if dim == 0 else "columns"
+        if isinstance(split, int):
+            if size % split:
+                raise ValueError(f"ns_split={split} cannot cut the {size} {what} of {describe} into equal blocks; "
+                                 "give the block sizes as a tuple, or put this matrix in another group")
+        elif sum(split) != size:
+            raise ValueError(f"ns_split={tuple(split)} adds up to {sum(split)}, but {describe} has {size} {what}; "
+                             "the block sizes must add up to the dimension they cut")
+
+    def ns_cost(self, group, shape):
+        return float(ns_flops_split(tuple(shape), group.get("ns_steps", 5), group.get("ns_split"),
+                                    group.get("ns_split_dim", 0)))
 
     def step(self, opt, group, idx, params, grads, states, steps, gt):
         layout = opt.layout
@@ -78,12 +114,16 @@ class MuonAlgorithm(Algorithm):
         # .get: groups restored from checkpoints written before ns_backend existed
         ns_backend = group.get("ns_backend", "torch")
 
+        coeffs = group["ns_coefficients"]
+        coeffs = coeffs if isinstance(coeffs, str) else tuple(coeffs)
+
         def ns(batch):
             opt.ns_shapes.extend([tuple(batch.shape[1:])] * batch.shape[0])
-            return _ns_function(ns_backend, batch)(
-                batch, steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
-                dtype=ns_dtype,
-            )
+            impl = _ns_function(ns_backend, batch)
+            return newton_schulz_split(
+                batch, lambda x: impl(x, steps=group["ns_steps"], coefficients=coeffs, eps=group["eps"], dtype=ns_dtype),
+                ns_split=group.get("ns_split"), ns_split_dim=group.get("ns_split_dim", 0),
+                adjust_lr_fn=group["adjust_lr_fn"])
 
         # the reference NS returns values exact in a narrower ns_dtype: layouts may send them back in it
         exact = ns_dtype if ns_dtype in (torch.bfloat16, torch.float16) and ns_backend == "torch" else None
@@ -119,6 +159,11 @@ class Muon(ShardedOptimizer):
     holds the non-matrix parameters. The momentum buffer is the EMA
     torch.optim.Muon keeps, so state_dicts move between the two.
     ``ns_dtype`` picks the Newton-Schulz precision (default bf16, as torch's).
+    ``ns_coefficients`` is the fixed quintic ``(a, b, c)`` or ``"polar_express"``
+    (the per-iteration schedule of Amsel et al. 2025). ``ns_split`` (a group
+    option) orthogonalizes blocks of each matrix on their own: an int k cuts
+    ``ns_split_dim`` (0: rows, 1: columns) into k equal blocks (3 for a fused
+    QKV, the number of heads for per-head NS), a tuple gives the block sizes.
     ``ns_backend`` picks its implementation: ``"torch"`` (default, the
     reference), ``"triton"`` (:mod:`shardopt.kernels.triton_ns`; CPU tensors
     need ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA when it imports).
@@ -128,18 +173,19 @@ class Muon(ShardedOptimizer):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
-                 ns_dtype=None, ns_backend="torch", **kwargs):
+                 ns_dtype=None, ns_backend="torch", ns_split=None, ns_split_dim=0, **kwargs):
         super().__init__(
             params,
             dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                  ns_coefficients=_tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                 ns_dtype=ns_dtype, ns_backend=ns_backend),
+                 ns_dtype=ns_dtype, ns_backend=ns_backend, ns_split=_tuple(ns_split), ns_split_dim=ns_split_dim),
             **kwargs,
         )
 
 
 def muon_param_groups(model: torch.nn.Module, *, aux_algorithm: str = "adamw", aux_lr=None, aux_betas=None,
-                      aux_weight_decay=None, aux_eps=None, muon=None, aux=None, **muon_group_kwargs) -> list[dict]:
+                      aux_weight_decay=None, aux_eps=None, muon=None, aux=None, ns_split=None,
+                      **muon_group_kwargs) -> list[dict]:
     """Split ``model``'s trainable parameters into a Muon group and an auxiliary group.
 
     Muon takes 2-D weights of hidden layers. Embeddings (``nn.Embedding``), the
@@ -147,7 +193,11 @@ def muon_param_groups(model: torch.nn.Module, *, aux_algorithm: str = "adamw", a
     or tied to an embedding), norms and biases go to the aux group, run by
     ``aux_algorithm`` (``"adamw"`` or ``"lion"``). ``muon`` / ``aux`` are lists
     of name substrings that force a parameter into that group (``aux`` wins).
-    Groups carry ``param_names`` so errors and checkpoints use FQNs.
+    ``ns_split`` maps name substrings to a block split (``{"qkv": 3}``) or to
+    group options (``{"attn.proj": {"ns_split": 4, "ns_split_dim": 1}}``): the
+    Muon matrices whose names contain one get a Muon group of their own, after
+    the main and the aux group. Groups carry ``param_names`` so errors and
+    checkpoints use FQNs.
     """
     if aux_algorithm not in ("adamw", "lion"):
         raise ValueError(f"aux_algorithm must be 'adamw' or 'lion', got {aux_algorithm!r}")
@@ -174,6 +224,15 @@ def muon_param_groups(model: torch.nn.Module, *, aux_algorithm: str = "adamw", a
             to_muon = False
         (mu if to_muon else ax).append(p)
         (mu_names if to_muon else ax_names).append(name)
+    split_groups = []
+    for sub, spec in (ns_split or {}).items():
+        opts = dict(spec) if isinstance(spec, dict) else {"ns_split": spec}
+        ks = [k for k, n in enumerate(mu_names) if sub in n]
+        if ks:
+            split_groups.append({"params": [mu[k] for k in ks], "param_names": [mu_names[k] for k in ks],
+                                 "algorithm": "muon", **muon_group_kwargs, **opts})
+            mu = [p for k, p in enumerate(mu) if k not in ks]
+            mu_names = [n for k, n in enumerate(mu_names) if k not in ks]
     groups = []
     if mu:
         groups.append({"params": mu, "param_names": mu_names, "algorithm": "muon", **muon_group_kwargs})
@@ -183,4 +242,4 @@ def muon_param_groups(model: torch.nn.Module, *, aux_algorithm: str = "adamw", a
             if v is not None:
                 g[k] = v
         groups.append(g)
-    return groups
+    return groups + split_groups

@@ -38,14 +38,18 @@ def _signature(params, names, whole, group_of, group_signatures):
 
 
 def make_layout(params, names, whole, sharding, process_group, reduce_gradients, *, ns_steps=None, comm_dtype=None,
-                group_signatures=None, group_of=None, copies_now=None) -> Layout:
+                group_signatures=None, group_of=None, copies_now=None, overlap=True,
+                ns_costs=None) -> Layout:
     """The layout for these parameters; sharded layouts first check that every rank agrees (see agreement)."""
     from ..functional import ns_flops
     from . import agreement
 
     ns_steps = ns_steps or [5] * len(params)
     copies_now = copies_now or [False] * len(params)
-    costs = [float(ns_flops(p.shape, s)) if w else 0.0 for p, w, s in zip(params, whole, ns_steps)]
+    if ns_costs is None:
+        costs = [float(ns_flops(p.shape, s)) if w else 0.0 for p, w, s in zip(params, whole, ns_steps)]
+    else:
+        costs = [float(c) if w else 0.0 for c, w in zip(ns_costs, whole)]
     dt = [_is_dtensor(p) for p in params]
     if any(dt):
         if not all(dt):
@@ -63,17 +67,15 @@ def make_layout(params, names, whole, sharding, process_group, reduce_gradients,
                 raise ValueError(f"shardopt: {n} is a complex DTensor; complex parameters work on one device and "
                                  "under ZeRO-1, not under FSDP2")
         from .dtensor import DTensorLayout
+        from .mesh import MeshGeometry
 
-        mesh = params[0].device_mesh
-        if mesh.size() == comm.world(None)[0]:
-            group, peers = None, DTensorLayout.replica_ranks(params[0])  # replicas compare values
-        else:
-            group = mesh.get_group(mesh.ndim - 1)
-            peers = [comm.world(group)[1]]  # shards only: nothing holds the same values
+        geo = MeshGeometry(params, names)
+        problem = _local_shard_problem(params, names, geo)
+        classes, group = _replica_classes(geo, len(params))
         agreement.check(_signature(params, names, whole, group_of, group_signatures),
-                        [p._local_tensor for p in params], peers, group, params[0]._local_tensor.device,
-                        copies_now=copies_now)
-        return DTensorLayout(params, names, whole, costs, comm_dtype=comm_dtype)
+                        [p._local_tensor for p in params], classes, group, params[0]._local_tensor.device,
+                        copies_now=copies_now, problem=problem)
+        return DTensorLayout(params, names, whole, costs, comm_dtype=comm_dtype, overlap=overlap, geometry=geo)
     if sharding == "fsdp2":
         raise ValueError("sharding='fsdp2' needs parameters sharded by torch.distributed.fsdp.fully_shard (DTensors)")
     w, _ = comm.world(process_group)
@@ -83,10 +85,49 @@ def make_layout(params, names, whole, sharding, process_group, reduce_gradients,
         dev = params[0].device if params else torch.device("cpu")
         agreement.check(_signature(params, names, whole, group_of, group_signatures), list(params), None,
                         process_group, dev, copies_now=copies_now)
-        return Zero1Layout(params, names, whole, costs, process_group, reduce_gradients=reduce_gradients)
+        return Zero1Layout(params, names, whole, costs, process_group, reduce_gradients=reduce_gradients,
+                           overlap=overlap, group_of=group_of)
     if reduce_gradients and w > 1:
         raise ValueError("reduce_gradients=True needs sharding='zero1' or 'auto'")
     return LocalLayout(params, names)
+
+
+def _local_shard_problem(params, names, geo) -> str | None:
+    """A local shard that its placements do not describe (checked on every rank, raised on all)."""
+    for i, (n, p) in enumerate(zip(names, params)):
+        want = geo.local_shape(i, p.shape)
+        got = tuple(p._local_tensor.shape)
+        if got != want:
+            return (f"shardopt: parameter {n} (shape {tuple(p.shape)}, placements {p.placements}) has a local shard "
+                    f"of shape {got} on global rank {comm.world(None)[1]}, but its placements give {want}. torch's "
+                    "_StridedShard describes FSDP2 over a tensor-parallel weight only when the sharded dimension "
+                    "splits evenly enough; make that dimension divisible by tp x dp, or shard it over fewer ranks")
+    return None
+
+
+def _replica_classes(geo, n: int):
+    """(classes, group) for the agreement check: which ranks hold equal values of each parameter.
+
+    Over the whole job when the mesh spans it (HSDP replicas compare values too), else over the
+    layout's group."""
+    w = comm.world(None)[0]
+    if geo.root.size() == w:
+        coords = [None] * w
+        for idx in torch.cartesian_prod(*[torch.arange(s) for s in geo.mesh_shape]).reshape(-1, len(geo.mesh_shape)):
+            c = tuple(int(v) for v in idx)
+            coords[int(geo.root.mesh[c])] = c
+        group = None
+    else:
+        coords = [geo.coords[k] for k in geo.pg_order]
+        group = geo.group
+    shared: dict = {}
+    classes = []
+    for i in range(n):
+        dims = tuple(sorted({d for sp in geo.splits[i] for d in sp.mesh_dims}))
+        if dims not in shared:
+            shared[dims] = tuple(tuple(c[d] for d in dims) for c in coords)
+        classes.append(shared[dims])
+    return classes, group
 
 
 __all__ = ["make_layout", "Layout", "LocalLayout", "comm"]

@@ -9,20 +9,58 @@ bytes, all-to-all = bytes sent to other ranks.
 
 The docstring's bus accounting: for W ranks an all-gather of an N-byte buffer
 is counted as N bytes, the same figure for ZeRO-1 AdamW and ZeRO-1 Muon.
+
+The overlapped paths (ZeRO-1's per-bucket all-gathers, FSDP2's chunked gather
+step) call the same functions with ``async_op=True``: the bytes are counted at
+the start, the returned :class:`Pending` is waited for later, and
+``WAIT_SECONDS`` records how long each wait (or blocking call) held this rank.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
+import time
 
 import torch
 import torch.distributed as dist
 
 COUNTERS: collections.Counter = collections.Counter()
+# Seconds this rank spent blocked in each kind of collective: a blocking call's duration, or an
+# async one's wait(). On CPU (gloo) that is the time communication was not hidden; on a GPU it is
+# host time only (NCCL work runs on its own stream).
+WAIT_SECONDS: collections.Counter = collections.Counter()
 
 
 def reset_counters() -> None:
     COUNTERS.clear()
+    WAIT_SECONDS.clear()
+
+
+class Pending:
+    """An async collective in flight (``async_op=True``): ``wait()`` once before reading its output."""
+
+    __slots__ = ("work", "op", "done")
+
+    def __init__(self, work, op: str):
+        self.work, self.op, self.done = work, op, False
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        t0 = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+        WAIT_SECONDS[self.op] += time.perf_counter() - t0
+        self.done = True
+
+
+def _run(op: str, fn, async_op: bool):
+    if async_op:
+        return Pending(fn(True), op)
+    t0 = time.perf_counter()
+    fn(False)
+    WAIT_SECONDS[op] += time.perf_counter() - t0
+    return None
 
 
 # torch >= 2.13 renamed the tensor collectives; keep working on 2.6+.
@@ -41,9 +79,10 @@ def world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group, *, async_op: bool = False):
+    """Counted as its output bytes; with ``async_op`` returns a :class:`Pending` (counted the same)."""
     COUNTERS["all_gather"] += _nbytes(out)
-    _all_gather(out, inp, group=group)
+    return _run("all_gather", lambda a: _all_gather(out, inp, group=group, async_op=a), async_op)
 
 
 def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -51,10 +90,12 @@ def reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group)
 
 
-def all_to_all_single(out, inp, out_splits, in_splits, group, self_rank: int) -> None:
+def all_to_all_single(out, inp, out_splits, in_splits, group, self_rank: int, *, async_op: bool = False):
+    """Counted as the bytes sent to other ranks; with ``async_op`` returns a :class:`Pending`."""
     elem = inp.element_size()
     COUNTERS["all_to_all"] += (sum(in_splits) - in_splits[self_rank]) * elem
-    dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group)
+    return _run("all_to_all", lambda a: dist.all_to_all_single(
+        out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=group, async_op=a), async_op)
 
 
 def needs_device_buffers(group) -> bool:
@@ -128,3 +169,10 @@ STATS_DTYPE = torch.float64
 def stats_numel(n_params: int) -> int:
     """Elements of the per-step stats all-reduce for an optimizer of ``n_params`` parameters."""
     return 2 + n_params
+
+
+def group_ranks(group) -> list[int]:
+    """Global ranks of ``group`` in its rank order (None: the default group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0]
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)

@@ -1,13 +1,27 @@
-"""FSDP2: parameters are DTensors sharded on dim 0 (``Shard(0)``), optionally HSDP.
+"""DTensor parameters on any mesh: FSDP2 (``Shard(0)``), HSDP, tensor parallelism, and their products.
 
-Elementwise algorithms run on the local shards and keep their state as
-DTensors with the parameter's placements. Muon keeps momentum on the local
-shards too; its gather step is two batched all-to-alls over the shard group:
+Elementwise algorithms run on the local shards, whatever the placements
+(``Shard``, ``_StridedShard``, ``Replicate``), and keep their state as DTensors
+with the parameter's placements. The layout communicates over the group of
+:class:`~shardopt.sharding.mesh.MeshGeometry`: the ranks along every root mesh
+dimension on which some parameter is sharded (FSDP2: the mesh; HSDP: the shard
+dimension; FSDP2 x TP: dp x tp). A parameter replicated over a dimension of
+that group (a norm weight under TP) is counted in the gradient norm once, by
+its canonical copy.
 
-1. every rank sends its rows of each matrix's NS input to the matrix's owner
-   (owners balanced by NS FLOPs), which assembles the full matrices,
-2. the owner runs Newton-Schulz (batched over same-shape matrices),
-3. the second all-to-all returns each rank's rows of the result.
+Muon keeps momentum on the local shards too; its gather step is batched
+all-to-alls over the group, in chunks:
+
+1. every rank sends its piece of each matrix's NS input to the matrix's owner
+   (owners balanced by NS FLOPs over the whole group), which assembles the full
+   matrix from all the mesh dimensions that cut it;
+2. the owner runs Newton-Schulz (batched over same-shape matrices);
+3. a second all-to-all returns each rank its piece of the result.
+
+With ``overlap=True`` the matrices go in chunks (:func:`plan.ns_chunks`): the
+all-to-all of chunk k+1 is in flight while chunk k runs NS, and chunk k's
+return overlaps NS of chunk k+1. The NS batches are the same with and without
+overlap, so the results are bit for bit the same.
 
 Per rank this sends its local shard bytes once and its owned matrices once,
 i.e. about 2x the local shard bytes per step, whatever W; uneven and empty
@@ -16,74 +30,43 @@ shards are just zero-length splits.
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from . import comm
 from .layout import Layout, batched_by_shape
-from .plan import plan_fsdp2, row_ranges
+from .mesh import MeshGeometry
+from .plan import boxes, ns_chunks, plan_mesh, runs_len
+
+
+def _slices(offsets, sizes):
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
+class _Chunk:
+    """One chunk of the gather step in flight: its buffers and pending all-to-all."""
+
+    __slots__ = ("items", "mine", "recv", "layout", "pending", "send")
 
 
 class DTensorLayout(Layout):
     name = "fsdp2"
     distributed = True
 
-    def __init__(self, params, names, whole, costs, *, comm_dtype=None):
+    def __init__(self, params, names, whole, costs, *, comm_dtype=None, overlap=True, geometry=None):
         super().__init__(params, names)
         self.whole = list(whole)
         self.comm_dtype = comm_dtype
-        mesh = params[0].device_mesh
-        self.mesh = mesh
-        # the shard mesh dim: where Shard(0) sits (FSDP2: the only dim; HSDP: the last)
-        shard_dims = set()
-        for i, p in enumerate(params):
-            if p.device_mesh != mesh:
-                raise ValueError(f"shardopt: parameter {names[i]} lives on another device mesh than {names[0]}; "
-                                 "one optimizer needs one mesh")
-            sh = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
-            others = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
-            if others:
-                raise NotImplementedError(f"shardopt: parameter {names[i]} has placements {p.placements}; "
-                                          "only Shard and Replicate are supported")
-            if whole[i]:
-                if len(sh) != 1 or p.placements[sh[0]] != Shard(0) or type(p.placements[sh[0]]) is not Shard:
-                    raise NotImplementedError(
-                        f"shardopt Muon: parameter {names[i]} (shape {tuple(p.shape)}) has placements {p.placements}; "
-                        "Muon supports matrices sharded on dim 0 over one mesh dimension (FSDP2/HSDP). "
-                        "Tensor parallelism (sharding on more than one dimension) is not supported yet; "
-                        "put this parameter in an AdamW/Lion group or drop TP for it"
-                    )
-            if sh:
-                shard_dims.add(sh[0])
-        if len(shard_dims) > 1:
-            raise NotImplementedError("shardopt: parameters are sharded over different mesh dimensions")
-        self.shard_dim = shard_dims.pop() if shard_dims else mesh.ndim - 1
-        self.group = mesh.get_group(self.shard_dim)
-        self.world_size, self.rank = comm.world(self.group)
-        W = self.world_size
-        self.rows = {}
-        plan = plan_fsdp2([p.shape[0] if p.dim() else 1 for p in params], whole, costs, W)
+        self.overlap = overlap
+        geo = geometry if geometry is not None else MeshGeometry(params, names)
+        self.geo = geo
+        self.mesh = geo.root
+        self.group = geo.group
+        self.world_size, self.rank = geo.size, geo.index
+        self.shapes = [tuple(p.shape) for p in params]
+        plan = plan_mesh(whole, costs, geo.mesh_shape, geo.group_dims)
         self.owner: list = plan.owner
-        for i in (i for i in range(len(params)) if whole[i]):
-            self.rows[i] = row_ranges(params[i].shape[0], W)
-            lo, hi = self.rows[i][self.rank]
-            loc = params[i]._local_tensor.shape[0] if params[i]._local_tensor.dim() else 0
-            if loc != hi - lo:
-                raise NotImplementedError(
-                    f"shardopt Muon: parameter {names[i]} has {loc} local rows on rank {self.rank}, expected {hi - lo} "
-                    "(torch.chunk-style Shard(0)); this sharding is not supported"
-                )
-
-    @staticmethod
-    def replica_ranks(p) -> list[int]:
-        """Global ranks that hold the same local shard of ``p`` as this one (its HSDP replicas, and itself)."""
-        mesh = p.device_mesh
-        coord = mesh.get_coordinate()
-        ranks = mesh.mesh
-        for d in reversed(range(mesh.ndim)):
-            if isinstance(p.placements[d], Replicate):
-                continue
-            ranks = ranks.select(d, coord[d]).unsqueeze(d)
-        return sorted(int(r) for r in ranks.flatten().tolist())
+        self._counted = [geo.canonical(i) for i in range(len(params))]
+        self._pieces: dict = {}
 
     # -- shapes and views -------------------------------------------------
     def local_shape(self, i):
@@ -97,6 +80,9 @@ class DTensorLayout(Layout):
 
     def matrix_indices(self, indices):
         return list(indices)
+
+    def counts_in_norm(self, i):
+        return self._counted[i]
 
     def param_view(self, i):
         return self.params[i]._local_tensor
@@ -120,62 +106,146 @@ class DTensorLayout(Layout):
 
     # -- communication ----------------------------------------------------
     def all_reduce_sum(self, t):
-        # replicas of an HSDP mesh hold identical gradients: reduce over the shard group only
-        comm.all_reduce_sum(t, self.group)
+        # ranks outside the group (HSDP replicas) hold identical gradients: reduce over the group only
+        # (a group of one rank too, as ZeRO-1 does, so the step's collectives do not depend on W)
+        if not self.geo.solo:
+            comm.all_reduce_sum(t, self.group)
         return t
 
+    def _piece(self, i: int, r: int):
+        """(boxes, local shape, sends) of group rank ``r``'s piece of matrix ``i``."""
+        key = (i, r)
+        got = self._pieces.get(key)
+        if got is None:
+            runs = self.geo.runs(i, self.shapes[i], r)
+            shape = tuple(runs_len(x) for x in runs)
+            n = shape[0] * shape[1]
+            got = (boxes(runs) if n else [], shape, n, n > 0 and self.geo.canonical(i, r))
+            self._pieces[key] = got
+        return got
+
     def orthogonalize(self, indices, inputs, fn, exact_dtype=None):
+        # exact_dtype (results exact in bf16) is not used for the return trip here yet: both trips in comm_dtype
         W, me = self.world_size, self.rank
         if W == 1:
-            return batched_by_shape([x.reshape(self.params[i].shape) for i, x in zip(indices, inputs)], fn)
-        device = inputs[0].device if inputs else self.params[indices[0]]._local_tensor.device if indices else None
-        if device is None:
+            return batched_by_shape([x.reshape(self.shapes[i]) for i, x in zip(indices, inputs)], fn)
+        if not indices:
             return []
-        dtype = self.comm_dtype or torch.float32
-        cols = {i: (self.params[i].shape[1]) for i in indices}
-        pos = {i: k for k, i in enumerate(indices)}
-        by_owner = [[i for i in indices if self.owner[i] == r] for r in range(W)]
-        mine = by_owner[me]
+        self._inputs = dict(zip(indices, inputs))
+        self._device = inputs[0].device
+        self._dtype = self.comm_dtype or torch.float32
+        chunks = ns_chunks(indices, self.owner, self.shapes, self.overlap)
+        results: dict = {}
+        backs = []
+        ahead = self._send_forward(chunks[0], self.overlap)
+        for k in range(len(chunks)):
+            cur = ahead
+            if k + 1 < len(chunks):
+                ahead = self._send_forward(chunks[k + 1], self.overlap)  # in flight during NS of chunk k
+            if cur.pending is not None:
+                cur.pending.wait()
+            backs.append(self._send_back(cur, self._assemble_and_orthogonalize(cur, fn), self.overlap))
+        for b in backs:
+            if b.pending is not None:
+                b.pending.wait()
+            for i, off, shape in b.layout:
+                n = shape[0] * shape[1]
+                results[i] = b.recv[off:off + n].view(shape).float()
+        self._inputs = None
+        return [results[i] for i in indices]
 
-        def nrows(i, r):
-            lo, hi = self.rows[i][r]
-            return hi - lo
+    def _empty(self, n):
+        return torch.empty(n, dtype=self._dtype, device=self._device)
 
-        # 1) my rows of every matrix -> its owner
-        send_parts, in_splits = [], []
-        for r in range(W):
-            parts = [inputs[pos[i]].reshape(-1) for i in by_owner[r]]
-            send_parts.extend(parts)
-            in_splits.append(sum(x.numel() for x in parts))
-        out_splits = [sum(nrows(i, s) * cols[i] for i in mine) for s in range(W)]
-        send = torch.cat(send_parts).to(dtype) if send_parts else torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(out_splits), dtype=dtype, device=device)
-        comm.all_to_all_single(recv, send, out_splits, in_splits, self.group, me)
-        # assemble full matrices on their owner
-        full = {i: torch.empty(self.params[i].shape, dtype=torch.float32, device=device) for i in mine}
-        off = 0
-        for s in range(W):
-            for i in mine:
-                lo, hi = self.rows[i][s]
-                n = (hi - lo) * cols[i]
-                full[i][lo:hi].copy_(recv[off:off + n].view(hi - lo, cols[i]))
+    def _send_forward(self, items, async_op):
+        """All-to-all #1 of a chunk: my canonical piece of each matrix -> its owner."""
+        me, order = self.rank, self.geo.pg_order
+        c = _Chunk()
+        c.items = items
+        by_owner: dict = {}
+        for i in items:
+            by_owner.setdefault(self.owner[i], []).append(i)
+        c.mine = by_owner.get(me, [])
+        in_splits, dst, src = [], [], []
+        for r in order:
+            n_r = 0
+            for i in by_owner.get(r, []):
+                _, shape, n, sends = self._piece(i, me)
+                if sends:
+                    dst.append((n_r + sum(in_splits), n, shape))
+                    src.append(self._inputs[i])
+                    n_r += n
+            in_splits.append(n_r)
+        send = self._empty(sum(in_splits))
+        if dst:
+            torch._foreach_copy_([send[o:o + n].view(s) for o, n, s in dst], src)
+        out_splits, c.layout, off = [], [], 0
+        for r in order:
+            n_r = 0
+            for i in c.mine:
+                bx, shape, n, sends = self._piece(i, r)
+                if sends:
+                    c.layout.append((i, off, shape, bx))
+                    off += n
+                    n_r += n
+            out_splits.append(n_r)
+        c.recv = self._empty(off)
+        c.send = send
+        c.pending = comm.all_to_all_single(c.recv, send, out_splits, in_splits, self.group, self.geo.pg_rank,
+                                           async_op=async_op)
+        return c
+
+    def _assemble_and_orthogonalize(self, c, fn) -> dict:
+        full = {i: torch.empty(self.shapes[i], dtype=torch.float32, device=self._device) for i in c.mine}
+        dst, src = [], []
+        for i, off, shape, bx in c.layout:
+            piece = c.recv[off:off + shape[0] * shape[1]].view(shape)
+            for g, size, loc in bx:
+                dst.append(full[i][_slices(g, size)])
+                src.append(piece[_slices(loc, size)])
+        if dst:
+            torch._foreach_copy_(dst, src)
+        c.recv = c.send = None
+        return dict(zip(c.mine, batched_by_shape([full[i] for i in c.mine], fn)))
+
+    def _send_back(self, c, results: dict, async_op):
+        """All-to-all #2 of a chunk: each holder's piece of the result -> back to it."""
+        me, order = self.rank, self.geo.pg_order
+        in_splits, dst, src, off = [], [], [], 0
+        segs = []
+        for r in order:
+            n_r = 0
+            for i in c.mine:
+                bx, shape, n, _ = self._piece(i, r)
+                if n:
+                    segs.append((off, shape, bx, results[i]))
+                    off += n
+                    n_r += n
+            in_splits.append(n_r)
+        send = self._empty(off)
+        for o, shape, bx, res in segs:
+            seg = send[o:o + shape[0] * shape[1]].view(shape)
+            for g, size, loc in bx:
+                dst.append(seg[_slices(loc, size)])
+                src.append(res[_slices(g, size)])
+        if dst:
+            torch._foreach_copy_(dst, src)
+        by_owner: dict = {}
+        for i in c.items:
+            by_owner.setdefault(self.owner[i], []).append(i)
+        out_splits, layout, off = [], [], 0
+        for r in order:
+            n_r = 0
+            for i in by_owner.get(r, []):
+                _, shape, n, _ = self._piece(i, me)
+                layout.append((i, off, shape))
                 off += n
-        results = dict(zip(mine, batched_by_shape([full[i] for i in mine], fn)))
-        # 2) each rank's rows of the result -> back to it
-        back_parts, in2 = [], []
-        for r in range(W):
-            parts = [results[i][self.rows[i][r][0]:self.rows[i][r][1]].reshape(-1) for i in mine]
-            back_parts.extend(parts)
-            in2.append(sum(x.numel() for x in parts))
-        out2 = [sum(nrows(i, me) * cols[i] for i in by_owner[s]) for s in range(W)]
-        send2 = torch.cat(back_parts).to(dtype) if back_parts else torch.empty(0, dtype=dtype, device=device)
-        recv2 = torch.empty(sum(out2), dtype=dtype, device=device)
-        comm.all_to_all_single(recv2, send2, out2, in2, self.group, me)
-        outs: list = [None] * len(indices)
-        off = 0
-        for s in range(W):
-            for i in by_owner[s]:
-                n = nrows(i, me) * cols[i]
-                outs[pos[i]] = recv2[off:off + n].view(nrows(i, me), cols[i]).float()
-                off += n
-        return outs
+                n_r += n
+            out_splits.append(n_r)
+        b = _Chunk()
+        b.recv = self._empty(off)
+        b.send = send
+        b.layout = layout
+        b.pending = comm.all_to_all_single(b.recv, send, out_splits, in_splits, self.group, self.geo.pg_rank,
+                                           async_op=async_op)
+        return b

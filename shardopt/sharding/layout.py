@@ -13,7 +13,12 @@ A layout answers, for every parameter index of an optimizer:
   matrix, else the ``(offset, numel, matrix shape)`` ranges of the matrices it
   holds (a DeepSpeed flat partition);
 * ``prepare_grads()`` before the update and ``finish()`` after it, where the
-  communication of a step happens;
+  communication of a step happens; ``group_done(gi)`` after each param group's
+  update (ZeRO-1 starts the all-gathers of the buckets it completes), and
+  ``wait_params(indices)`` to land all-gathers left in flight
+  (``overlap_param_gather``);
+* ``counts_in_norm(i)``: whether this rank's piece of parameter ``i`` is the
+  copy counted in the gradient norm (False for a replica inside the group);
 * ``all_reduce_sum(t)`` for the step stats (grad norm, non-finite flag, and,
   where ``distributed``, the per-parameter has-a-gradient counts);
 * ``wrap_state(i, local)`` what is stored in ``optimizer.state``.
@@ -77,6 +82,17 @@ class Layout:
 
     def finish(self) -> None:
         pass
+
+    def group_done(self, gi: int) -> None:
+        pass
+
+    def wait_params(self, indices=None) -> None:
+        pass
+
+    in_flight = 0  # all-gathers left in flight by overlap_param_gather
+
+    def counts_in_norm(self, i: int) -> bool:
+        return True
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t

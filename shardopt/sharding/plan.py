@@ -308,3 +308,195 @@ def per_item_pieces(numels: list[int], world: int) -> list[list[FlatPiece]]:
                 out[r].append(FlatPiece(k, lo, hi, base))
         base += part
     return out
+
+
+# ---------------------------------------------------------------------------- DTensor placements on any mesh
+# A tensor's elements along one dimension are described by *runs*: ``((start, stop), ...)``,
+# the global indices a rank holds along that dimension, in its local order.
+Runs = tuple
+
+
+def runs_len(runs: Runs) -> int:
+    return sum(b - a for a, b in runs)
+
+
+def _merge(runs) -> Runs:
+    out: list = []
+    for a, b in runs:
+        if b <= a:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def take(runs: Runs, lo: int, hi: int) -> Runs:
+    """The runs of the elements at local positions ``[lo, hi)`` of ``runs``."""
+    out, pos = [], 0
+    for a, b in runs:
+        n = b - a
+        s, e = max(lo, pos), min(hi, pos + n)
+        if s < e:
+            out.append((a + s - pos, a + e - pos))
+        pos += n
+        if pos >= hi:
+            break
+    return _merge(out)
+
+
+def chunk(runs: Runs, n: int, k: int) -> Runs:
+    """Chunk ``k`` of ``n`` with ``torch.chunk`` semantics (``Shard``): ceil(len/n) each, the tail short or empty."""
+    total = runs_len(runs)
+    c = -(-total // n) if total else 0
+    return take(runs, min(k * c, total), min((k + 1) * c, total))
+
+
+def strided_chunk(runs: Runs, n: int, split_factor: int, k: int) -> Runs:
+    """Chunk ``k`` of ``n`` under ``_StridedShard(split_factor)``: the tensor is first cut into
+    ``split_factor`` chunks (as if a later mesh dimension had sharded it first), each of those
+    into ``n``, and rank ``k`` holds the k-th piece of every one of them, in order."""
+    if split_factor == 1:
+        return chunk(runs, n, k)
+    out: list = []
+    for j in range(split_factor):
+        out.extend(chunk(chunk(runs, split_factor, j), n, k))
+    return _merge(out)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One placement that cuts a tensor dimension: ``Shard(tensor_dim)`` (or ``_StridedShard``
+    with its ``split_factor``) over the root mesh dimensions ``mesh_dims`` (several when the
+    parameter's mesh dimension is a flattened one; row-major)."""
+
+    tensor_dim: int
+    mesh_dims: tuple
+    split_factor: int = 1
+
+
+def mesh_index(coord, dims, mesh_shape) -> int:
+    """Row-major position of ``coord`` over the mesh dimensions ``dims``."""
+    k = 0
+    for d in dims:
+        k = k * mesh_shape[d] + coord[d]
+    return k
+
+
+def local_runs(shape, splits, coord, mesh_shape) -> tuple:
+    """Per tensor dimension, the runs of global indices the rank at root-mesh ``coord`` holds.
+
+    The splits are applied in mesh-dimension order (DTensor's left-to-right rule, with
+    ``_StridedShard`` as torch defines it), so the result is the DTensor's own local tensor:
+    its shape is ``tuple(runs_len(r) for r in result)`` and its element ``[i, j]`` is the global
+    element at the i-th index of the row runs and the j-th of the column runs.
+    """
+    runs = [((0, s),) if s else () for s in shape]
+    for sp in splits:
+        n = math.prod(mesh_shape[d] for d in sp.mesh_dims)
+        k = mesh_index(coord, sp.mesh_dims, mesh_shape)
+        runs[sp.tensor_dim] = strided_chunk(runs[sp.tensor_dim], n, sp.split_factor, k)
+    return tuple(runs)
+
+
+def flat_runs(shape, dim_runs) -> list[tuple[int, int]]:
+    """``(flat start, length)`` runs of the elements a rank holds, in its local row-major order."""
+    nd = len(shape)
+    if nd == 0:
+        return [(0, 1)]
+    if any(not r for r in dim_runs):
+        return []
+    strides = [math.prod(shape[d + 1:]) for d in range(nd)]
+    # trailing dimensions held whole fold into one run
+    k = nd - 1
+    while k > 0 and dim_runs[k] == ((0, shape[k]),):
+        k -= 1
+    inner = strides[k]
+    out = []
+    for idx in itertools.product(*[[i for a, b in dim_runs[d] for i in range(a, b)] for d in range(k)]):
+        base = sum(i * strides[d] for d, i in enumerate(idx))
+        for a, b in dim_runs[k]:
+            out.append((base + a * inner, (b - a) * inner))
+    return out
+
+
+def boxes(dim_runs) -> list[tuple[tuple, tuple, tuple]]:
+    """The N-D boxes ``(global offsets, sizes, local offsets)`` a rank's local tensor is made of
+    (one box unless a ``_StridedShard`` left gaps)."""
+    per_dim = []
+    for runs in dim_runs:
+        pos, lst = 0, []
+        for a, b in runs:
+            lst.append((a, b - a, pos))
+            pos += b - a
+        per_dim.append(lst)
+    out = []
+    for combo in itertools.product(*per_dim):
+        out.append((tuple(c[0] for c in combo), tuple(c[1] for c in combo), tuple(c[2] for c in combo)))
+    return out
+
+
+def group_coords(mesh_shape, group_dims, base) -> list[tuple]:
+    """Root-mesh coordinates of the ranks of the group spanning ``group_dims`` through ``base``,
+    in row-major order over ``group_dims`` (a rank's position here is its group index)."""
+    out = []
+    for vals in itertools.product(*[range(mesh_shape[d]) for d in group_dims]):
+        c = list(base)
+        for d, v in zip(group_dims, vals):
+            c[d] = v
+        out.append(tuple(c))
+    return out
+
+
+def replicated_dims(splits, group_dims) -> tuple:
+    """The group dimensions an item is replicated over (no split of it uses them)."""
+    used = {d for sp in splits for d in sp.mesh_dims}
+    return tuple(d for d in group_dims if d not in used)
+
+
+def is_canonical(coord, splits, group_dims) -> bool:
+    """Whether the rank at ``coord`` holds the first copy of its piece within the group
+    (coordinate 0 on every group dimension the item is replicated over): the copy counted in
+    the gradient norm and sent to a Muon owner."""
+    return all(coord[d] == 0 for d in replicated_dims(splits, group_dims))
+
+
+@dataclass
+class MeshPlan:
+    world: int  # ranks in the group (the product of the group dimensions' sizes)
+    group_dims: tuple
+    owner: list  # per item: group index of the rank that runs Newton-Schulz on a whole item, None otherwise
+    loads: list[float]
+
+
+def plan_mesh(whole: list[bool], costs: list[float], mesh_shape, group_dims) -> MeshPlan:
+    """DTensor parameters on any mesh (FSDP2, HSDP, TP and their products): each whole item
+    (Muon matrix) gets one owner among all the ranks of the group spanning ``group_dims``, by
+    LPT on ``costs``. For one shard dimension this is :func:`plan_fsdp2`'s assignment."""
+    world = math.prod(mesh_shape[d] for d in group_dims) if group_dims else 1
+    midx = [i for i in range(len(whole)) if whole[i]]
+    loads = [0.0] * world
+    owner: list = [None] * len(whole)
+    for i, o in zip(midx, lpt_assign([costs[i] for i in midx], world, loads)):
+        owner[i] = o
+    return MeshPlan(world, tuple(group_dims), owner, loads)
+
+
+def ns_chunks(items: list[int], owner: list, shapes: list, overlap: bool) -> list[list[int]]:
+    """The Muon gather step's chunks: each owner's matrices are batched by shape (in first-seen
+    order); chunk k holds every owner's k-th batch, so each owner has Newton-Schulz work in
+    every chunk while the next chunk's all-to-all is in flight. Without overlap, one chunk
+    holds everything. The batches are the same either way, so are the results, bit for bit."""
+    if not overlap:
+        return [list(items)] if items else []
+    per_owner: dict = {}
+    for i in items:
+        per_owner.setdefault(owner[i], {}).setdefault(tuple(shapes[i]), []).append(i)
+    batches = {o: list(b.values()) for o, b in per_owner.items()}
+    n = max((len(b) for b in batches.values()), default=0)
+    chunks = []
+    for k in range(n):
+        members = {i for o in batches for i in (batches[o][k] if k < len(batches[o]) else [])}
+        chunks.append([i for i in items if i in members])
+    return chunks

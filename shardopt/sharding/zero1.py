@@ -7,6 +7,14 @@ only its segment; then the segments travel in all-gather buckets (windows of
 the segments, a Muon matrix may span several), which restore every parameter
 on every rank. With ``reduce_gradients=True`` the gradients are
 reduce-scattered into the same segments first, so DDP is not needed.
+
+With ``overlap=True`` each bucket's all-gather starts, async, as soon as the
+last param group with items in it has been updated, so it runs while later
+groups update; ``finish()`` waits for them. With ``overlap_param_gather``
+(set by the optimizer) ``finish()`` leaves them in flight: :meth:`wait_params`
+lands a bucket (copies the gathered pieces into the parameters) when a forward
+pre-hook of a module using one of its parameters asks, and lands every bucket
+at the next step. The bytes are the same either way, and so are the results.
 """
 from __future__ import annotations
 
@@ -45,9 +53,13 @@ class Zero1Layout(Layout):
     name = "zero1"
     distributed = True
 
-    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False, bucket_elements=None):
+    def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False, bucket_elements=None,
+                 overlap=True, group_of=None):
         super().__init__(params, names)
         self.group = group
+        self.overlap = overlap
+        self.overlap_param_gather = False
+        self.hooked: set = set()  # parameter indices whose modules wait in a forward pre-hook
         self.world_size, self.rank = comm.world(group)
         self.reduce_gradients = reduce_gradients
         for i, p in enumerate(params):
@@ -67,6 +79,17 @@ class Zero1Layout(Layout):
                 self.range[st.indices[piece.index]] = (piece.start, piece.end)
         self.whole = list(whole)
         self._grad_views: dict = {}
+        # the items each bucket carries (a bucket is a window of the segments; a matrix may span several)
+        self._items = [sorted({b.indices[pc.index] for pcs in b.plan.pieces for pc in pcs}) for b in self.buckets]
+        self._buckets_of: dict = {}
+        for k, items in enumerate(self._items):
+            for i in items:
+                self._buckets_of.setdefault(i, []).append(k)
+        # a bucket is complete once the last param group with items in it has been updated
+        group_of = group_of or [0] * len(params)
+        self._last_group = [max((group_of[i] for i in items), default=-1) for items in self._items]
+        self._started: set = set()  # buckets whose all-gather this step has started
+        self._inflight: dict = {}  # bucket -> (Pending or None, receive buffer)
 
     # -- shapes and views -------------------------------------------------
     def local_shape(self, i):
@@ -110,6 +133,7 @@ class Zero1Layout(Layout):
         group by the step's stats all-reduce. The buffers have the parameters' dtype
         on every rank, whatever gradients a rank happens to have.
         """
+        self.wait_params()  # the last step's gathers, if overlap_param_gather left them in flight
         if not self.reduce_gradients:
             return
         self._grad_views = {}
@@ -142,32 +166,79 @@ class Zero1Layout(Layout):
                     v = v.as_strided(p.shape, p.stride()) if not p.is_contiguous() else v.view(p.shape)
                 self._grad_views[i] = v
 
+    def group_done(self, gi: int) -> None:
+        """Param group ``gi`` is updated: start the all-gathers of the buckets it completes."""
+        if not self.overlap:
+            return
+        for k, last in enumerate(self._last_group):
+            if last == gi and k not in self._started:
+                self._start_gather(k, async_op=True)
+
     def finish(self):
-        """One all-gather per bucket restores the full parameters on every rank."""
+        """One all-gather per bucket restores the full parameters on every rank.
+
+        Buckets not yet started start now (without overlap: one after the other, each
+        waited). Then every bucket is landed, unless ``overlap_param_gather`` leaves the
+        ones whose parameters all wait in forward pre-hooks in flight."""
+        for k in range(len(self.buckets)):
+            if k not in self._started:
+                self._start_gather(k, async_op=self.overlap)
+        self._started = set()
+        for k in list(self._inflight):
+            if not (self.overlap_param_gather and all(i in self.hooked for i in self._items[k])):
+                self._land(k)
+
+    def wait_params(self, indices=None) -> None:
+        """Land the in-flight all-gathers (of the buckets holding ``indices``; None: all)."""
+        if not self._inflight:
+            return
+        if indices is None:
+            ks = list(self._inflight)
+        else:
+            ks = sorted({k for i in indices for k in self._buckets_of.get(i, ()) if k in self._inflight})
+        for k in ks:
+            self._land(k)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def _start_gather(self, k: int, *, async_op: bool) -> None:
+        self._started.add(k)
+        b = self.buckets[k]
+        S = b.plan.segment
+        if S == 0:
+            return
         W = self.world_size
-        for b in self.buckets:
-            S = b.plan.segment
-            if S == 0:
+        device = self.params[b.indices[0]].device
+        send = torch.empty(S, dtype=b.dtype, device=device)
+        mine = b.plan.pieces[self.rank]
+        if mine:
+            torch._foreach_copy_(
+                [send[pc.offset: pc.offset + pc.end - pc.start] for pc in mine],
+                [flat(self.params[b.indices[pc.index]])[pc.start:pc.end] for pc in mine],
+            )
+        recv = torch.empty(W * S, dtype=b.dtype, device=device)
+        pending = comm.all_gather_into_tensor(recv, send, self.group, async_op=async_op)
+        self._inflight[k] = (pending, recv, send)
+        if not async_op:
+            self._land(k)
+
+    def _land(self, k: int) -> None:
+        pending, recv, _ = self._inflight.pop(k)
+        if pending is not None:
+            pending.wait()
+        b = self.buckets[k]
+        S = b.plan.segment
+        dst, src = [], []
+        for r in range(self.world_size):
+            if r == self.rank:
                 continue
-            device = self.params[b.indices[0]].device
-            send = torch.empty(S, dtype=b.dtype, device=device)
-            mine = b.plan.pieces[self.rank]
-            if mine:
-                torch._foreach_copy_(
-                    [send[pc.offset: pc.offset + pc.end - pc.start] for pc in mine],
-                    [flat(self.params[b.indices[pc.index]])[pc.start:pc.end] for pc in mine],
-                )
-            recv = torch.empty(W * S, dtype=b.dtype, device=device)
-            comm.all_gather_into_tensor(recv, send, self.group)
-            dst, src = [], []
-            for r in range(W):
-                if r == self.rank:
-                    continue
-                for pc in b.plan.pieces[r]:
-                    dst.append(flat(self.params[b.indices[pc.index]])[pc.start:pc.end])
-                    src.append(recv[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
-            if dst:
-                torch._foreach_copy_(dst, src)
+            for pc in b.plan.pieces[r]:
+                dst.append(flat(self.params[b.indices[pc.index]])[pc.start:pc.end])
+                src.append(recv[r * S + pc.offset: r * S + pc.offset + pc.end - pc.start])
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def summary_rows(self):
         return []

@@ -1,7 +1,9 @@
 """``shardopt bench``: time optimizer steps against the peers, and count state and traffic.
 
     shardopt bench --device cpu            # one step of each optimizer, ~20 M fp32 params
-    shardopt bench --distributed           # ZeRO-1 on W = 1, 2, 4 CPU ranks: state bytes, step time, bytes sent
+    shardopt bench --distributed           # ZeRO-1 on W = 1, 2, 4 CPU ranks: state bytes, step time, bytes sent,
+                                           # then step time with overlap on/off and the time waiting on comm
+    shardopt bench --ns-only               # Newton-Schulz choices: time and orthogonality error
     shardopt bench --device cuda           # the same table on a GPU (torch / triton backends)
 
 Ratios are measured side by side in one run; absolute times depend on the
@@ -317,6 +319,182 @@ def _run_deepspeed_budget(args):
     return table
 
 
+# ---------------------------------------------------------------- Newton-Schulz options
+def _singular_values(X) -> torch.Tensor:
+    return torch.linalg.svdvals(X.detach().double().cpu()).reshape(-1)
+
+
+def _ns_choice_rows(device, iters, hidden, layers):
+    """Each Newton-Schulz choice on the bench's Muon matrices: its time and its orthogonality error.
+
+    Inputs have singular values spread log-uniformly over [1e-3, 1] (a gradient's spectrum decays;
+    1e-3 is the smallest singular value Polar Express is designed for) and, separately, Gaussian
+    ones. The error is the spread of the result's singular values around 1: the quintic (3.4445,
+    -4.7750, 2.0315) is tuned to stop in a band, Polar Express converges."""
+    from ..functional import newton_schulz, newton_schulz_split
+    from ..functional.muon import DEFAULT_NS_COEFFICIENTS
+
+    shapes = sorted({s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2})
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def spectrum(shape):
+        m, n = shape
+        k = min(m, n)
+        U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        return (U * torch.logspace(-3, 0, k, dtype=torch.float64)) @ V.T
+
+    inputs = {"decaying": [spectrum(s).float().to(device) for s in shapes],
+              "gaussian": [torch.randn(s, generator=g).to(device) for s in shapes]}
+    choices = [("quintic (3.4445, -4.775, 2.0315)", DEFAULT_NS_COEFFICIENTS, None),
+               ("polar_express", "polar_express", None),
+               ("polar_express, ns_split=3 (q/k/v)", "polar_express", 3)]
+    rows = []
+    for label, coeffs, split in choices:
+        for dtype in (torch.bfloat16, torch.float32):
+            def ns(x, c=coeffs, d=dtype):
+                return newton_schulz(x, coefficients=c, dtype=d)
+
+            def step(kind="decaying", sp=split, f=ns):
+                return [newton_schulz_split(x, f, ns_split=sp if x.shape[0] % 3 == 0 and sp else None)
+                        for x in inputs[kind]]
+
+            ms = _time(step, iters, 1, device)
+            row = {"name": f"NS {label} {str(dtype).replace('torch.', '')}", "ms": ms}
+            for kind in inputs:
+                sv = torch.cat([_singular_values(o) for o in step(kind)])
+                row[kind] = {"sigma_min": float(sv.min()), "sigma_max": float(sv.max()),
+                             "rms_err": float((sv - 1).pow(2).mean().sqrt()),
+                             "max_err": float((sv - 1).abs().max())}
+            rows.append(row)
+            print(f"  {row['name']:<48} {ms:8.2f} ms", file=sys.stderr)
+    print(f"\nNewton-Schulz choices on {len(shapes)} matrix shapes {shapes}, 5 steps, device {device}")
+    print(f"{'':<48} {'':>8}   {'decaying spectrum':^28}   {'gaussian':^28}")
+    print(f"{'choice':<48} {'ms':>8}   {'sigma range':>16} {'rms|1-s|':>10}   {'sigma range':>16} {'rms|1-s|':>10}")
+    for r in rows:
+        d, n = r["decaying"], r["gaussian"]
+        print(f"{r['name']:<48} {r['ms']:8.2f}   [{d['sigma_min']:.3f}, {d['sigma_max']:.3f}] {d['rms_err']:10.3f}"
+              f"   [{n['sigma_min']:.3f}, {n['sigma_max']:.3f}] {n['rms_err']:10.3f}")
+    print("sigma: singular values of the result (1 is orthogonal); rms|1-s|: their root-mean-square distance from 1")
+    print("(ns_split=3 rows split the matrices whose rows divide by 3, e.g. a fused QKV, into three blocks)")
+    return rows
+
+
+# ---------------------------------------------------------------- overlapped communication
+def _overlap_worker(rank, world, port, cfg, out):
+    """One rank: iteration / step time and the time blocked in shardopt's collectives, overlap on and off."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    import shardopt
+    from shardopt.sharding import comm, zero1
+    from shardopt.tools._demo_model import SIZES, Corpus, build_model
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # bench knob: smaller ZeRO-1 buckets, so that several all-gathers can be in flight
+    zero1.Zero1Layout.__init__.__kwdefaults__["bucket_elements"] = cfg["bucket_elements"]
+    res = {}
+
+    def measure(one_iter, n):
+        one_iter()
+        dist.barrier()  # once: a barrier between iterations would wait for the gathers left in flight
+        waits, times = [], []
+        for _ in range(n):
+            comm.reset_counters()
+            t0 = time.perf_counter()
+            one_iter()
+            times.append(time.perf_counter() - t0)
+            waits.append(sum(comm.WAIT_SECONDS.values()))
+        return statistics.median(times) * 1e3, statistics.median(waits) * 1e3
+
+    # ZeRO-1: the demo model under DDP, a whole training iteration (forward, backward, step)
+    mcfg = SIZES["default"]
+    data = Corpus(mcfg, seed=0)
+    for algo in ("adamw", "muon"):
+        for mode in ("off", "on", "param_gather"):
+            model = build_model(mcfg, seed=0)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            kw = dict(overlap_comm=mode != "off", overlap_param_gather=mode == "param_gather", backend="torch")
+            if algo == "muon":
+                opt = shardopt.Muon(shardopt.muon_param_groups(model, aux_lr=3e-3), lr=0.02, **kw)
+            else:
+                opt = shardopt.AdamW(model.parameters(), lr=3e-3, **kw)
+            if mode == "param_gather":
+                opt.attach(ddp)
+            step = [0]
+
+            def it():
+                x, y = data.batch(step[0], rank, world)
+                step[0] += 1
+                opt.zero_grad()
+                ddp(x, y).backward()
+                opt.step()
+
+            ms, wait = measure(it, cfg["iters"])
+            res[("zero1", algo, mode)] = {"ms": ms, "wait_ms": wait, "buckets": len(opt.layout.buckets)}
+    # FSDP2: Muon's gather step on the bench matrices, an optimizer step
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    shapes = [s for s in transformer_shapes(cfg["hidden"], cfg["layers"], 0)[1:] if len(s) == 2]
+    mesh = init_device_mesh("cpu", (world,))
+    for mode in ("off", "on"):
+        holder = torch.nn.Module()
+        holder.ps = torch.nn.ParameterList(_params(shapes, torch.device("cpu")))
+        grads = [p.grad for p in holder.ps]
+        fully_shard(holder, mesh=mesh)
+        params = list(holder.parameters())
+        for p, g in zip(params, grads):
+            p.grad = distribute_tensor(g, mesh, p.placements)
+        opt = shardopt.Muon(params, lr=1e-3, nonfinite=None, overlap_comm=mode == "on", backend="torch")
+        ms, wait = measure(opt.step, cfg["iters"])
+        res[("fsdp2", "muon", mode)] = {"ms": ms, "wait_ms": wait}
+    out[rank] = res
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run_overlap(args):
+    """Step time with overlap on and off at each W > 1, and the time spent waiting on communication."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = {"iters": args.iters, "hidden": args.muon_hidden, "layers": args.muon_layers,
+           "bucket_elements": args.overlap_bucket_elements}
+    table = []
+    for world in [w for w in args.worlds if w > 1]:
+        with mp.Manager() as mgr:
+            out = mgr.dict()
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                port = sk.getsockname()[1]
+            mp.start_processes(_overlap_worker, args=(world, port, cfg, out), nprocs=world, start_method="spawn")
+            res = dict(out)
+        for key in res[0]:
+            ms = [res[r][key]["ms"] for r in range(world)]
+            wait = [res[r][key]["wait_ms"] for r in range(world)]
+            table.append({"world": world, "layout": key[0], "algo": key[1], "overlap": key[2],
+                          "ms_max": max(ms), "wait_ms_max": max(wait), "wait_ms_mean": sum(wait) / world})
+    print("\nOverlapped communication (CPU gloo ranks; median of "
+          f"{args.iters}; ZeRO-1: one DDP training iteration of the demo model, buckets of "
+          f"{args.overlap_bucket_elements:,} elements; FSDP2: one Muon step on the bench matrices)")
+    print(f"{'W':>2} {'layout':<6} {'algo':<6} {'overlap':<13} {'ms (max rank)':>14} {'comm wait ms':>13} "
+          f"{'wait / time':>11}")
+    for t in table:
+        print(f"{t['world']:>2} {t['layout']:<6} {t['algo']:<6} {t['overlap']:<13} {t['ms_max']:14.1f} "
+              f"{t['wait_ms_max']:13.1f} {100 * t['wait_ms_max'] / t['ms_max']:10.1f}%")
+    print("overlap: off = overlap_comm=False; on = default (async per-bucket all-gathers / chunked gather step); "
+          "param_gather = overlap_param_gather=True with opt.attach(model). comm wait = time blocked in "
+          "shardopt's collectives (sync calls and waits), max over ranks.")
+    return table
+
+
 # ---------------------------------------------------------------- entry points
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark optimizer steps against torch/DeepSpeed peers",
@@ -333,6 +511,12 @@ def add_parser(sub):
     p.add_argument("--muon-layers", type=int, default=None, help="default 4 on CPU, 24 on CUDA")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed peers (they JIT-build ~50 s each)")
     p.add_argument("--no-muon", action="store_true")
+    p.add_argument("--ns-only", action="store_true",
+                   help="only the Newton-Schulz choices: time and orthogonality error (singular value spread)")
+    p.add_argument("--no-overlap", action="store_true", help="--distributed: skip the overlap on/off rows")
+    p.add_argument("--overlap-bucket-elements", type=int, default=1 << 16,
+                   help="--distributed overlap rows: ZeRO-1 bucket size in elements (default 65536, several "
+                        "buckets for the demo model)")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--deepspeed", action="store_true",
                    help="with --distributed: shardopt.Muon vs DeepSpeed's own Muon at ZeRO-1/2/3, bytes and NS "
@@ -351,10 +535,14 @@ def run(args) -> int:
     for k, v in _DEFAULTS["cuda" if args.device == "cuda" and not args.distributed else "cpu"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.distributed and args.deepspeed:
+    if args.ns_only:
+        rows = _ns_choice_rows(torch.device(args.device), args.iters, args.muon_hidden, args.muon_layers)
+    elif args.distributed and args.deepspeed:
         rows = _run_deepspeed_budget(args)
     elif args.distributed:
         rows = _run_distributed(args)
+        if not args.no_overlap:
+            rows = {"zero1": rows, "overlap": _run_overlap(args)}
     else:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -371,7 +559,11 @@ def run(args) -> int:
             mrows, mshapes = _muon_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
             rows += mrows
         _print_table(rows, copy_gbs)
+        if not args.no_muon:
+            ns_rows = _ns_choice_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
         rows = {"params": n, "tensors": len(shapes), "copy_GBps": copy_gbs, "rows": rows}
+        if not args.no_muon:
+            rows["newton_schulz"] = ns_rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

@@ -15,9 +15,10 @@ all-reduce: the tensor's bytes). The DeepSpeed rows follow DeepSpeed 0.19.8's
 partitioning rules. Collectives that DDP, FSDP2 or DeepSpeed issue themselves
 are listed separately, under their name. Only the step time is an estimate.
 
-Each input that does not exist yet in the optimizers has one place to go:
-state precision in :func:`state_element_bytes`, tensor parallelism as a
-per-parameter shape transform before the data-parallel planning.
+Tensor parallelism (``--tp N``) is one more mesh dimension: every tensor's
+piece on every rank comes from ``sharding.plan.local_runs`` on the mesh
+(replicas, shards, tp), as ``DTensorLayout`` computes it. State precision, which
+does not exist yet in the optimizers, goes to :func:`state_element_bytes`.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class Tensor:
     dtype: object  # torch.dtype
     algorithm: str  # lion | adamw | muon
     group: int
+    tp: str = "replicate"  # under --tp: colwise | colwise_bias | rowwise | replicate
 
     @property
     def numel(self) -> int:
@@ -145,8 +147,45 @@ def _hf_model(path: Path):
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "adamw") -> list[Tensor]:
-    """The optimizer's parameter list, in its order: one group, or Muon's split by ``muon_param_groups``."""
+# The default tensor-parallel plan: nn.Linear modules by their name, as torchtitan and Megatron cut a
+# transformer (q/k/v, the MLP's up/gate projections column-parallel; the output projections row-parallel).
+TP_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wq", "wk", "wv", "w1", "w3", "qkv", "fc",
+              "fc1", "c_fc", "query", "key", "value", "query_key_value")
+TP_ROWWISE = ("o_proj", "down_proj", "wo", "w2", "proj", "fc_out", "fc2", "c_proj", "out_proj")
+
+
+def tp_roles(model, tp_plan=None) -> dict:
+    """Parameter name -> its tensor-parallel role: ``colwise`` (an nn.Linear weight cut by rows),
+    ``colwise_bias``, ``rowwise`` (cut by columns; its bias stays whole) or ``replicate``.
+
+    ``tp_plan`` maps module leaf names to ``"colwise"`` / ``"rowwise"`` (what ``parallelize_module``
+    is given); by default :data:`TP_COLWISE` / :data:`TP_ROWWISE`. Only nn.Linear modules are cut."""
+    import torch
+
+    if tp_plan is None:
+        tp_plan = {**{n: "colwise" for n in TP_COLWISE}, **{n: "rowwise" for n in TP_ROWWISE}}
+    for k, v in tp_plan.items():
+        if v not in ("colwise", "rowwise"):
+            raise ValueError(f"tp_plan[{k!r}] = {v!r}: use 'colwise' or 'rowwise'")
+    roles = {}
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        kind = tp_plan.get(mname.rsplit(".", 1)[-1])
+        if kind is None:
+            continue
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if kind == "colwise":
+                roles[full] = "colwise" if pname == "weight" else "colwise_bias"
+            else:
+                roles[full] = "rowwise" if pname == "weight" else "replicate"
+    return roles
+
+
+def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "adamw", tp_plan=None) -> list[Tensor]:
+    """The optimizer's parameter list, in its order: one group, or Muon's split by ``muon_param_groups``;
+    each with its role under tensor parallelism (:func:`tp_roles`)."""
     from ..optim import muon_param_groups
 
     if optimizer not in OPTIMIZERS:
@@ -157,10 +196,11 @@ def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "
     else:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "algorithm": optimizer}]
+    roles = tp_roles(model, tp_plan)
     out = []
     for gi, g in enumerate(groups):
         for name, p in zip(g["param_names"], g["params"]):
-            out.append(Tensor(name, tuple(p.shape), dt or p.dtype, g["algorithm"], gi))
+            out.append(Tensor(name, tuple(p.shape), dt or p.dtype, g["algorithm"], gi, roles.get(name, "replicate")))
     if not out:
         raise ValueError("the model has no trainable parameters")
     return out
@@ -378,57 +418,117 @@ def _split_window_sums(sp, weights):
     return upto(hi) - upto(lo)
 
 
-def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None) -> WorldPlan:
-    """FSDP2 (``fully_shard``) over ``world // replicas`` shard ranks, replicated ``replicas`` times (HSDP)."""
+def _mesh_splits(t: Tensor, tp: int) -> list:
+    """How FSDP2 (over mesh dim 1) and TP (dim 2) cut ``t`` on the mesh (replicas, shards, tp): a
+    column-parallel weight gets ``(_StridedShard(0, sf=tp), Shard(0))``, a row-parallel one
+    ``(Shard(0), Shard(1))``, the rest ``Shard(0)`` on the dp dims (replicated over tp)."""
+    from ..sharding.plan import Split
+
+    if not t.shape:
+        return []
+    if tp > 1 and t.tp in ("colwise", "colwise_bias"):
+        return [Split(0, (1,), tp), Split(0, (2,))]
+    if tp > 1 and t.tp == "rowwise":
+        return [Split(0, (1,)), Split(1, (2,))]
+    return [Split(0, (1,))]
+
+
+def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None, tp: int = 1) -> WorldPlan:
+    """FSDP2 (``fully_shard``) over ``world // (replicas * tp)`` shard ranks, replicated ``replicas``
+    times (HSDP), with tensor parallelism over ``tp`` ranks (``parallelize_module`` by
+    :func:`tp_roles`). Each rank's piece of every tensor comes from ``sharding.plan.local_runs`` on
+    the mesh (replicas, shards, tp), the Muon owners from ``plan_mesh`` over the layout's group,
+    the all-to-all calls from ``ns_chunks``: the functions ``DTensorLayout`` runs on."""
     import numpy as np
 
-    from ..sharding.plan import plan_fsdp2
+    from ..sharding.plan import group_coords, is_canonical, local_runs, mesh_index, ns_chunks, plan_mesh, runs_len
 
-    shards = world // replicas
+    shards = world // (replicas * tp)
+    mesh = (replicas, shards, tp)
     numel, pbytes, weights, whole, costs = _arrays(tensors)
-    plan = plan_fsdp2([t.rows for t in tensors], whole, [float(c) for c in costs], shards)
-    r = np.arange(shards, dtype=np.int64)
+    splits = [_mesh_splits(t, tp) for t in tensors]
+    group_dims = tuple(sorted({d for sps in splits for sp in sps for d in sp.mesh_dims}))
+    coords = group_coords(mesh, group_dims, (0, 0, 0))  # group index -> coordinate (replica 0)
+    G = len(coords)
+    cache: dict = {}
+
+    def local(i):
+        """(elements held, canonical copy?, FSDP2's padded all-gather elements) per group index."""
+        key = (tensors[i].shape, tuple(splits[i]))
+        got = cache.get(key)
+        if got is None:
+            shape = tensors[i].shape
+            tp_only = [sp for sp in splits[i] if 2 in sp.mesh_dims]
+            n, can, pad = [], [], []
+            for c in coords:
+                n.append(math.prod(runs_len(x) for x in local_runs(shape, splits[i], c, mesh)))
+                can.append(is_canonical(c, splits[i], group_dims))
+                if shape:  # FSDP2 gathers the TP-local tensor padded to whole row chunks
+                    tl = [runs_len(x) for x in local_runs(shape, tp_only, c, mesh)]
+                    pad.append(-(-tl[0] // shards) * shards * math.prod(tl[1:]) if tl[0] else 0)
+                else:
+                    pad.append(1)
+            got = (np.array(n, np.int64), np.array(can, bool), np.array(pad, np.int64))
+            cache[key] = got
+        return got
+
+    plan = plan_mesh(whole, [float(c) for c in costs], mesh, group_dims)
     K = weights.shape[1]
-    owned = np.zeros((shards, K), dtype=np.int64)
-    params = np.zeros(shards, dtype=np.int64)
-    a2a = np.zeros(shards, dtype=np.int64)
-    padded = 0
+    owned = np.zeros((G, K), dtype=np.int64)
+    params = np.zeros(G, dtype=np.int64)
+    padded = np.zeros(G, dtype=np.int64)
+    a2a = np.zeros(G, dtype=np.int64)
     cbytes = comm_dtype.itemsize if comm_dtype is not None else 4
-    owned_muon = np.zeros(shards, dtype=np.int64)
+    owned_muon = np.zeros(G, dtype=np.int64)
+    idx = np.arange(G)
     for i, t in enumerate(tensors):
-        c = plan.chunk[i]
-        cols = t.numel // t.rows if t.rows else 0
-        local = np.clip(t.rows - r * c, 0, c) * cols
-        owned += local[:, None] * weights[i]
-        params += local * pbytes[i]
-        padded += c * shards * cols * int(pbytes[i])
+        n, can, pad = local(i)
+        owned += n[:, None] * weights[i]
+        params += n * pbytes[i]
+        padded += pad * pbytes[i]
         o = plan.owner[i]
-        if o is not None and shards > 1:
-            # all-to-all #1: my rows to the owner; #2: the owner returns everyone's rows
-            a2a += np.where(r == o, 0, local) * cbytes
-            a2a[o] += (t.numel - int(local[o])) * cbytes
+        if o is not None and G > 1:
+            # all-to-all #1: each canonical copy to the owner; #2: the owner returns every holder's piece
+            a2a += np.where((idx != o) & can, n, 0) * cbytes
+            a2a[o] += (int(n.sum()) - int(n[o])) * cbytes
             owned_muon[o] += t.numel
-    ns, table = _ns_table(tensors, plan.owner, costs, shards)
-    tile = (lambda a: np.tile(a, replicas))
+    ns, table = _ns_table(tensors, plan.owner, costs, G)
+    # per global rank (row-major over (replicas, shards, tp)): its group index's figures
+    expand = np.array([mesh_index((g // (shards * tp), g // tp % shards, g % tp), group_dims, mesh)
+                       for g in range(world)], dtype=np.int64)
     colls = []
-    if shards > 1 and table:
-        colls.append(Collective("all_to_all", tile(a2a), "shardopt",
-                                "Muon gather step: rows to each matrix's owner and back", calls=2))
+    if G > 1 and table:
+        mats = [i for i in range(len(tensors)) if plan.owner[i] is not None]
+        chunks = ns_chunks(mats, plan.owner, [t.shape for t in tensors], True)
+        colls.append(Collective("all_to_all", a2a[expand], "shardopt",
+                                "Muon gather step: pieces to each matrix's owner and back, in chunks",
+                                calls=2 * len(chunks)))
     colls.append(_stats_all_reduce(world, len(tensors)))
-    colls.append(Collective("all_gather", np.full(world, 2 * padded, np.int64), "FSDP2",
+    colls.append(Collective("all_gather", 2 * padded[expand], "FSDP2",
                             "parameters for forward and backward (FSDP2's, padded to whole row chunks)",
                             calls=2, in_step=False))
-    colls.append(Collective("reduce_scatter", np.full(world, padded, np.int64), "FSDP2",
+    colls.append(Collective("reduce_scatter", padded[expand], "FSDP2",
                             "gradients, in backward (FSDP2's)", in_step=False))
     if replicas > 1:
-        colls.append(Collective("all_reduce", tile(params), "FSDP2",
+        colls.append(Collective("all_reduce", params[expand], "FSDP2",
                                 f"gradient shards across the {replicas} replicas (HSDP, FSDP2's)", in_step=False))
-    detail = (f"HSDP: {replicas} replicas x {shards} shards" if replicas > 1 else f"{shards} shards") + \
-        ", Shard(0) chunks of ceil(rows / shards) rows"
-    # the owner receives its matrices' rows and assembles them in fp32
-    buffers = tile(owned_muon * (cbytes + 4))
-    return WorldPlan(world, "fsdp2", detail, tile(params), tile(params), tile(owned[:, 1]), tile(owned[:, 0]),
-                     tile(owned[:, 2]), tile(ns), table, colls, replicas=replicas, buffers=buffers)
+    notes = []
+    if tp > 1:
+        detail = (f"HSDP x TP: {replicas} replicas x {shards} shards x {tp} TP ranks" if replicas > 1 else
+                  f"FSDP2 x TP: {shards} shards x {tp} TP ranks") + \
+            f", Muon owners over the {G:,} ranks of shards x TP"
+        cut = sum(1 for t in tensors if t.tp != "replicate")
+        notes.append(f"TP cuts {cut} of {len(tensors)} tensors (nn.Linear by name: column-parallel "
+                     f"{'/'.join(TP_COLWISE[:5])}..., row-parallel {'/'.join(TP_ROWWISE[:4])}...); TP's "
+                     "activation all-reduces depend on the batch and are not counted")
+    else:
+        detail = (f"HSDP: {replicas} replicas x {shards} shards" if replicas > 1 else f"{shards} shards") + \
+            ", Shard(0) chunks of ceil(rows / shards) rows"
+    # the owner receives its matrices' pieces and assembles them in fp32
+    buffers = (owned_muon * (cbytes + 4))[expand]
+    return WorldPlan(world, "fsdp2", detail, params[expand], params[expand], owned[:, 1][expand],
+                     owned[:, 0][expand], owned[:, 2][expand], ns[expand], table, colls, notes,
+                     replicas=world // G, buffers=buffers)
 
 
 def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
@@ -602,6 +702,7 @@ class Plan:
     gpu_key: str
     link_gbps: float
     reduce_gradients: bool = False
+    tp: int = 1
 
     @property
     def n_params(self) -> int:
@@ -636,7 +737,7 @@ class Plan:
             })
         return {"model": self.model, "parameters": self.n_params, "tensors": len(self.tensors),
                 "optimizer": self.optimizer, "layout": self.layout, "param_dtype": self.param_dtype,
-                "reduce_gradients": self.reduce_gradients, "groups": self.groups(), "worlds": worlds}
+                "reduce_gradients": self.reduce_gradients, "tp": self.tp, "groups": self.groups(), "worlds": worlds}
 
     # -- text --------------------------------------------------------------
     def format(self) -> str:
@@ -651,7 +752,8 @@ class Plan:
         lines = [f"shardopt plan: {self.model}, {_count(self.n_params)} parameters in {len(self.tensors)} tensors, "
                  f"{self.param_dtype}",
                  f"optimizer {opt}",
-                 f"layout {self.layout}" + (" with reduce_gradients=True" if self.reduce_gradients else ""),
+                 f"layout {self.layout}" + (" with reduce_gradients=True" if self.reduce_gradients else "")
+                 + (f", tensor parallel over {self.tp} ranks" if self.tp > 1 else ""),
                  f"step-time estimate: {self.gpu_key} ({g.name}: {g.hbm_bytes_per_s / 1e12:g} TB/s, "
                  f"{g.bf16_flops / 1e12:g} TFLOP/s bf16), {self.link_gbps:g} Gb/s per rank"]
         for w in self.worlds:
@@ -765,13 +867,16 @@ def _secs(s: float) -> str:
 
 def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer: str = "adamw",
          param_dtype="bf16", muon_aux: str = "adamw", reduce_gradients: bool = False, comm_dtype=None,
-         gpu: str = "h100", link_gbps: float = DEFAULT_LINK_GBPS) -> Plan:
+         gpu: str = "h100", link_gbps: float = DEFAULT_LINK_GBPS, tp: int = 1, tp_plan=None) -> Plan:
     """Plan a run: per world size, per-rank memory, communication and Newton-Schulz load.
 
     ``model``: a preset name (``llama-1b``, ``llama-8b``, ``llama-70b``,
     ``llama-405b``, ``gpt2``, ``demo``), a Hugging Face ``config.json`` (or its
     folder), ``"module:function"`` returning an ``nn.Module``, or a module.
-    ``param_dtype`` None keeps the module's own dtypes. Returns a :class:`Plan`
+    ``param_dtype`` None keeps the module's own dtypes. ``tp`` > 1 adds a tensor-parallel mesh
+    dimension of that size to ``fsdp2`` / ``hsdp`` (the world size counts it: W = replicas x
+    shards x tp), cutting nn.Linear modules by ``tp_plan`` (leaf name -> "colwise" / "rowwise";
+    default :func:`tp_roles`'s Megatron-style names). Returns a :class:`Plan`
     (``.format()``, ``.to_dict()``, ``.plot(path)``; ``.worlds[k]`` holds the
     per-rank numpy arrays)."""
     kind, rep, shd, stage = parse_layout(layout)
@@ -785,9 +890,14 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
         raise ValueError(f"muon_aux must be 'adamw' or 'lion', got {muon_aux!r}")
     if reduce_gradients and kind != "zero1":
         raise ValueError("reduce_gradients applies to the zero1 layout only")
+    if not (isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1):
+        raise ValueError(f"tp must be a whole number >= 1, got {tp!r}")
+    if tp > 1 and kind not in ("fsdp2", "hsdp"):
+        raise ValueError(f"tensor parallelism (tp={tp}) applies to the fsdp2 and hsdp layouts (DTensor parameters), "
+                         f"not to {layout}")
     if world_sizes is None:
         if kind == "hsdp" and rep and shd:
-            world_sizes = (rep * shd,)
+            world_sizes = (rep * shd * tp,)
         else:
             world_sizes = (8,)
     world_sizes = list(world_sizes)
@@ -796,30 +906,34 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
             raise ValueError(f"world size {w!r}: use integers from 1 to {MAX_WORLD}")
     meshes = []  # (replicas, shards) per world size
     for w in world_sizes:
+        if w % tp:
+            raise ValueError(f"world size {w} is not a multiple of tp={tp}")
+        dp = w // tp
         if kind == "hsdp":
-            r = rep if rep else (w // shd if w % shd == 0 else 0)
-            s = shd if shd else (w // rep if w % rep == 0 else 0)
-            if not r or not s or r * s != w:
-                raise ValueError(f"--layout {layout} does not fit world size {w}: replicas x shards must equal it")
+            r = rep if rep else (dp // shd if dp % shd == 0 else 0)
+            s = shd if shd else (dp // rep if dp % rep == 0 else 0)
+            if not r or not s or r * s != dp:
+                raise ValueError(f"--layout {layout} does not fit world size {w}: replicas x shards"
+                                 + (f" x tp ({tp})" if tp > 1 else "") + " must equal it")
             meshes.append((r, s))
         else:
-            meshes.append((1, w))
+            meshes.append((1, dp))
     cdt = _torch_dtype(comm_dtype)
     label, module = load_model(model)
-    tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux)
+    tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux, tp_plan)
     worlds = []
     for w, (r, _) in zip(world_sizes, meshes):
         if kind == "zero1":
             worlds.append(plan_zero1_world(tensors, w, reduce_gradients=reduce_gradients))
         elif kind in ("fsdp2", "hsdp"):
-            worlds.append(plan_fsdp2_world(tensors, w, replicas=r, comm_dtype=cdt))
+            worlds.append(plan_fsdp2_world(tensors, w, replicas=r, comm_dtype=cdt, tp=tp))
         elif optimizer == "muon":
             worlds.append(plan_deepspeed_muon_world(tensors, w, stage))
         else:
             worlds.append(plan_deepspeed_world(tensors, w, stage))
     dts = sorted({_dtype_name(t.dtype) for t in tensors})
     return Plan(label, optimizer if optimizer != "muon" else f"muon (aux {muon_aux})", layout, "/".join(dts),
-                tensors, worlds, GPUS[gpu], gpu, float(link_gbps), reduce_gradients)
+                tensors, worlds, GPUS[gpu], gpu, float(link_gbps), reduce_gradients, tp)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -858,9 +972,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "step time is an estimate."
         ),
         epilog=(
-            "Optimizer state is counted in fp32 and tensor parallelism is not modelled: those are the "
-            "optimizers' only state precision and mesh today, and each will be one more option of this "
-            "command when the optimizers support it. Bytes are counted as shardopt.sharding.comm counts them "
+            "Optimizer state is counted in fp32, the optimizers' only state precision today. --tp N plans "
+            "FSDP2 x TP (or HSDP x TP) with the planning functions the DTensor layout runs; TP's own "
+            "activation all-reduces depend on the batch and are not counted. Bytes are counted as shardopt.sharding.comm counts them "
             "(all-gather: output, reduce-scatter: input, all-to-all: bytes sent to other ranks); collectives "
             "that DDP, FSDP2 or DeepSpeed issue themselves are listed under their name."
         ),
@@ -883,6 +997,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "like the state)")
     p.add_argument("--reduce-gradients", action="store_true",
                    help="zero1: the optimizer reduce-scatters the gradients itself (no DDP)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="fsdp2/hsdp: a tensor-parallel mesh dimension of N ranks (the world size counts it), "
+                        "nn.Linear modules cut Megatron-style by name: column-parallel "
+                        + "/".join(TP_COLWISE[:5]) + "/..., row-parallel " + "/".join(TP_ROWWISE[:4]) + "/... "
+                        "(default: 1)")
     p.add_argument("--comm-dtype", choices=("fp32", "bf16"), default=None,
                    help="fsdp2/hsdp: dtype of Muon's all-to-alls (the optimizer's comm_dtype; default fp32)")
     p.add_argument("--gpu", choices=tuple(GPUS), default="h100",
@@ -902,7 +1021,7 @@ def run(args) -> int:
     try:
         result = plan(args.model, world_sizes=args.world_size, layout=args.layout, optimizer=args.optimizer,
                       param_dtype=args.param_dtype, muon_aux=args.muon_aux, reduce_gradients=args.reduce_gradients,
-                      comm_dtype=args.comm_dtype, gpu=args.gpu, link_gbps=args.link_gbps)
+                      comm_dtype=args.comm_dtype, gpu=args.gpu, link_gbps=args.link_gbps, tp=args.tp)
     except ValueError as e:
         raise CommandError(str(e)) from e
     if args.json == "-":
