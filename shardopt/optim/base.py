@@ -94,7 +94,7 @@ class Algorithm:
 
     def ns_cost(self, group: dict, shape) -> float:
         """Newton-Schulz FLOPs of one step on a parameter of ``shape`` (owners are balanced by it)."""
-        if not self.matrix:
+        if not self.matrix or len(shape) != 2:
             return 0.0
         from ..functional import ns_flops
 

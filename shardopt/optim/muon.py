@@ -99,6 +99,8 @@ class MuonAlgorithm(Algorithm):
                              "the block sizes must add up to the dimension they cut")
 
     def ns_cost(self, group, shape):
+        if len(shape) != 2:  # DeepSpeed's flat partitions: the flat plan costs the real matrices itself
+            return 0.0
         return float(ns_flops_split(tuple(shape), group.get("ns_steps", 5), group.get("ns_split"),
                                     group.get("ns_split_dim", 0)))
 
