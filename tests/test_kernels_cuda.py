@@ -741,7 +741,9 @@ def _stats_reference(grads, clip_value):
 
 STATS_SETS = {
     "odd": [(1,), (7,), (10, 100), (65537 + 3,)],
-    "many": _many_shapes(130, seed=5),  # more tensors than one launch's table holds (96)
+    # three dtype groups of 100 tensors: more than one launch's table holds (96), blocks numbered
+    # across launches and groups
+    "many": _many_shapes(300, seed=5),
     "spans_launches": [(3,), (256 * 65536 + 65536 * 2 + 5,), (11,)],
 }
 

@@ -26,7 +26,9 @@ first use), ``triton`` (runs on CPU under ``TRITON_INTERPRET=1``), ``cuda``.
 ``auto`` picks the fastest one available for the tensors' device. A backend
 module lists what it implements in ``FEATURES`` and ``PARAM_DTYPES``; a call
 that needs more is served by the ``torch`` backend (same results), which is how
-fp64 parameters work everywhere. Complex tensors are updated through their real
+fp64 parameters work everywhere. A backend with ``"grad_stats"`` in its
+``FEATURES`` also lists ``GRAD_DTYPES``: the gradients it cannot take (fp64,
+not dense) are summed by the ``torch`` backend and added. Complex tensors are updated through their real
 views (as torch.optim does), and tensors that are dense but not contiguous
 (``channels_last``) through their storage order.
 """
