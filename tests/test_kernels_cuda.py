@@ -19,7 +19,16 @@ GPU tests (``@pytest.mark.gpu``, skipped without CUDA):
   element) take the scalar path and agree bitwise with aligned runs;
 * bad inputs raise naming the list index, before anything is written;
 * a tensor with more than 2**31 elements (bf16, ~13 GB, only when that much
-  device memory is free) is updated right past the 32-bit boundary.
+  device memory is free) is updated right past the 32-bit boundary;
+* maximize, clip_value, grad_scale and found_inf (device tensors the kernels
+  read), amsgrad, alone and together, to the same tolerances; a set flag
+  writes nothing, gradients are never written, and a captured CUDA graph
+  reads the flag and the scale at replay time;
+* grad_stats within 1e-6 relative of a float64 sum over many tensors, launches
+  and dtypes, NaN ``bad`` for inf/NaN; the dispatcher really serves these
+  calls with the cuda backend;
+* with ``torch.cuda.set_sync_debug_mode("error")`` a default ``step()`` of
+  every optimizer of the cases table raises nothing (no host sync).
 """
 from __future__ import annotations
 
@@ -118,7 +127,7 @@ def test_launch_limits_fit_kernel_arguments():
     4 KiB kernel-argument limit, and a chunk keeps 16-byte alignment."""
     assert cuda.CHUNK_SIZE % 8 == 0
     assert cuda.META_BYTES <= 4096 - 128
-    for depth in (3, 4):
+    for depth in (1, 3, 4, 5):  # grad_stats, Lion, AdamW, AdamW with amsgrad
         mt = cuda.max_tensors(depth)
         assert 8 <= mt <= 255
         assert 8 * (depth + 1) * mt + 9 * cuda.MAX_BLOCKS <= cuda.META_BYTES
@@ -519,7 +528,7 @@ def test_tensors_on_two_gpus_rejected(ext):
 
 @gpu
 def test_launch_limits_and_planner_match_python(ext):
-    for depth in (3, 4):
+    for depth in (1, 3, 4, 5):
         assert tuple(ext.launch_limits(depth)) == (
             cuda.CHUNK_SIZE, cuda.max_tensors(depth), cuda.MAX_BLOCKS, 512, cuda.META_BYTES)
     rng = random.Random(5)
@@ -604,3 +613,230 @@ def test_cuda_graph_capture(ext):
     torch.cuda.synchronize()
     assert_equal_lists(p, p_ref, "params")
     assert_equal_lists(m, m_ref, "exp_avgs")
+
+
+# -------------------------------------- gradient transform, skip flag, amsgrad
+
+FEATURE_SETS = {
+    "maximize": dict(maximize=True),
+    "clip_value": dict(clip_value=0.7),
+    "grad_scale": dict(grad_scale=0.3721),
+    "found_inf_clear": dict(found_inf=0.0),
+    "amsgrad": dict(amsgrad=True),
+    "all": dict(maximize=True, clip_value=0.7, grad_scale=0.3721, found_inf=0.0, amsgrad=True),
+}
+FEATURE_CASES = [(opt, f) for opt in ("lion", "adamw") for f in FEATURE_SETS if not (opt == "lion" and f == "amsgrad")]
+
+
+def _feature_kwargs(features):
+    kw = {k: v for k, v in features.items() if k != "amsgrad"}
+    for k in ("grad_scale", "found_inf"):
+        if k in kw:
+            kw[k] = torch.tensor(kw[k], dtype=torch.float32, device=DEV)
+    return kw
+
+
+def _feature_lists(shapes, pdt, gdt, seed, amsgrad):
+    gen = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=gen).to(DEV, pdt) for s in shapes]
+    g = [(torch.randn(s, generator=gen) * 1.5).to(DEV, gdt) for s in shapes]  # often beyond clip_value
+    m = [(torch.randn(s, generator=gen) * 0.1).to(DEV) for s in shapes]
+    v = [(torch.rand(s, generator=gen) * 0.1).to(DEV) for s in shapes]
+    vmax = [(torch.rand(s, generator=gen) * 0.2).to(DEV) for s in shapes] if amsgrad else None
+    return p, g, m, v, vmax
+
+
+def _maybe(ts):
+    return None if ts is None else clone(ts)
+
+
+@gpu
+@pytest.mark.parametrize("pdt,gdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)],
+                         ids=["p32-g32", "pbf16-g16"])
+@pytest.mark.parametrize("opt,fname", FEATURE_CASES, ids=[f"{o}-{f}" for o, f in FEATURE_CASES])
+def test_features_match_torch(ext, opt, fname, pdt, gdt):
+    features = FEATURE_SETS[fname]
+    amsgrad = features.get("amsgrad", False) and opt == "adamw"
+    shapes = SHAPE_SETS["odd"]
+    p, g, m, v, vmax = _feature_lists(shapes, pdt, gdt, seed=len(fname) * 7 + (opt == "lion"), amsgrad=amsgrad)
+    g_before = clone(g)
+    kw = _feature_kwargs(features)
+    c = (clone(p), clone(m), clone(v), _maybe(vmax))
+    t = (clone(p), clone(m), clone(v), _maybe(vmax))
+    if opt == "lion":
+        cuda.lion_step(c[0], g, c[1], weight_decay=0.1, **LION_HP, **kw)
+        torch_ops.lion_step(t[0], g, t[1], weight_decay=0.1, **LION_HP, **kw)
+    else:
+        cuda.adamw_step(c[0], g, c[1], c[2], c[3], weight_decay=0.1, step=3, **ADAMW_HP, **kw)
+        torch_ops.adamw_step(t[0], g, t[1], t[2], t[3], weight_decay=0.1, step=3, **ADAMW_HP, **kw)
+    assert_params_match(c[0], t[0], exact=opt == "lion")
+    assert_equal_lists(c[1], t[1], "exp_avgs")
+    if opt == "adamw":
+        assert_equal_lists(c[2], t[2], "exp_avg_sqs")
+    if amsgrad:
+        assert_equal_lists(c[3], t[3], "max_exp_avg_sqs")
+    assert_equal_lists(g, g_before, "grads (never written)")
+    assert not all(torch.equal(a, b) for a, b in zip(c[0], p))
+
+
+@gpu
+@pytest.mark.parametrize("flag", [1.0, float("nan")])
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+def test_found_inf_set_writes_nothing(ext, opt, flag):
+    shapes = SHAPE_SETS["odd"]
+    lists = _feature_lists(shapes, torch.float32, torch.float32, seed=41, amsgrad=opt == "adamw")
+    before = [_maybe(x) for x in lists]
+    p, g, m, v, vmax = lists
+    kw = dict(maximize=True, clip_value=0.7, grad_scale=torch.tensor(0.5, device=DEV),
+              found_inf=torch.tensor(flag, device=DEV))
+    if opt == "lion":
+        cuda.lion_step(p, g, m, weight_decay=0.1, **LION_HP, **kw)
+    else:
+        cuda.adamw_step(p, g, m, v, vmax, weight_decay=0.1, step=2, **ADAMW_HP, **kw)
+    for got, want in zip(lists, before):
+        if got is not None:
+            assert_equal_lists(got, want, "unchanged")
+
+
+@gpu
+def test_device_scalars_are_read_at_replay(ext):
+    """A captured step reads found_inf and grad_scale when it runs, not when it was captured."""
+    shapes = SHAPE_SETS["odd"]
+    p, g, m, _, _ = _feature_lists(shapes, torch.float32, torch.float32, seed=43, amsgrad=False)
+    scale = torch.tensor(1.0, device=DEV)
+    flag = torch.tensor(0.0, device=DEV)
+    kw = dict(weight_decay=0.1, grad_scale=scale, found_inf=flag, **LION_HP)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cuda.lion_step(clone(p), g, clone(m), **kw)  # warm-up, outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda.lion_step(p, g, m, **kw)
+    p_ref, m_ref = clone(p), clone(m)
+    for s, f in ((0.25, 0.0), (0.5, 1.0), (2.0, 0.0)):
+        scale.fill_(s)
+        flag.fill_(f)
+        graph.replay()
+        torch_ops.lion_step(p_ref, g, m_ref, weight_decay=0.1, grad_scale=torch.tensor(s, device=DEV),
+                            found_inf=torch.tensor(f, device=DEV), **LION_HP)
+    torch.cuda.synchronize()
+    assert_equal_lists(p, p_ref, "params")
+    assert_equal_lists(m, m_ref, "exp_avgs")
+
+
+# ------------------------------------------------------------- grad_stats
+
+def _stats_reference(grads, clip_value):
+    total = 0.0
+    for g in grads:
+        g64 = g.double()
+        if clip_value is not None:
+            v = float(torch.tensor(clip_value, dtype=torch.float32))
+            g64 = g64.clamp(-v, v)
+        total += float((g64 * g64).sum())
+    return total
+
+
+STATS_SETS = {
+    "odd": [(1,), (7,), (10, 100), (65537 + 3,)],
+    # three dtype groups of 100 tensors: more than one launch's table holds (96), blocks numbered
+    # across launches and groups
+    "many": _many_shapes(300, seed=5),
+    "spans_launches": [(3,), (256 * 65536 + 65536 * 2 + 5,), (11,)],
+}
+
+
+@gpu
+@pytest.mark.parametrize("clip_value", [None, 0.6])
+@pytest.mark.parametrize("sname", list(STATS_SETS))
+def test_grad_stats_matches_float64(ext, sname, clip_value):
+    shapes = STATS_SETS[sname]
+    gen = torch.Generator().manual_seed(51)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    grads = [(torch.randn(s, generator=gen) * 2).to(DEV, dtypes[k % 3]) for k, s in enumerate(shapes)]
+    before = clone(grads)
+    out = cuda.grad_stats(grads, clip_value=clip_value)
+    assert out.dtype == torch.float64 and out.shape == (2,) and out.device == grads[0].device
+    want = _stats_reference(grads, clip_value)
+    got = out.tolist()
+    assert abs(got[0] - want) <= 1e-6 * want, (got, want)
+    assert got[1] == 0.0
+    assert_equal_lists(grads, before, "grads (never written)")
+    torch.testing.assert_close(out, torch_ops.grad_stats(grads, clip_value=clip_value), rtol=1e-6, atol=0.0)
+
+
+@gpu
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", ["first", "late_launch"])
+def test_grad_stats_flags_non_finite(ext, bad, where):
+    shapes = STATS_SETS["many"]
+    gen = torch.Generator().manual_seed(52)
+    grads = [torch.randn(s, generator=gen).to(DEV) for s in shapes]
+    k = 0 if where == "first" else len(grads) - 1  # the last tensor sits in a later launch
+    grads[k].view(-1)[-1] = bad
+    for clip_value in (None, 0.6):
+        out = cuda.grad_stats(grads, clip_value=clip_value).tolist()
+        assert out[1] != out[1], "bad must be NaN"
+        if clip_value is not None and bad == bad:  # a clamped inf counts as clip_value
+            want = _stats_reference(grads, clip_value)
+            assert abs(out[0] - want) <= 1e-6 * want
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("served by the torch backend, not by cuda")
+
+
+@gpu
+def test_dispatcher_serves_features_with_cuda(ext, monkeypatch):
+    shapes = SHAPE_SETS["odd"]
+    p, g, m, v, vmax = _feature_lists(shapes, torch.float32, torch.float32, seed=61, amsgrad=True)
+    kw = _feature_kwargs(FEATURE_SETS["all"])
+    ref_l = (clone(p), clone(m))
+    torch_ops.lion_step(ref_l[0], g, ref_l[1], weight_decay=0.1, **LION_HP, **kw)
+    ref_a = (clone(p), clone(m), clone(v), clone(vmax))
+    torch_ops.adamw_step(*ref_a[:3], ref_a[3], weight_decay=0.1, step=2, **ADAMW_HP, **kw)
+    ref_s = torch_ops.grad_stats(g, clip_value=0.7)
+    for name in ("lion_step", "adamw_step", "grad_stats"):
+        monkeypatch.setattr(torch_ops, name, _refuse)
+    lp, lm = clone(p), clone(m)
+    kernels.lion_step(lp, g, lm, weight_decay=0.1, backend="cuda", **LION_HP, **kw)
+    assert_equal_lists(lp + lm, ref_l[0] + ref_l[1], "lion")
+    a = (clone(p), clone(m), clone(v), clone(vmax))
+    kernels.adamw_step(*a[:3], a[3], weight_decay=0.1, step=2, backend="cuda", **ADAMW_HP, **kw)
+    assert_params_match(a[0], ref_a[0], exact=False)
+    for got, want in zip(a[1:], ref_a[1:]):
+        assert_equal_lists(got, want, "adamw state")
+    torch.testing.assert_close(kernels.grad_stats(g, clip_value=0.7, backend="cuda"), ref_s, rtol=1e-6, atol=0.0)
+
+
+# ------------------------------------------------------ no host syncs
+
+@gpu
+@pytest.mark.parametrize("extra", [{}, {"grad_clip_norm": 0.5, "grad_clip_value": 1.0}], ids=["defaults", "clipping"])
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_default_step_does_not_sync(name, extra):
+    """nonfinite='skip' (the default) and clipping: the skip flag and the clip coefficient stay on
+    the device, so step() never waits for the host (after a warm-up step outside the mode)."""
+    ps = [torch.nn.Parameter(p.detach().to(DEV)) for p in make_params()]
+    opt = build(name, ps, sharding="none", **extra)
+    grads = [[g.to(DEV) for g in case_grads(k)] for k in range(3)]  # copied before the mode is on
+    bad = [g.clone() for g in grads[2]]
+    bad[0].view(-1)[0] = float("inf")
+    for p, gr in zip(ps, grads[0]):
+        p.grad = gr
+    opt.step()  # warm-up: builds kernels, allocates state
+    torch.cuda.synchronize()
+    before = [p.detach().clone() for p in ps]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gs in (grads[1], bad):  # a normal step, then one the device flag skips
+            for p, gr in zip(ps, gs):
+                p.grad = gr
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert opt.skipped_steps == 1
+    assert not all(torch.equal(a, b) for a, b in zip(ps, before))

@@ -15,8 +15,15 @@ Expected agreement under the interpreter:
 * AdamW: fp32 within rtol 1e-6 / atol 1e-7, bf16 within one bf16 ulp.  The
   kernel uses IEEE ``sqrt_rn``/``div_rn``; torch's vectorised CPU ``sqrt`` is
   not always correctly rounded (1 ulp off on some inputs), hence not bitwise.
+* The gradient transform (maximize, clip_value, grad_scale), the device skip
+  flag found_inf and amsgrad, alone and together, to the same tolerances;
+  gradients are never written and a set flag writes nothing.
+* grad_stats within 1e-6 relative of a float64 sum, NaN ``bad`` for inf/NaN;
+  and the dispatcher really hands these calls to triton (the torch backend's
+  functions are replaced by ones that raise).
 """
 import os
+import zlib
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import; see above
 
@@ -282,3 +289,205 @@ def test_missing_triton_gives_clear_import_error(monkeypatch):
 
 def test_available():
     assert triton_ops.available()
+
+
+# ---------------------------------------------------------------------------
+# gradient transform, skip flag, amsgrad (the torch_ops order of operations)
+# ---------------------------------------------------------------------------
+FEATURE_SHAPES = [(7,), (1000,), (4099,)]  # 4099: two programs under the interpreter
+FEATURE_SETS = {
+    "maximize": dict(maximize=True),
+    "clip_value": dict(clip_value=0.7),
+    "grad_scale": dict(grad_scale=0.3721),
+    "found_inf_clear": dict(found_inf=0.0),
+    "amsgrad": dict(amsgrad=True),
+    "all": dict(maximize=True, clip_value=0.7, grad_scale=0.3721, found_inf=0.0, amsgrad=True),
+}
+
+
+def _feature_inputs(shapes, pdtype, gdtype, *, seed, amsgrad):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(pdtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1.5).to(gdtype) for s in shapes]  # |g| > clip_value often
+    m = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    v = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
+    # amsgrad: about half the maxima above the new v, half below
+    vmax = [torch.rand(s, generator=gen) * 0.2 for s in shapes] if amsgrad else None
+    return params, grads, m, v, vmax
+
+
+def _kwargs_for(features):
+    kw = {k: v for k, v in features.items() if k != "amsgrad"}
+    for k in ("grad_scale", "found_inf"):
+        if k in kw:
+            kw[k] = torch.tensor(kw[k], dtype=torch.float32)
+    return kw
+
+
+def _clone_all(ts):
+    return None if ts is None else [t.clone() for t in ts]
+
+
+FEATURE_CASES = [(opt, fname) for opt in ("lion", "adamw") for fname in FEATURE_SETS
+                 if not (opt == "lion" and fname == "amsgrad")]  # amsgrad is AdamW's ("all" ignores it)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=["p32", "pbf16"])
+@pytest.mark.parametrize("opt,fname", FEATURE_CASES, ids=[f"{o}-{f}" for o, f in FEATURE_CASES])
+def test_features_match_torch_backend(opt, fname, pdtype):
+    features = FEATURE_SETS[fname]
+    amsgrad = features.get("amsgrad", False) and opt == "adamw"
+    gdtype = torch.bfloat16 if pdtype == torch.bfloat16 else torch.float32
+    seed = zlib.crc32(f"{opt}-{fname}-{pdtype}".encode())  # fresh inputs per case, the same every run
+    params, grads, m, v, vmax = _feature_inputs(FEATURE_SHAPES, pdtype, gdtype, seed=seed, amsgrad=amsgrad)
+    grads_before = _clone_all(grads)
+    kw = _kwargs_for(features)
+    ref = (_clone_all(params), _clone_all(m), _clone_all(v), _clone_all(vmax))
+    if opt == "lion":
+        hp = dict(LION_HP, weight_decay=0.1, **kw)
+        triton_ops.lion_step(params, grads, m, **hp)
+        torch_ops.lion_step(ref[0], grads, ref[1], **hp)
+    else:
+        hp = dict(ADAMW_HP, weight_decay=0.1, step=4, **kw)
+        triton_ops.adamw_step(params, grads, m, v, vmax, **hp)
+        torch_ops.adamw_step(ref[0], grads, ref[1], ref[2], ref[3], **hp)
+    bitwise = opt == "lion"
+    for i in range(len(FEATURE_SHAPES)):
+        _assert_close(f"params[{i}]", params[i], ref[0][i], bitwise=bitwise)
+        _assert_close(f"exp_avgs[{i}]", m[i], ref[1][i], bitwise=bitwise)
+        if opt == "adamw":
+            _assert_close(f"exp_avg_sqs[{i}]", v[i], ref[2][i], bitwise=False)
+        if amsgrad:
+            _assert_close(f"max_exp_avg_sqs[{i}]", vmax[i], ref[3][i], bitwise=False)
+        assert torch.equal(grads[i], grads_before[i]), "gradients are never written"
+
+
+def test_transform_order_on_known_values():
+    """maximize, then clamp, then scale: Lion with beta1 = beta2 = 0 stores m = g_eff."""
+    g = torch.tensor([3.0, -3.0, 0.5, -0.25, float("inf"), float("-inf")])
+    m = torch.zeros(6)
+    p = torch.zeros(6)
+    triton_ops.lion_step([p], [g], [m], lr=0.0, beta1=0.0, beta2=0.0, weight_decay=0.0, maximize=True,
+                         clip_value=1.0, grad_scale=torch.tensor(0.5))
+    assert m.tolist() == [-0.5, 0.5, -0.25, 0.125, -0.5, 0.5]
+
+
+@pytest.mark.parametrize("flag", [1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+def test_found_inf_set_writes_nothing(opt, flag):
+    params, grads, m, v, vmax = _feature_inputs(FEATURE_SHAPES, torch.float32, torch.float32, seed=77,
+                                                amsgrad=opt == "adamw")
+    before = [_clone_all(x) for x in (params, grads, m, v, vmax)]
+    kw = dict(found_inf=torch.tensor(flag), grad_scale=torch.tensor(0.5), maximize=True, clip_value=0.7)
+    if opt == "lion":
+        triton_ops.lion_step(params, grads, m, weight_decay=0.1, **LION_HP, **kw)
+    else:
+        triton_ops.adamw_step(params, grads, m, v, vmax, weight_decay=0.1, step=2, **ADAMW_HP, **kw)
+    for got, want in zip((params, grads, m, v, vmax), before):
+        if got is not None:
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ---------------------------------------------------------------------------
+# grad_stats: the fused gradient pass
+# ---------------------------------------------------------------------------
+def _stats_reference(grads, clip_value):
+    sumsq = 0.0
+    for g in grads:
+        g64 = g.double()
+        if clip_value is not None:
+            v = float(torch.tensor(clip_value, dtype=torch.float32))
+            g64 = g64.clamp(-v, v)
+        sumsq += float((g64 * g64).sum())
+    return sumsq
+
+
+STATS_SHAPES = [(1,), (5, 7), (4097,), (9000,)]  # 9000: three programs, the last partial
+
+
+@pytest.mark.parametrize("clip_value", [None, 0.6])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grad_stats_matches_float64(gdtype, clip_value):
+    gen = torch.Generator().manual_seed(31)
+    grads = [(torch.randn(s, generator=gen) * 2.0).to(gdtype) for s in STATS_SHAPES]
+    before = _clone_all(grads)
+    out = triton_ops.grad_stats(grads, clip_value=clip_value)
+    assert out.dtype == torch.float64 and out.shape == (2,) and out.device == grads[0].device
+    want = _stats_reference(grads, clip_value)
+    assert abs(float(out[0]) - want) <= 1e-6 * want
+    assert float(out[1]) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    ref = torch_ops.grad_stats(grads, clip_value=clip_value)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("clip_value", [None, 0.6])
+def test_grad_stats_flags_non_finite_raw_values(bad, clip_value):
+    gen = torch.Generator().manual_seed(32)
+    grads = [torch.randn(s, generator=gen) for s in STATS_SHAPES]
+    grads[3][8999] = bad  # in the last, partial program of the last tensor
+    out = triton_ops.grad_stats(grads, clip_value=clip_value)
+    assert torch.isnan(out[1])
+    if clip_value is None or bad != bad:
+        assert not torch.isfinite(out[0])
+    else:  # a clamped inf counts as clip_value in the norm, and still flags the step
+        want = _stats_reference(grads, clip_value)
+        assert abs(float(out[0]) - want) <= 1e-6 * want
+
+
+def test_grad_stats_empty():
+    out = triton_ops.grad_stats([torch.empty(0)])
+    assert out.dtype == torch.float64 and out.tolist() == [0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------
+# the dispatcher hands these features to the triton backend itself
+# ---------------------------------------------------------------------------
+def _refuse(*args, **kwargs):
+    raise AssertionError("served by the torch backend, not by triton")
+
+
+def test_dispatcher_serves_features_with_triton(monkeypatch):
+    from shardopt import kernels
+
+    assert kernels.serves("triton", torch.float32, {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad"})
+    assert kernels.serves("triton", torch.bfloat16, {"amsgrad"})
+    assert not kernels.serves("triton", torch.float64, set())
+    shapes = [(33,), (1000,)]
+    params, grads, m, v, vmax = _feature_inputs(shapes, torch.float32, torch.float32, seed=8, amsgrad=True)
+    kw = dict(maximize=True, clip_value=0.7, grad_scale=torch.tensor(0.37), found_inf=torch.tensor(0.0))
+    ref_l = (_clone_all(params), _clone_all(m))
+    torch_ops.lion_step(ref_l[0], grads, ref_l[1], weight_decay=0.1, **LION_HP, **kw)
+    ref_a = tuple(_clone_all(x) for x in (params, m, v, vmax))
+    torch_ops.adamw_step(ref_a[0], grads, ref_a[1], ref_a[2], ref_a[3], weight_decay=0.1, step=2, **ADAMW_HP, **kw)
+    ref_s = torch_ops.grad_stats(grads, clip_value=0.7)
+
+    for name in ("lion_step", "adamw_step", "grad_stats"):
+        monkeypatch.setattr(torch_ops, name, _refuse)
+    # a CPU flag is normally read by the dispatcher; pass it through as a device flag would be
+    monkeypatch.setattr(kernels, "_host_flag", lambda f: (False, f))
+    lp, lm = _clone_all(params), _clone_all(m)
+    kernels.lion_step(lp, grads, lm, weight_decay=0.1, backend="triton", **LION_HP, **kw)
+    for a, b in zip(lp + lm, ref_l[0] + ref_l[1]):
+        assert torch.equal(a, b)
+    ap, am, av, ax = (_clone_all(x) for x in (params, m, v, vmax))
+    kernels.adamw_step(ap, grads, am, av, ax, weight_decay=0.1, step=2, backend="triton", **ADAMW_HP, **kw)
+    for got, want in zip((ap, am, av, ax), ref_a):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    stats = kernels.grad_stats(grads, clip_value=0.7, backend="triton")
+    torch.testing.assert_close(stats, ref_s, rtol=1e-6, atol=0.0)
+
+
+def test_dispatcher_grad_stats_mixes_backends():
+    """fp64 gradients go to the reference, dense non-contiguous ones to triton in storage order."""
+    from shardopt import kernels
+
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(40, 30, generator=gen).t(), torch.randn(17, generator=gen, dtype=torch.float64),
+             torch.randn(2, 3, 5, 7, generator=gen).to(memory_format=torch.channels_last).bfloat16(),
+             torch.randn(10, 10, generator=gen)[:, ::2]]  # not dense: the reference
+    out = kernels.grad_stats(grads, clip_value=1.1, backend="triton")
+    ref = torch_ops.grad_stats(grads, clip_value=1.1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0.0)

@@ -7,6 +7,7 @@
 #define SHARDOPT_MTA_PLANNER_ONLY
 #include "multi_tensor_apply.cuh"
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -17,10 +18,16 @@ namespace cuda_ops {
 using TensorList = std::vector<at::Tensor>;
 
 void lion_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-               double lr, double beta1, double beta2, double weight_decay, bool vectorize);
+               double lr, double beta1, double beta2, double weight_decay, bool maximize,
+               std::optional<double> clip_value, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, bool vectorize);
 void adamw_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
                 const TensorList& exp_avg_sqs, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t step, bool vectorize);
+                double weight_decay, int64_t step, const std::optional<TensorList>& max_exp_avg_sqs,
+                bool maximize, std::optional<double> clip_value,
+                const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, bool vectorize);
+at::Tensor grad_stats(const TensorList& grads, std::optional<double> clip_value, bool vectorize);
 std::string build_info();
 
 }  // namespace cuda_ops
@@ -51,7 +58,7 @@ std::vector<Launch> chunk_plan(const std::vector<int64_t>& numels, int64_t chunk
 // (chunk_size, max_tensors, max_blocks, block_threads, meta_bytes) of the
 // launcher for a functor over `depth` tensor lists.
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> launch_limits(int64_t depth) {
-  TORCH_CHECK(depth >= 1 && depth <= 4, "launch_limits: depth must be 1..4, got ", depth);
+  TORCH_CHECK(depth >= 1 && depth <= 5, "launch_limits: depth must be 1..5, got ", depth);
   namespace m = shardopt::mta;
   return {m::kChunkSize, m::max_tensors_for_depth(static_cast<int>(depth)), m::kMaxBlocks,
           m::kBlockThreads, m::kMetaBytes};
@@ -61,14 +68,24 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> launch_limits(int64_t de
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace ops = shardopt::cuda_ops;
-  m.doc() = "shardopt fused multi-tensor Lion/AdamW CUDA kernels";
+  m.doc() = "shardopt fused multi-tensor Lion/AdamW CUDA kernels and gradient pass";
+  // grad_scale / found_inf: fp32 0-d CUDA tensors the kernels read (never the host)
   m.def("lion_step", &ops::lion_step, "Fused multi-tensor Lion step (in place)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("weight_decay"), py::arg("vectorize") = true);
-  m.def("adamw_step", &ops::adamw_step, "Fused multi-tensor AdamW step (in place)",
+        py::arg("weight_decay"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("vectorize") = true);
+  m.def("adamw_step", &ops::adamw_step,
+        "Fused multi-tensor AdamW step (in place); max_exp_avg_sqs given means amsgrad",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("step"), py::arg("vectorize") = true);
+        py::arg("weight_decay"), py::arg("step"), py::arg("max_exp_avg_sqs") = py::none(),
+        py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("vectorize") = true);
+  m.def("grad_stats", &ops::grad_stats,
+        "The fused gradient pass: float64 [sum of squares of the clipped grads, 0 or NaN]",
+        py::arg("grads"), py::arg("clip_value") = py::none(), py::arg("vectorize") = true);
   m.def("_chunk_plan", &chunk_plan, "The launcher's (tensor, chunk) plan; for tests",
         py::arg("numels"), py::arg("chunk_size"), py::arg("max_tensors"), py::arg("max_blocks"));
   m.def("launch_limits", &launch_limits,

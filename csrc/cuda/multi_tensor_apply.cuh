@@ -14,7 +14,16 @@
 //     static constexpr int kSameDTypeAs[kDepth] = {...}; // -1, or a list it must match
 //     static constexpr const char* kNames[kDepth] = {...};
 //     __device__ void operator()(float (&x)[kDepth]) const;  // one element, in place
+//     // from mta::OpBase (no-ops there), for functors that need them:
+//     __device__ bool begin_block();             // before the block's first element: read device
+//                                                // scalars; false skips the block (nothing written)
+//     __device__ void end_block(int64_t block);  // after its last element, in every thread: a
+//                                                // reduction writes the block's partial result
 //   };
+//
+// `block` numbers the blocks of one multi_tensor_apply call 0, 1, ... in launch
+// order, over all its launches and dtype groups (one block per (tensor, chunk)),
+// so a reduction can write its partials to a table sized from the chunk counts.
 //
 // Sizes and offsets are int64 everywhere (a chunk's start is stored as an
 // int64 element offset, never recomputed from a 32-bit index), so a single
@@ -189,6 +198,35 @@ __host__ __device__ constexpr size_t min_sizeof() {
 template <typename... Ts>
 constexpr int kVecWidth = static_cast<int>(16 / min_sizeof<Ts...>());
 
+// ---------------------------------------------------------------- functors
+
+// Default per-block hooks (see the top of this file).  Every functor derives from it.
+struct OpBase {
+  __device__ __forceinline__ bool begin_block() { return true; }
+  __device__ __forceinline__ void end_block(int64_t) {}
+};
+
+// Sum of `v` over the threads of a block, valid in thread 0.  fp32 in a fixed
+// order (shuffles within each warp, then the warps' sums), so a run gives the
+// same bits every time.  Every thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v) {
+  static_assert(kBlockThreads % 32 == 0 && kBlockThreads / 32 <= 32, "one warp sums the warps' sums");
+  __shared__ float warp_sums[kBlockThreads / 32];
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_down_sync(0xffffffffu, v, o));
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kBlockThreads / 32 ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_down_sync(0xffffffffu, v, o));
+  }
+  __syncthreads();  // warp_sums is free for the next call
+  return v;
+}
+
 // ------------------------------------------------------------- kernel args
 
 template <int N>
@@ -247,7 +285,7 @@ __device__ __forceinline__ void store_one(float v, char* base, int64_t i) {
 // Vector body over the first n / W * W elements of the chunk; returns how many
 // elements it covered.
 template <typename Op, typename... Ts, size_t... K>
-__device__ __forceinline__ int64_t chunk_vector(const Op& op, char* const (&ptr)[sizeof...(Ts)],
+__device__ __forceinline__ int64_t chunk_vector(Op& op, char* const (&ptr)[sizeof...(Ts)],
                                                 int64_t n, std::index_sequence<K...>) {
   constexpr int N = sizeof...(Ts);
   constexpr int W = kVecWidth<Ts...>;
@@ -268,7 +306,7 @@ __device__ __forceinline__ int64_t chunk_vector(const Op& op, char* const (&ptr)
 }
 
 template <typename Op, typename... Ts, size_t... K>
-__device__ __forceinline__ void chunk_scalar(const Op& op, char* const (&ptr)[sizeof...(Ts)],
+__device__ __forceinline__ void chunk_scalar(Op& op, char* const (&ptr)[sizeof...(Ts)],
                                              int64_t begin, int64_t n, std::index_sequence<K...>) {
   constexpr int N = sizeof...(Ts);
   for (int64_t i = begin + threadIdx.x; i < n; i += kBlockThreads) {
@@ -279,7 +317,7 @@ __device__ __forceinline__ void chunk_scalar(const Op& op, char* const (&ptr)[si
 }
 
 template <typename Op, typename... Ts, size_t... K>
-__device__ __forceinline__ void run_block(const Meta<sizeof...(Ts)>& meta, const Op& op,
+__device__ __forceinline__ void run_block(const Meta<sizeof...(Ts)>& meta, Op& op,
                                           bool vectorize, std::index_sequence<K...> seq) {
   const int slot = meta.block_slot[blockIdx.x];
   const int64_t start = meta.block_start[blockIdx.x];
@@ -293,11 +331,16 @@ __device__ __forceinline__ void run_block(const Meta<sizeof...(Ts)>& meta, const
   chunk_scalar<Op, Ts...>(op, ptr, done, n, seq);
 }
 
-// One block per (tensor, chunk) row of the table.
+// One block per (tensor, chunk) row of the table; `first_block` numbers this
+// launch's first block within the call.
 template <typename Op, typename... Ts>
 __global__ void __launch_bounds__(kBlockThreads)
-    mta_kernel(const Meta<sizeof...(Ts)> meta, const Op op, const bool vectorize) {
-  run_block<Op, Ts...>(meta, op, vectorize, std::make_index_sequence<sizeof...(Ts)>{});
+    mta_kernel(const Meta<sizeof...(Ts)> meta, const Op op, const bool vectorize,
+               const int64_t first_block) {
+  Op local = op;  // a thread's own copy: begin_block and reductions keep state in it
+  if (!local.begin_block()) return;  // the same answer in every thread of the block
+  run_block<Op, Ts...>(meta, local, vectorize, std::make_index_sequence<sizeof...(Ts)>{});
+  local.end_block(first_block + static_cast<int64_t>(blockIdx.x));
 }
 
 // -------------------------------------------------------------- host side
@@ -416,11 +459,11 @@ void dispatch_dtypes(const std::array<at::ScalarType, Op::kDepth>& st, const F& 
 template <typename Op, typename... Ts>
 void launch_group(TypeList<Ts...>, const std::array<const TensorList*, Op::kDepth>& lists,
                   const std::vector<int64_t>& idx, const Op& op, bool vectorize,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, int64_t& next_block) {
   constexpr int N = Op::kDepth;
   static_assert(sizeof...(Ts) == N, "one storage type per list");
   using M = Meta<N>;
-  static_assert(sizeof(M) + sizeof(Op) + sizeof(bool) <= 4096 - 32,
+  static_assert(sizeof(M) + sizeof(Op) + 2 * sizeof(int64_t) <= 4096 - 32,
                 "kernel arguments exceed the 4 KiB limit");
   std::vector<int64_t> numels(idx.size());
   for (size_t j = 0; j < idx.size(); ++j) numels[j] = (*lists[0])[static_cast<size_t>(idx[j])].numel();
@@ -437,24 +480,26 @@ void launch_group(TypeList<Ts...>, const std::array<const TensorList*, Op::kDept
                       meta.block_start[b] = blocks[b].start;
                     }
                     mta_kernel<Op, Ts...><<<static_cast<unsigned>(blocks.size()), kBlockThreads,
-                                            0, stream>>>(meta, op, vectorize);
+                                            0, stream>>>(meta, op, vectorize, next_block);
                     C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    next_block += static_cast<int64_t>(blocks.size());
                   });
 }
 
 // The entry point: validate, group by dtypes (first-seen order), launch each
 // group on the current stream of the tensors' device, bump the version
 // counters of the lists written in place (as an in-place ATen op would).
-// `vectorize = false` forces the scalar path (for tests).
+// `vectorize = false` forces the scalar path (for tests).  Returns the number
+// of blocks launched: one per (tensor, chunk), numbered as end_block sees them.
 template <typename Op>
-void multi_tensor_apply(const char* fn, const std::array<const TensorList*, Op::kDepth>& lists,
-                        const Op& op, bool vectorize = true) {
+int64_t multi_tensor_apply(const char* fn, const std::array<const TensorList*, Op::kDepth>& lists,
+                           const Op& op, bool vectorize = true) {
   constexpr int N = Op::kDepth;
   if (lists[0]->empty()) {
     for (int k = 1; k < N; ++k)
       TORCH_CHECK(lists[k]->empty(), fn, ": tensor lists must have equal lengths, got ",
                   Op::kNames[0], "=0 but ", Op::kNames[k], "=", lists[k]->size());
-    return;
+    return 0;
   }
   const c10::Device device = validate<Op>(fn, lists);
   using Key = std::array<at::ScalarType, N>;
@@ -476,15 +521,19 @@ void multi_tensor_apply(const char* fn, const std::array<const TensorList*, Op::
     if ((Op::kWrites >> k) & 1u)
       for (const auto& t : *lists[k]) t.unsafeGetTensorImpl()->bump_version();
   }
-  if (groups.empty()) return;
+  if (groups.empty()) return 0;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  int64_t next_block = 0;
   for (const auto& g : groups) {
     dispatch_dtypes<Op>(
         g.first,
-        [&](auto types) { launch_group<Op>(types, lists, g.second, op, vectorize, stream); },
+        [&](auto types) {
+          launch_group<Op>(types, lists, g.second, op, vectorize, stream, next_block);
+        },
         TypeList<>{});
   }
+  return next_block;
 }
 
 }  // namespace mta

@@ -26,7 +26,9 @@ first use), ``triton`` (runs on CPU under ``TRITON_INTERPRET=1``), ``cuda``.
 ``auto`` picks the fastest one available for the tensors' device. A backend
 module lists what it implements in ``FEATURES`` and ``PARAM_DTYPES``; a call
 that needs more is served by the ``torch`` backend (same results), which is how
-fp64 parameters work everywhere. Complex tensors are updated through their real
+fp64 parameters work everywhere. A backend with ``"grad_stats"`` in its
+``FEATURES`` also lists ``GRAD_DTYPES``: the gradients it cannot take (fp64,
+not dense) are summed by the ``torch`` backend and added. Complex tensors are updated through their real
 views (as torch.optim does), and tensors that are dense but not contiguous
 (``channels_last``) through their storage order.
 """
@@ -291,10 +293,24 @@ def grad_stats(grads, *, clip_value=None, backend="auto") -> torch.Tensor:
     if not gs:
         dev = grads[0].device if grads else torch.device("cpu")
         return torch.zeros(2, dtype=torch.float64, device=dev)
-    b = resolve_backend(backend, gs[0].device)
-    m = _module(b)
-    if b != "torch" and "grad_stats" in getattr(m, "FEATURES", ()):
-        return m.grad_stats(gs, clip_value=clip_value)
     from . import torch_ops
 
-    return torch_ops.grad_stats(gs, clip_value=clip_value)
+    b = resolve_backend(backend, gs[0].device)
+    m = _module(b)
+    if b == "torch" or "grad_stats" not in getattr(m, "FEATURES", ()):
+        return torch_ops.grad_stats(gs, clip_value=clip_value)
+    # the order of the elements does not matter to a sum: a dense tensor goes as its storage block
+    fast = [_storage_flat(g) for g in gs if g.dtype in m.GRAD_DTYPES and is_dense(g)]
+    rest = [g for g in gs if not (g.dtype in m.GRAD_DTYPES and is_dense(g))]  # fp64, gaps: the reference
+    out = m.grad_stats(fast, clip_value=clip_value) if fast else None
+    if rest:
+        ref = torch_ops.grad_stats(rest, clip_value=clip_value)
+        out = ref if out is None else out + ref
+    return out
+
+
+def _storage_flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as one contiguous 1-D view, in storage order."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())

@@ -8,6 +8,10 @@ may be fp32 or bf16, grads fp32/bf16/fp16, state fp32 or bf16; the math is
 fp32 in exactly the order of :mod:`shardopt.kernels.torch_ops`, so Lion agrees
 with the ``torch`` backend bit for bit and AdamW to an ulp (torch's CUDA
 ``_foreach_div_`` by a scalar multiplies by the reciprocal; the kernel divides).
+The functors also take ``maximize``, ``clip_value``, ``amsgrad`` and the two
+device scalars of a step, ``grad_scale`` (the clip coefficient) and
+``found_inf`` (the skip flag), which the kernels read themselves, so a step
+never waits for the host; :func:`grad_stats` is the fused gradient pass.
 
 The extension comes from, in order:
 
@@ -37,6 +41,7 @@ __all__ = [
     "available",
     "build_error",
     "chunk_plan",
+    "grad_stats",
     "lion_step",
     "load",
     "max_tensors",
@@ -44,8 +49,10 @@ __all__ = [
 ]
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
-FEATURES: frozenset = frozenset()
+FEATURES: frozenset = frozenset(
+    {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grad_stats takes
 
 EXT_NAME = "shardopt_cuda_ops"
 SOURCES = ("fused_optim.cu", "bindings.cpp")
@@ -160,5 +167,58 @@ _LOADER = ExtensionLoader("CUDA", "shardopt._C_cuda", "SHARDOPT_DISABLE_CUDA", _
 available = _LOADER.available
 build_error = _LOADER.build_error
 load = _LOADER.load
-lion_step = _LOADER.lion_step
-adamw_step = _LOADER.adamw_step
+
+
+# ------------------------------------------------------------------ entry points
+
+def _flags(params, grad_scale, found_inf):
+    """(skip on the host, grad_scale, found_inf) as the kernels take them: fp32 device tensors.
+
+    A CPU ``found_inf`` (a direct call; the dispatcher reads those itself) costs no sync: read here.
+    """
+    if found_inf is not None and found_inf.device.type == "cpu" and params and params[0].is_cuda:
+        if bool(found_inf.item()):
+            return True, None, None
+        found_inf = None
+
+    def f32(t):
+        return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
+
+    return False, f32(grad_scale), f32(found_inf)
+
+
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
+              grad_scale=None, found_inf=None):
+    skip, grad_scale, found_inf = _flags(params, grad_scale, found_inf)
+    if skip:
+        return
+    load().lion_step(
+        list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay),
+        maximize=bool(maximize), clip_value=None if clip_value is None else float(clip_value),
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None):
+    """One AdamW step; ``max_exp_avg_sqs`` given means amsgrad."""
+    skip, grad_scale, found_inf = _flags(params, grad_scale, found_inf)
+    if skip:
+        return
+    load().adamw_step(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), int(step),
+        max_exp_avg_sqs=None if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
+        maximize=bool(maximize), clip_value=None if clip_value is None else float(clip_value),
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def grad_stats(grads, *, clip_value=None) -> torch.Tensor:
+    """The fused gradient pass: float64 ``[sum of squares, bad]`` on the gradients' device, as
+    :func:`shardopt.kernels.torch_ops.grad_stats` defines it (fp32 block sums, fp64 combine)."""
+    dev = grads[0].device if grads else torch.device("cpu")
+    grads = [g for g in grads if g.numel() > 0]
+    if not grads:
+        return torch.zeros(2, dtype=torch.float64, device=dev)
+    return load().grad_stats(grads, None if clip_value is None else float(clip_value))
