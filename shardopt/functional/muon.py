@@ -78,26 +78,35 @@ def split_blocks(size: int, ns_split) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
-    """``torch.lerp`` written out as ATen's scalar formula, with no fused multiply-add.
+def _lerp_weights(weight: float) -> tuple[bool, float]:
+    """ATen's lerp takes the weight in fp32 and forms ``1 - w`` there: (small weight?, the multiplier).
 
-    ATen may contract its vector path into FMAs but not its scalar tail, so the
-    plain form gives the same bits wherever a shard boundary falls.
-    """
-    w = torch.tensor(weight, dtype=torch.float32)  # ATen takes the weight in fp32 and forms 1 - w there
-    if w < 0.5:
-        return start + (end - start) * w.item()
-    return end - (end - start) * (1 - w).item()
+    The momentum is written as ATen's scalar lerp formula with no fused multiply-add (ATen may
+    contract its vector path into FMAs but not its scalar tail), so it gives the same bits wherever
+    a shard boundary falls."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    return (True, w.item()) if w < 0.5 else (False, (1 - w).item())
 
 
 def muon_momentum(grad: torch.Tensor, buf: torch.Tensor, *, momentum: float, nesterov: bool) -> torch.Tensor:
     """Update ``buf`` in place (``buf.lerp_(g, 1 - momentum)``, the EMA torch.optim.Muon keeps) and
-    return the input to Newton-Schulz (fp32): ``g.lerp(buf, momentum)`` with Nesterov, else ``buf``."""
+    return the input to Newton-Schulz (fp32): ``g.lerp(buf, momentum)`` with Nesterov, else ``buf``.
+
+    The same operations as :func:`_lerp`, in place with one temporary (the same bits)."""
     g32 = grad.float()
-    buf.copy_(_lerp(buf, g32, 1.0 - momentum))
-    if nesterov:
-        return _lerp(g32, buf, momentum)
-    return buf.clone()
+    small, c = _lerp_weights(1.0 - momentum)
+    d = torch.sub(g32, buf)
+    if small:  # buf + (g - buf) * w
+        buf.add_(d.mul_(c))
+    else:  # g - (g - buf) * (1 - w)
+        torch.sub(g32, d.mul_(c), out=buf)
+    if not nesterov:
+        return buf.clone()
+    small, c = _lerp_weights(momentum)
+    torch.sub(buf, g32, out=d)
+    if small:  # g + (buf - g) * w
+        return torch.add(g32, d.mul_(c), out=d)
+    return torch.sub(buf, d.mul_(c), out=d)  # buf - (buf - g) * (1 - w)
 
 
 def newton_schulz(
@@ -131,8 +140,8 @@ def newton_schulz(
         A = X @ X.mT
         B = mm(A, A, A, beta=b, alpha=c)
         X = mm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
+    if transposed:  # back to G's shape: one pass that widens and lays out the result
+        return torch.empty(G.shape, dtype=torch.float32, device=X.device).copy_(X.mT)
     return X.float().contiguous()
 
 

@@ -107,7 +107,8 @@ class MuonAlgorithm(Algorithm):
     def step(self, opt, group, idx, params, grads, states, steps, gt):
         layout = opt.layout
         mom, nesterov = float(group["momentum"]), group["nesterov"]
-        grads = effective_grads(grads, wide_like=params, clip_value=gt.clip_value, grad_scale=gt.grad_scale)
+        if gt.clip_value is not None or gt.grad_scale is not None:  # else the momentum pass only reads them
+            grads = effective_grads(grads, wide_like=params, clip_value=gt.clip_value, grad_scale=gt.grad_scale)
         bufs = states["momentum_buffer"]
         if gt.found_inf is not None:  # a device flag: update copies, write back below where it is clear
             bufs = [b.clone() for b in bufs]

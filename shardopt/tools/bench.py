@@ -12,6 +12,7 @@ machine. ``--json PATH`` writes the rows.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,53 +54,65 @@ def _time(step, iters: int, warmup: int, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def _copy_bandwidth(n: int, device, iters: int) -> float:
-    """GB/s of a plain fp32 tensor copy (read + write), the roofline for elementwise steps."""
-    a = torch.randn(n, device=device)
-    b = torch.empty_like(a)
-    ms = _time(lambda: b.copy_(a), iters, 2, device)
-    return 2 * n * 4 / ms / 1e6
+def _roofline(n: int, device, iters: int) -> float:
+    """GB/s of a stream-style triad ``a = b + s*c`` (torch's multi-threaded elementwise kernel, 12 bytes
+    per element: two reads and one write), the memory roofline the elementwise steps are held to."""
+    b = torch.randn(n, device=device)
+    c = torch.randn(n, device=device)
+    a = torch.empty_like(b)
+    ms = _time(lambda: torch.add(b, c, alpha=0.5, out=a), iters, 2, device)
+    return 3 * n * 4 / ms / 1e6
+
+
+# bytes each step reads and writes per parameter (fp32): Lion reads p, g, m and writes p, m (20); AdamW reads
+# p, g, m, v and writes p, m, v (28); the default gradient pass (inf/NaN and norm) reads g once more (+4);
+# clip_grad_norm_ reads g for the norm, then reads and writes it to scale it (+12)
+_BYTES = {"lion": 20, "adamw": 28, "check": 4, "clip_grad_norm_": 12}
 
 
 def _elementwise_rows(shapes, device, iters, deepspeed: bool):
+    """One step of each contender, timed round-robin. A shardopt row uses the constructor defaults
+    unless its label says otherwise (the defaults check for inf/NaN in a fused gradient pass)."""
     import shardopt
-    from shardopt.kernels import torch_ops
 
     rows = []
     steps = []
     n = sum(torch.Size(s).numel() for s in shapes)
 
-    # bytes touched per element: Lion p,g,m read + p,m write = 5*4; AdamW p,g,m,v read + p,m,v write = 7*4
-    def add(name, make, bytes_per_elem, peer=False):
+    def add(name, make, bytes_per_elem, algo, peer=False):
         try:
             step = make()
             step()
         except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
             print(f"  skip {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", file=sys.stderr)
             return
-        rows.append({"name": name, "GB/s_per_ms": n * bytes_per_elem / 1e6, "peer": peer,
-                     "algo": "lion" if "Lion" in name or "lion" in name else "adamw"})
+        rows.append({"name": name, "bytes_per_elem": bytes_per_elem, "peer": peer, "algo": algo})
         steps.append(step)
 
-    def ours(cls, backend, **kw):
+    def ours(cls, **kw):
         def make():
-            ps = _params(shapes, device)
-            opt = cls(ps, backend=backend, sharding="none", nonfinite=None, **kw)
-            return opt.step
+            return cls(_params(shapes, device), **kw).step
         return make
 
-    def torch_adamw(**kw):
+    def torch_adamw(clip=False, **kw):
         def make():
             ps = _params(shapes, device)
-            return torch.optim.AdamW(ps, lr=1e-3, **kw).step
+            opt = torch.optim.AdamW(ps, lr=1e-3, **kw)
+            if not clip:
+                return opt.step
+
+            def step():  # the usual training loop: clip the gradients in place, then step
+                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+                opt.step()
+            return step
         return make
 
     def foreach_lion():
         ps = _params(shapes, device)
         ms_ = [torch.zeros_like(p) for p in ps]
         grads = [p.grad for p in ps]
-        # the textbook foreach Lion (lerp/sign/add), as a user would write it
-        def step():
+
+        def step():  # the textbook foreach Lion (lerp/sign/add), as a user would write it
             with torch.no_grad():
                 c = torch._foreach_lerp(ms_, grads, 0.1)
                 torch._foreach_sign_(c)
@@ -107,15 +120,12 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
                 torch._foreach_lerp_(ms_, grads, 0.01)
         return step
 
-    if device.type == "cpu":
-        backends = ["torch", "cpu"]
-    else:
-        from ..kernels import cuda
-
-        backends = ["torch", "triton"] + (["cuda"] if cuda.available() else [])
-    add("torch.optim.AdamW foreach", torch_adamw(foreach=True), 28, peer=True)
-    add("torch.optim.AdamW fused", torch_adamw(fused=True), 28, peer=True)
-    add("foreach Lion (lerp/sign)", foreach_lion, 20, peer=True)
+    L, A, C, CLIP = _BYTES["lion"], _BYTES["adamw"], _BYTES["check"], _BYTES["clip_grad_norm_"]
+    add("torch.optim.AdamW foreach", torch_adamw(foreach=True), A, "adamw", peer=True)
+    add("torch.optim.AdamW fused", torch_adamw(fused=True), A, "adamw", peer=True)
+    add("clip_grad_norm_ + torch.optim.AdamW fused", torch_adamw(clip=True, fused=True), A + CLIP, "adamw clip",
+        peer=True)
+    add("foreach Lion (lerp/sign)", foreach_lion, L, "lion", peer=True)
     if deepspeed:
         def ds(module, cls_name):
             def make():
@@ -126,12 +136,23 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
         # DeepSpeed's CPU optimizers on CPU, its fused CUDA ones on GPUs
         cpu = device.type == "cpu"
         add("DeepSpeed" + ("CPUAdam" if cpu else " FusedAdam"),
-            ds("deepspeed.ops.adam", "DeepSpeedCPUAdam" if cpu else "FusedAdam"), 28, peer=True)
+            ds("deepspeed.ops.adam", "DeepSpeedCPUAdam" if cpu else "FusedAdam"), A, "adamw", peer=True)
         add("DeepSpeed" + ("CPULion" if cpu else " FusedLion"),
-            ds("deepspeed.ops.lion", "DeepSpeedCPULion" if cpu else "FusedLion"), 20, peer=True)
-    for b in backends:
-        add(f"shardopt.Lion backend={b}", ours(shardopt.Lion, b, lr=1e-4), 20)
-        add(f"shardopt.AdamW backend={b}", ours(shardopt.AdamW, b, lr=1e-3), 28)
+            ds("deepspeed.ops.lion", "DeepSpeedCPULion" if cpu else "FusedLion"), L, "lion", peer=True)
+    add("shardopt.Lion (defaults)", ours(shardopt.Lion, lr=1e-4), L + C, "lion")
+    add("shardopt.Lion nonfinite=None", ours(shardopt.Lion, lr=1e-4, nonfinite=None), L, "lion")
+    add("shardopt.AdamW (defaults)", ours(shardopt.AdamW, lr=1e-3), A + C, "adamw")
+    add("shardopt.AdamW nonfinite=None", ours(shardopt.AdamW, lr=1e-3, nonfinite=None), A, "adamw")
+    add("shardopt.AdamW grad_clip_norm=1.0", ours(shardopt.AdamW, lr=1e-3, grad_clip_norm=1.0), A + C,
+        "adamw clip")
+    if device.type == "cuda":
+        from ..kernels import cuda
+
+        if cuda.available():  # the defaults pick cuda; the Triton kernels are the fallback
+            add("shardopt.Lion backend=triton", ours(shardopt.Lion, lr=1e-4, backend="triton"), L + C, "lion")
+            add("shardopt.AdamW backend=triton", ours(shardopt.AdamW, lr=1e-3, backend="triton"), A + C, "adamw")
+    add("shardopt.Lion backend=torch (reference)", ours(shardopt.Lion, lr=1e-4, backend="torch"), L + C, "lion")
+    add("shardopt.AdamW backend=torch (reference)", ours(shardopt.AdamW, lr=1e-3, backend="torch"), A + C, "adamw")
     # round robin, median per step: load on a shared machine hits every contender alike
     times = [[] for _ in steps]
     for it in range(iters):
@@ -140,9 +161,23 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
             times[k].append(_time(step, 1, 0, device))
     for r, t in zip(rows, times):
         r["ms"] = statistics.median(t)
-        r["GB/s"] = r.pop("GB/s_per_ms") / r["ms"]
-        print(f"  {r['name']:<36} {r['ms']:9.2f} ms", file=sys.stderr)
+        r["GB/s"] = n * r["bytes_per_elem"] / r["ms"] / 1e6
+        print(f"  {r['name']:<44} {r['ms']:9.2f} ms", file=sys.stderr)
     return rows, n
+
+
+def _ortho_error(make, shapes, device) -> float:
+    """rms|1 - sigma| of one step's orthogonalized update, read off the parameter change
+    (weight decay 0, lr 1, so the change is the lr-adjusted update of each matrix)."""
+    ps = _params(shapes, device, seed=1)
+    before = [p.detach().clone() for p in ps]
+    make(ps, lr=1.0, weight_decay=0.0).step()
+    errs = []
+    for p, b in zip(ps, before):
+        rows, cols = p.shape
+        update = (b - p.detach()).double() / math.sqrt(max(1.0, rows / cols))
+        errs.append(_singular_values(update) - 1)
+    return float(torch.cat(errs).pow(2).mean().sqrt())
 
 
 def _muon_rows(device, iters, hidden, layers):
@@ -151,39 +186,89 @@ def _muon_rows(device, iters, hidden, layers):
     shapes = [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
     rows = []
     contenders = [
-        ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps, lr=1e-3)),
-        ("shardopt.Muon ns_dtype=bf16", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.bfloat16, sharding="none", nonfinite=None)),
-        ("shardopt.Muon ns_dtype=fp32", lambda ps: shardopt.Muon(ps, lr=1e-3, ns_dtype=torch.float32, sharding="none", nonfinite=None)),
+        ("torch.optim.Muon", lambda ps, **kw: torch.optim.Muon(ps, **kw)),
+        ("shardopt.Muon (defaults)", lambda ps, **kw: shardopt.Muon(ps, **kw)),
+        ("shardopt.Muon nonfinite=None", lambda ps, **kw: shardopt.Muon(ps, nonfinite=None, **kw)),
+        ("shardopt.Muon ns_dtype=fp32", lambda ps, **kw: shardopt.Muon(ps, ns_dtype=torch.float32, **kw)),
     ]
     if device.type == "cuda":
         from ..kernels import triton_ops
 
         if triton_ops.available():
-            contenders.append(("shardopt.Muon triton NS bf16", lambda ps: shardopt.Muon(
-                ps, lr=1e-3, ns_dtype=torch.bfloat16, ns_backend="triton", sharding="none", nonfinite=None)))
-    for name, make in contenders:
-        ps = _params(shapes, device)
-        opt = make(ps)
-        ms = _time(opt.step, iters, 1, device)
-        rows.append({"name": name, "ms": ms, "peer": name.startswith("torch"), "algo": "muon"})
-        print(f"  {name:<36} {ms:9.2f} ms", file=sys.stderr)
+            contenders.append(("shardopt.Muon ns_backend=triton", lambda ps, **kw: shardopt.Muon(
+                ps, ns_backend="triton", **kw)))
+    steps = [make(_params(shapes, device), lr=1e-3).step for _, make in contenders]
+    for s in steps:
+        s()
+    times = [[] for _ in steps]
+    for _ in range(iters):  # round robin, as the elementwise rows
+        for k, s in enumerate(steps):
+            times[k].append(_time(s, 1, 0, device))
+    for (name, make), t in zip(contenders, times):
+        row = {"name": name, "ms": statistics.median(t), "peer": name.startswith("torch"), "algo": "muon",
+               "ortho_rms_err": _ortho_error(make, shapes, device)}
+        rows.append(row)
+        print(f"  {name:<44} {row['ms']:9.2f} ms", file=sys.stderr)
     return rows, shapes
 
 
-def _print_table(rows, copy_gbs=None):
+def _print_table(rows, roofline_gbs=None):
     best_peer = {}
     for r in rows:
         if r["peer"]:
             best_peer[r["algo"]] = min(best_peer.get(r["algo"], float("inf")), r["ms"])
-    hdr = f"{'step':<38} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'vs best peer':>13}"
+    hdr = (f"{'step':<44} {'ms':>9} {'B/elem':>7} {'GB/s':>7} {'% roof':>7} {'ortho err':>10} "
+           f"{'vs best peer':>13}")
     print(hdr)
     print("-" * len(hdr))
+    if roofline_gbs:
+        print(f"{'roofline: stream triad a = b + s*c':<44} {'':>9} {12:>7} {roofline_gbs:7.1f} {'100.0%':>7}")
     for r in rows:
         gbs = r.get("GB/s")
-        pct = f"{100 * gbs / copy_gbs:6.1f}%" if gbs and copy_gbs else "      -"
+        pct = f"{100 * gbs / roofline_gbs:6.1f}%" if gbs and roofline_gbs else "      -"
         ratio = best_peer.get(r["algo"], float("nan")) / r["ms"]
         r["speedup_vs_best_peer"] = ratio
-        print(f"{r['name']:<38} {r['ms']:9.2f} {gbs or 0:8.1f} {pct:>7} {ratio:12.2f}x")
+        err = f"{r['ortho_rms_err']:10.4f}" if "ortho_rms_err" in r else f"{'-':>10}"
+        print(f"{r['name']:<44} {r['ms']:9.2f} {r.get('bytes_per_elem', '-'):>7} {gbs or 0:7.1f} {pct:>7} {err} "
+              f"{ratio:12.2f}x")
+    print("B/elem: bytes a step must read and write per fp32 parameter (the defaults' gradient pass reads the "
+          "gradients once more); ortho err: rms|1 - sigma| of the orthogonalized update")
+    return _print_targets(rows)
+
+
+# the ratios issue 12 holds the defaults to, each (label, row, reference row, target)
+TARGETS = (
+    ("default Lion vs DeepSpeedCPULion", "shardopt.Lion (defaults)", "DeepSpeedCPULion", 1.0),
+    ("default Lion vs Lion nonfinite=None (the check costs <= 15%)", "shardopt.Lion (defaults)",
+     "shardopt.Lion nonfinite=None", 0.85),
+    ("default AdamW vs torch fused AdamW", "shardopt.AdamW (defaults)", "torch.optim.AdamW fused", 0.95),
+    ("AdamW grad_clip_norm=1.0 vs clip_grad_norm_ + torch fused", "shardopt.AdamW grad_clip_norm=1.0",
+     "clip_grad_norm_ + torch.optim.AdamW fused", 1.3),
+    ("default Muon vs torch.optim.Muon", "shardopt.Muon (defaults)", "torch.optim.Muon", 1.0),
+)
+
+
+def _print_targets(rows) -> list:
+    by = {r["name"]: r for r in rows}
+    out = []
+    lines = []
+    for label, ours, ref, target in TARGETS:
+        if ours not in by or ref not in by:
+            continue
+        ratio = by[ref]["ms"] / by[ours]["ms"]
+        ok = ratio >= target
+        out.append({"target": label, "ratio": ratio, "min": target, "met": ok})
+        lines.append(f"  {label:<62} {ratio:5.2f}x  (target >= {target:.2f}x) {'met' if ok else 'NOT MET'}")
+    if "shardopt.Muon (defaults)" in by and "torch.optim.Muon" in by:
+        a, b = by["shardopt.Muon (defaults)"]["ortho_rms_err"], by["torch.optim.Muon"]["ortho_rms_err"]
+        ok = a <= b * 1.05
+        out.append({"target": "default Muon orthogonality error vs torch.optim.Muon", "ours": a, "torch": b, "met": ok})
+        lines.append(f"  {'default Muon orthogonality error vs torch.optim.Muon':<62} {a:.4f} vs {b:.4f} "
+                     f"{'met' if ok else 'NOT MET'}")
+    if lines:
+        print("\ntargets (ratios from this run; > 1 is faster):")
+        print("\n".join(lines))
+    return out
 
 
 # ---------------------------------------------------------------- distributed
@@ -552,16 +637,16 @@ def run(args) -> int:
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"one optimizer step, {n / 1e6:.1f} M fp32 params in {len(shapes)} tensors, device {device}, "
               f"{torch.get_num_threads()} threads", file=sys.stderr)
-        copy_gbs = _copy_bandwidth(n, device, args.iters)
-        print(f"  copy bandwidth {copy_gbs:.1f} GB/s", file=sys.stderr)
+        roof = _roofline(n, device, args.iters)
+        print(f"  roofline (stream triad) {roof:.1f} GB/s", file=sys.stderr)
         rows, _ = _elementwise_rows(shapes, device, args.iters, not args.no_deepspeed)
         if not args.no_muon:
             mrows, mshapes = _muon_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
             rows += mrows
-        _print_table(rows, copy_gbs)
+        targets = _print_table(rows, roof)
         if not args.no_muon:
             ns_rows = _ns_choice_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
-        rows = {"params": n, "tensors": len(shapes), "copy_GBps": copy_gbs, "rows": rows}
+        rows = {"params": n, "tensors": len(shapes), "roofline_GBps": roof, "rows": rows, "targets": targets}
         if not args.no_muon:
             rows["newton_schulz"] = ns_rows
     if args.json:
