@@ -705,8 +705,8 @@ void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<a
 // error is then ~1e-7 at worst.  A unit whose fast sums come out non-finite
 // (an inf/NaN grad, or a square above the fp32 range) is recomputed in fp64
 // exactly as the reference does, so such values give the reference's answer,
-// not a spurious overflow.  (Squares below the fp32 subnormal range, |g| <
-// ~1e-23, count as 0: they change no clip coefficient or skip decision.)
+// not a spurious overflow.  (|g| below ~1e-19 squares to an fp32 subnormal,
+// below ~4e-23 to 0: that changes no clip coefficient or skip decision.)
 
 constexpr int64_t kStatBlock = 512;
 constexpr int kStatLanes = 32;
