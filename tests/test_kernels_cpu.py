@@ -747,10 +747,13 @@ def test_grad_stats_empty_and_bad_input(ext):
     # not dense: read through a contiguous copy
     g = torch.randn(10, 10)[:, ::2]
     torch.testing.assert_close(cpu.grad_stats([g]), torch_ops.grad_stats([g]), rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="int32"):
-        cpu.grad_stats([torch.zeros(3, dtype=torch.int32)])
-    with pytest.raises(RuntimeError, match=r"grads\[1\].*dense"):
-        ext.grad_stats([torch.zeros(3), torch.zeros(10, 10)[:, ::2]])
+    g2 = torch.randn(6, 8).to(torch.bfloat16).t()[::2]
+    torch.testing.assert_close(cpu.grad_stats([g, g2], clip_value=0.5),
+                               torch_ops.grad_stats([g, g2], clip_value=0.5), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype Int"):
+        cpu.grad_stats([torch.zeros(3), torch.zeros(3, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a dense"):
+        ext.grad_stats([torch.zeros(3).to_sparse()])
 
 
 # ------------------------------------------------- through the dispatcher

@@ -829,6 +829,7 @@ at::Tensor grad_stats(const std::vector<at::Tensor>& grads, c10::optional<double
   const char* fn = "grad_stats";
   std::vector<StatsRef> refs;
   refs.reserve(grads.size());
+  std::vector<at::Tensor> copies;  // contiguous copies of tensors with gaps, alive until the end
   for (size_t k = 0; k < grads.size(); ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& g = grads[k];
@@ -836,12 +837,16 @@ at::Tensor grad_stats(const std::vector<at::Tensor>& grads, c10::optional<double
     TORCH_CHECK(g.device().is_cpu(), fn, ": grads[", i, "] must be a CPU tensor, got device ",
                 g.device());
     TORCH_CHECK(g.layout() == at::kStrided, fn, ": grads[", i, "] must be a dense (strided) tensor");
-    // A sum does not care about element order: any gap-free layout is read as stored.
-    TORCH_CHECK(g.is_non_overlapping_and_dense(), fn, ": grads[", i, "] with shape ", shape_str(g),
-                " and strides ", g.strides(), " must be dense (e.g. contiguous)");
     const GKind gk = grad_kind(fn, i, g);
     if (g.numel() == 0) continue;
-    refs.push_back(StatsRef{g.data_ptr(), g.numel(), gk});
+    // A sum does not care about element order: any gap-free layout is read as
+    // stored; anything else through a contiguous copy.
+    const void* ptr = g.data_ptr();
+    if (!g.is_non_overlapping_and_dense()) {
+      copies.push_back(g.contiguous());
+      ptr = copies.back().data_ptr();
+    }
+    refs.push_back(StatsRef{ptr, g.numel(), gk});
   }
   // Units of kChunk elements (a multiple of kStatBlock), so only a tensor's
   // last unit has a partial block.
