@@ -5,6 +5,13 @@
   rounded, the kernel's is); bf16 params are within one bf16 ulp.
 * Results do not depend on where a tensor is cut (ZeRO-1 partitions start
   anywhere) nor on the number of threads.
+* Every step option (``maximize``, ``clip_value``, ``grad_scale``,
+  ``found_inf``, amsgrad), alone and combined, gives the torch backend's result
+  (Lion bitwise for fp32 and bf16 params); gradients are never written.
+* ``grad_stats`` is within 1e-6 relative of a float64 reference and flags
+  inf/NaN exactly as ``torch_ops.grad_stats``; through the dispatcher the C++
+  backend serves the optimizers' default path itself.
+* The JIT build's name is keyed by the source, the flags and torch's version.
 * Bad inputs raise; ``SHARDOPT_DISABLE_CPP=1`` falls back to ``torch`` with one
   warning.
 
@@ -23,8 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import shardopt
 import shardopt.kernels as kernels
-from shardopt.kernels import cpu, torch_ops
+from shardopt.kernels import _ext, cpu, torch_ops
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,6 +119,8 @@ def bf16_ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def assert_params_match(p_cpu, p_ref, *, exact: bool):
     for i, (a, b) in enumerate(zip(p_cpu, p_ref)):
         assert a.dtype == b.dtype and a.shape == b.shape
+        if a.numel() == 0:
+            continue
         if a.dtype == torch.bfloat16:
             d = bf16_ulp_distance(a, b).max().item()
             assert d <= 1, f"params[{i}] differs by {d} bf16 ulps"
@@ -432,3 +442,454 @@ def test_version_counters_are_bumped(ext):
     assert after[3] == before[3]
     cpu.lion_step([p], [g], [m], weight_decay=0.0, **LION_HP)
     assert p._version > after[0] and m._version > after[1]
+
+
+# ------------------------------------------------- step options (issue 12)
+
+# one row per combination: (id, lion/adamw kwargs factory); a factory so every
+# test gets fresh 0-d tensors
+OPTION_CASES = {
+    "plain": lambda: {},
+    "maximize": lambda: dict(maximize=True),
+    "clip_value": lambda: dict(clip_value=0.3),
+    "clip_value_inexact": lambda: dict(clip_value=0.1),  # rounded to fp32 like torch_ops
+    "grad_scale_lt1": lambda: dict(grad_scale=torch.tensor(0.37)),
+    "grad_scale_eq1": lambda: dict(grad_scale=torch.tensor(1.0)),
+    "found_inf_zero": lambda: dict(found_inf=torch.tensor(0.0)),
+    "combined": lambda: dict(maximize=True, clip_value=0.5, grad_scale=torch.tensor(0.61),
+                             found_inf=torch.tensor(0.0)),
+}
+OPTION_SHAPES = [(1,), (7,), (0,), (1_000_003,), (10, 100), (3, 0)]
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dtype_id(dt):
+    return str(dt)[6:]
+
+
+def _step_kw(opt, step, wd):
+    return dict(weight_decay=wd, **LION_HP) if opt == "lion" else dict(weight_decay=wd, step=step, **ADAMW_HP)
+
+
+def _run_opt(impl, opt, st, grads_per_step, wd, opts):
+    """st: [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None]."""
+    for step, grads in enumerate(grads_per_step, start=1):
+        kw = dict(_step_kw(opt, step, wd), **opts)
+        if opt == "lion":
+            impl(st[0], grads, st[1], **kw)
+        else:
+            impl(st[0], grads, st[1], st[2], st[3], **kw)
+
+
+def _fresh(shapes, pdtype, seed, amsgrad):
+    params, exp_avgs, exp_avg_sqs = make_state(shapes, pdtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # around exp_avg_sq, so the max takes each side
+    vmax = [v * (torch.rand(v.shape, generator=g) + 0.5) for v in exp_avg_sqs] if amsgrad else None
+    return [params, exp_avgs, exp_avg_sqs, vmax]
+
+
+def _copy(st):
+    return [clone(x) if x is not None else None for x in st]
+
+
+def _assert_state_equal(opt, got, ref):
+    """Lion: every tensor bitwise (fp32 and bf16 params). AdamW: params as the existing tests
+    (rtol 1e-6 / 1 bf16 ulp), moments and amsgrad maxima bitwise."""
+    if opt == "lion":
+        for i, (a, b) in enumerate(zip(got[0], ref[0])):
+            assert torch.equal(a, b), f"params[{i}] ({a.dtype}) not bitwise equal"
+    else:
+        assert_params_match(got[0], ref[0], exact=False)
+    for name, k in (("exp_avgs", 1), ("exp_avg_sqs", 2), ("max_exp_avg_sqs", 3)):
+        if opt == "lion" and k > 1 or got[k] is None:
+            continue
+        for i, (a, b) in enumerate(zip(got[k], ref[k])):
+            assert torch.equal(a, b), f"{name}[{i}] not bitwise equal"
+
+
+OPTION_PARAMS = [
+    pytest.param(opt, case, ams, id=f"{opt}{'-amsgrad' if ams else ''}-{case}")
+    for opt in ("lion", "adamw")
+    for ams in ((False, True) if opt == "adamw" else (False,))
+    for case in OPTION_CASES
+    if not ams or case in ("plain", "combined", "grad_scale_lt1")
+]
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("pdtype", (torch.float32, torch.bfloat16), ids=_dtype_id)
+@pytest.mark.parametrize("opt,case,amsgrad", OPTION_PARAMS)
+def test_step_options_match_torch(ext, opt, case, amsgrad, pdtype, gdtype):
+    st = _fresh(OPTION_SHAPES, pdtype, seed=11, amsgrad=amsgrad)
+    # grads of both signs and above/below the clip values; exact zeros every 4th element
+    grads = [[g * 0.4 for g in make_grads(OPTION_SHAPES, gdtype, seed=700 + k)] for k in range(2)]
+    grads_before = [clone(gs) for gs in grads]
+    got, ref = _copy(st), _copy(st)
+    _run_opt(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, grads, 0.1, OPTION_CASES[case]())
+    with single_threaded():
+        _run_opt(torch_ops.lion_step if opt == "lion" else torch_ops.adamw_step, opt, ref, grads, 0.1,
+                 OPTION_CASES[case]())
+    _assert_state_equal(opt, got, ref)
+    # the step did something, and never wrote a gradient
+    assert not torch.equal(got[0][3], st[0][3])
+    for gs, gb in zip(grads, grads_before):
+        assert all(torch.equal(a, b) for a, b in zip(gs, gb)), "a gradient was modified"
+
+
+@pytest.mark.parametrize("opt,amsgrad", [("lion", False), ("adamw", False), ("adamw", True)])
+def test_step_options_many_small_tensors(ext, opt, amsgrad):
+    shapes = SHAPE_SETS["many_small"] + [(0,), (300_001,)]
+    st = _fresh(shapes, torch.float32, seed=12, amsgrad=amsgrad)
+    grads = [make_grads(shapes, torch.bfloat16, seed=800 + k) for k in range(2)]
+    opts = dict(maximize=True, clip_value=0.7, grad_scale=torch.tensor(0.8))
+    got, ref = _copy(st), _copy(st)
+    _run_opt(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, grads, 0.0, opts)
+    with single_threaded():
+        _run_opt(torch_ops.lion_step if opt == "lion" else torch_ops.adamw_step, opt, ref, grads, 0.0, opts)
+    _assert_state_equal(opt, got, ref)
+
+
+def test_option_values_change_the_result(ext):
+    """Each option really reaches the kernel (a kernel ignoring one would still match 'plain')."""
+    shapes = [(1000,)]
+    base = _fresh(shapes, torch.float32, seed=13, amsgrad=True)
+    grads = [g * 3 for g in make_grads(shapes, torch.float32, seed=900)]
+
+    def run(opt, **kw):
+        st = _copy(base)
+        _run_opt(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, st, [grads], 0.0, kw)
+        return torch.cat([st[0][0], st[1][0]] + ([st[2][0], st[3][0]] if opt == "adamw" else []))
+
+    for opt in ("lion", "adamw"):
+        plain = run(opt)
+        for kw in (dict(maximize=True), dict(clip_value=0.5), dict(grad_scale=torch.tensor(0.5))):
+            assert not torch.equal(run(opt, **kw), plain), (opt, kw)
+    st1, st2 = _copy(base), _copy(base)
+    cpu.adamw_step(st1[0], grads, st1[1], st1[2], st1[3], step=1, weight_decay=0.0, **ADAMW_HP)
+    cpu.adamw_step(st2[0], grads, st2[1], st2[2], None, step=1, weight_decay=0.0, **ADAMW_HP)
+    assert not torch.equal(st1[0][0], st2[0][0])  # amsgrad's denominator is the max
+    assert not torch.equal(st1[3][0], base[3][0])
+
+
+@pytest.mark.parametrize("pdtype", (torch.float32, torch.bfloat16), ids=_dtype_id)
+@pytest.mark.parametrize("opt,amsgrad", [("lion", False), ("adamw", False), ("adamw", True)])
+def test_found_inf_set_leaves_state_unchanged(ext, opt, amsgrad, pdtype):
+    shapes = [(5,), (70_001,)]
+    st = _fresh(shapes, pdtype, seed=14, amsgrad=amsgrad)
+    grads = make_grads(shapes, torch.float32, seed=1000)
+    got = _copy(st)
+    for flag in (1.0, float("inf"), float("nan")):
+        _run_opt(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, [grads], 0.1,
+                 dict(found_inf=torch.tensor(flag), grad_scale=torch.tensor(0.5)))
+    for xs, ys in zip(got, st):
+        if xs is not None:
+            assert all(torch.equal(a, b) for a, b in zip(xs, ys))
+    # and a zero flag steps
+    _run_opt(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, [grads], 0.1,
+             dict(found_inf=torch.tensor(0.0)))
+    assert not torch.equal(got[0][1], st[0][1])
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES + (torch.float64,), ids=_dtype_id)
+def test_adamw_split_form_with_options_is_bitwise_identical(ext, gdtype):
+    shapes = SHAPE_SETS["odd"]
+    for pdtype in (torch.float32, torch.bfloat16):
+        a = _fresh(shapes, pdtype, seed=15, amsgrad=True)
+        b = _copy(a)
+        for step in range(1, STEPS + 1):
+            grads = make_grads(shapes, gdtype, seed=1100 + step)
+            kw = dict(max_exp_avg_sqs=None, maximize=True, clip_value=0.8, grad_scale=torch.tensor(0.9))
+            ext.adamw_step(a[0], grads, a[1], a[2], 1e-2, 0.9, 0.999, 1e-8, 0.05, step,
+                           **dict(kw, max_exp_avg_sqs=a[3]))
+            ext._adamw_step_split(b[0], grads, b[1], b[2], 1e-2, 0.9, 0.999, 1e-8, 0.05, step,
+                                  **dict(kw, max_exp_avg_sqs=b[3]))
+        for xs, ys in zip(a, b):
+            assert all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+def test_non_finite_grads_with_options_like_torch(ext):
+    """clamp keeps NaN and clips inf; amsgrad's max propagates NaN (torch.maximum)."""
+    g = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, 0.1] * 5)
+    p = torch.linspace(-1, 1, g.numel())
+    m = torch.full_like(p, 0.01)
+    v = torch.full_like(p, 0.02)
+    vmax = torch.full_like(p, 0.01)
+    vmax[3] = float("nan")
+    for opts in (dict(clip_value=1.0), dict(maximize=True, clip_value=1.0, grad_scale=torch.tensor(0.5)),
+                 dict(grad_scale=torch.tensor(0.5))):
+        a = [[p.clone()], [m.clone()], [v.clone()], [vmax.clone()]]
+        b = [[p.clone()], [m.clone()], [v.clone()], [vmax.clone()]]
+        cpu.lion_step(a[0], [g], a[1], weight_decay=0.1, **LION_HP, **opts)
+        torch_ops.lion_step(b[0], [g], b[1], weight_decay=0.1, **LION_HP, **opts)
+        cpu.adamw_step(a[0], [g], a[1], a[2], a[3], step=2, weight_decay=0.1, **ADAMW_HP, **opts)
+        torch_ops.adamw_step(b[0], [g], b[1], b[2], b[3], step=2, weight_decay=0.1, **ADAMW_HP, **opts)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x[0], y[0], rtol=1e-6, atol=0, equal_nan=True)
+
+
+BAD_OPTIONS = [
+    pytest.param(dict(grad_scale=torch.tensor([0.5, 0.5])), r"grad_scale.*one-element", id="grad-scale-2"),
+    pytest.param(dict(grad_scale=torch.tensor(1)), r"grad_scale.*float", id="grad-scale-int"),
+    pytest.param(dict(found_inf=torch.zeros(3)), r"found_inf.*one-element", id="found-inf-3"),
+]
+
+
+@pytest.mark.parametrize("opts,match", BAD_OPTIONS)
+def test_bad_options_raise(ext, opts, match):
+    p, g, m = [torch.zeros(8)], [torch.ones(8)], [torch.zeros(8)]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        cpu.lion_step(p, g, m, weight_decay=0.0, **LION_HP, **opts)
+    with pytest.raises((RuntimeError, ValueError), match=r"max_exp_avg_sqs\[0\].*float32"):
+        cpu.adamw_step(p, g, m, [torch.zeros(8)], [torch.zeros(8, dtype=torch.bfloat16)], step=1,
+                       weight_decay=0.0, **ADAMW_HP)
+    assert torch.equal(p[0], torch.zeros(8))
+
+
+# ------------------------------------------------------------ grad_stats
+
+def _stats_reference(grads, clip_value=None):
+    """float64 squares and sums, written independently of torch_ops."""
+    sq, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        x = g.double().reshape(-1)
+        bad = bad + (x * 0).sum()
+        if clip_value is not None:
+            v = torch.tensor(clip_value, dtype=torch.float32).double()
+            x = torch.minimum(torch.maximum(x, -v), v)
+        sq = sq + (x * x).sum()
+    return sq.item(), bad.item()
+
+
+def _stats_grads(kind, gdtype):
+    g = torch.Generator().manual_seed(16)
+    if kind == "odd":
+        shapes = [(1,), (7,), (1_000_003,), (0,), (511,), (513,)]
+    elif kind == "many_small":
+        shapes = [(int(n),) for n in torch.randint(1, 700, (300,), generator=g)]
+    elif kind == "big":
+        shapes = [(20_000_000,)]
+    else:  # a dense transposed matrix and a few medium tensors
+        shapes = [(300, 701), (65_537,), (32768 * 3 + 1,)]
+    grads = [(torch.randn(s, generator=g) * 2).to(gdtype) for s in shapes]
+    if kind == "strided":
+        grads[0] = grads[0].t()
+    return grads
+
+
+STATS_CASES = [
+    pytest.param(kind, gdt, id=f"{kind}-{_dtype_id(gdt)}")
+    for kind in ("odd", "many_small", "strided")
+    for gdt in GRAD_DTYPES + (torch.float64,)
+] + [pytest.param("big", torch.float32, id="big-float32")]
+
+
+@pytest.mark.parametrize("clip_value", [None, 0.5, 1e30], ids=["noclip", "clip0.5", "clip1e30"])
+@pytest.mark.parametrize("kind,gdtype", STATS_CASES)
+def test_grad_stats_matches_float64(ext, kind, gdtype, clip_value):
+    grads = _stats_grads(kind, gdtype)
+    before = clone(grads)
+    out = cpu.grad_stats(grads, clip_value=clip_value)
+    assert out.dtype == torch.float64 and out.shape == (2,) and out.device.type == "cpu"
+    sq, bad = _stats_reference(grads, clip_value)
+    assert bad == 0.0 and out[1].item() == 0.0
+    assert abs(out[0].item() - sq) <= 1e-6 * sq, (out[0].item(), sq)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    torch.testing.assert_close(out, torch_ops.grad_stats(grads, clip_value=clip_value), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES + (torch.float64,), ids=_dtype_id)
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", [0, 700, 99_999], ids=["first", "block-body", "tail"])
+def test_grad_stats_non_finite(ext, gdtype, value, where):
+    grads = [torch.randn(40).to(gdtype), torch.randn(100_000).to(gdtype), torch.randn(3).to(gdtype)]
+    grads[1][where] = value
+    for clip_value in (None, 0.5):
+        out = cpu.grad_stats(grads, clip_value=clip_value)
+        ref = torch_ops.grad_stats(grads, clip_value=clip_value)
+        assert torch.isnan(out[1]), "bad must be NaN"
+        if clip_value is not None and value != value:
+            assert torch.isnan(out[0])
+        elif clip_value is not None:  # an inf is clipped: the norm stays finite and exact
+            sq, _ = _stats_reference([g.masked_fill(~torch.isfinite(g), 0.5) for g in grads], clip_value)
+            assert abs(out[0].item() - sq) <= 1e-6 * sq
+        else:
+            assert not torch.isfinite(out[0])
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_grad_stats_no_spurious_overflow_or_nan(ext):
+    """Squares beyond the fp32 range are summed in fp64, like the reference."""
+    grads = [torch.full((1000,), 3e19), torch.randn(70_000), torch.tensor([float(torch.finfo(torch.bfloat16).max)],
+                                                                            dtype=torch.bfloat16)]
+    out = cpu.grad_stats(grads)
+    sq, bad = _stats_reference(grads)
+    assert out[1].item() == 0.0 and torch.isfinite(out[0])
+    assert abs(out[0].item() - sq) <= 1e-6 * sq
+
+
+def test_grad_stats_thread_count_invariant(ext):
+    grads = [torch.randn(700_001), torch.randn(3), torch.randn(400_000).to(torch.bfloat16)]
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, max(2, old)):
+            torch.set_num_threads(nt)
+            outs.append(cpu.grad_stats(grads, clip_value=1.5))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_grad_stats_empty_and_bad_input(ext):
+    assert torch.equal(cpu.grad_stats([]), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(cpu.grad_stats([torch.zeros(0), torch.zeros(3, 0)]), torch.zeros(2, dtype=torch.float64))
+    # not dense: read through a contiguous copy
+    g = torch.randn(10, 10)[:, ::2]
+    torch.testing.assert_close(cpu.grad_stats([g]), torch_ops.grad_stats([g]), rtol=1e-6, atol=0)
+    g2 = torch.randn(6, 8).to(torch.bfloat16).t()[::2]
+    torch.testing.assert_close(cpu.grad_stats([g, g2], clip_value=0.5),
+                               torch_ops.grad_stats([g, g2], clip_value=0.5), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype Int"):
+        cpu.grad_stats([torch.zeros(3), torch.zeros(3, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a dense"):
+        ext.grad_stats([torch.zeros(3).to_sparse()])
+
+
+# ------------------------------------------------- through the dispatcher
+
+@pytest.fixture
+def torch_backend_forbidden(monkeypatch):
+    """Any call that falls back to the torch backend fails the test."""
+
+    def forbidden(name):
+        def fn(*a, **k):
+            raise AssertionError(f"torch_ops.{name} was called: the cpu backend did not serve the call")
+        return fn
+
+    for name in ("lion_step", "adamw_step", "grad_stats", "effective_grads"):
+        monkeypatch.setattr(torch_ops, name, forbidden(name))
+
+
+def test_cpu_backend_serves_every_option(ext, torch_backend_forbidden):
+    needs = {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad"}
+    for dt in (torch.float32, torch.bfloat16):
+        assert kernels.serves("cpu", dt, needs)
+    assert "grad_stats" in cpu.FEATURES
+    shapes = [(10,), (0,), (33,)]
+    st = _fresh(shapes, torch.float32, seed=17, amsgrad=True)
+    grads = make_grads(shapes, torch.bfloat16, seed=1200)
+    opts = dict(maximize=True, clip_value=0.5, grad_scale=torch.tensor(0.5), found_inf=torch.tensor(0.0))
+    before = _copy(st)
+    kernels.lion_step(st[0], grads, st[1], weight_decay=0.1, backend="cpu", **LION_HP, **opts)
+    kernels.adamw_step(st[0], grads, st[1], st[2], st[3], weight_decay=0.1, step=1, backend="cpu",
+                       **ADAMW_HP, **opts)
+    kernels.adamw_step(st[0], grads, st[1], st[2], weight_decay=0.1, step=2, backend="auto", **ADAMW_HP, **opts)
+    assert not torch.equal(st[0][0], before[0][0])
+    out = kernels.grad_stats(grads, clip_value=0.5, backend="cpu")
+    assert out.dtype == torch.float64 and out[1].item() == 0.0
+
+
+@pytest.mark.parametrize("opt_kw", [dict(), dict(grad_clip_norm=1.0), dict(grad_clip_value=0.1),
+                                    dict(nonfinite="raise", grad_clip_norm=0.5)], ids=lambda d: str(d) or "defaults")
+@pytest.mark.parametrize("cls", [shardopt.Lion, shardopt.AdamW], ids=lambda c: c.__name__)
+def test_optimizer_default_path_runs_on_cpu_kernels(ext, cls, opt_kw, monkeypatch):
+    """The optimizers' default path (non-finite check, clipping) is served by the C++ kernels, and gives
+    the torch backend's result."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(40, 30), (7,), (1000,)]]
+    grads = [[torch.randn_like(p) * 3 for p in ps] for _ in range(3)]
+    ref_ps = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = cls(ref_ps, lr=1e-2, sharding="none", backend="torch", **opt_kw)
+    for gs in grads:
+        for p, g in zip(ref_ps, gs):
+            p.grad = g.clone()
+        ref.step()
+    with monkeypatch.context() as mp:
+        for name in ("lion_step", "adamw_step", "grad_stats", "effective_grads"):
+            mp.setattr(torch_ops, name, lambda *a, _n=name, **k: pytest.fail(f"torch_ops.{_n} was called"))
+        opt = cls(ps, lr=1e-2, sharding="none", backend="cpu", **opt_kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ps, ref_ps):
+        if cls is shardopt.Lion:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if opt_kw.get("grad_clip_norm"):
+        torch.testing.assert_close(torch.tensor(opt.last_grad_norm), torch.tensor(ref.last_grad_norm), rtol=1e-6,
+                                   atol=0)
+
+
+def test_optimizer_skips_non_finite_step_on_cpu_kernels(ext, torch_backend_forbidden):
+    ps = [torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(5))]
+    opt = shardopt.Lion(ps, lr=1e-2, sharding="none", backend="cpu", grad_clip_norm=1.0)
+    before = [p.detach().clone() for p in ps]
+    ps[0].grad = torch.randn(100)
+    ps[1].grad = torch.tensor([1.0, float("inf"), 0.0, 0.0, 0.0])
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    assert opt.skipped_steps == 1
+
+
+# ------------------------------------------------------ build naming (item 6)
+
+def test_build_name_is_keyed_by_source_flags_and_torch(tmp_path, monkeypatch):
+    a, b = tmp_path / "k.cpp", tmp_path / "k.h"
+    a.write_text("int f() { return 1; }\n")
+    b.write_text("// header\n")
+    name = _ext.build_name("shardopt_x", [a, b], ["-O3"])
+    assert name.startswith("shardopt_x_") and len(name) == len("shardopt_x_") + 10
+    int(name[-10:], 16)
+    assert _ext.build_name("shardopt_x", [a, b], ["-O3"]) == name  # stable
+    assert _ext.build_name("shardopt_x", [a, b], ["-O2"]) != name  # flags
+    assert _ext.build_name("shardopt_x", [a, b], ["-O3", "-g"]) != name
+    assert _ext.build_name("shardopt_y", [a, b], ["-O3"]) != name
+    a.write_text("int f() { return 2; }\n")  # source text
+    changed = _ext.build_name("shardopt_x", [a, b], ["-O3"])
+    assert changed != name
+    a.write_text("int f() { return 1; }\n")
+    assert _ext.build_name("shardopt_x", [a, b], ["-O3"]) == name  # contents, not modification times
+    b.write_text("// header 2\n")
+    assert _ext.build_name("shardopt_x", [a, b], ["-O3"]) != name  # every file counts
+    b.write_text("// header\n")
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert _ext.build_name("shardopt_x", [a, b], ["-O3"]) != name  # torch version
+
+
+def test_cpu_build_name_follows_source_and_flags(tmp_path, monkeypatch):
+    name = cpu.build_name()
+    assert name.startswith(cpu.EXT_NAME + "_") and name == cpu.build_name()
+    assert cpu.build_name(cpu.PORTABLE_NAME, cpu.PORTABLE_CFLAGS, []) != name
+    assert cpu.build_name(cpu.EXT_NAME, cpu.EXTRA_CFLAGS + ["-DX"], cpu.EXTRA_LDFLAGS) != name
+    src = tmp_path / "fused_optim.cpp"
+    src.write_text(cpu.source_path().read_text() + "\n// edited\n")
+    monkeypatch.setattr(cpu, "source_path", lambda: src)
+    assert cpu.build_name() != name
+
+
+def test_cuda_build_name_is_keyed_too():
+    """The CUDA loader names its JIT build with the same helper (nothing is compiled here)."""
+    from shardopt.kernels import cuda
+
+    src = cuda.source_dir()
+    files = [src / f for f in cuda.SOURCES + cuda.HEADERS] if src is not None else []
+    assert cuda.EXT_NAME == _ext.build_name("shardopt_cuda_ops", files,
+                                            cuda.EXTRA_CFLAGS + cuda.EXTRA_CUDA_CFLAGS)
+
+
+def test_loaded_extension_uses_the_keyed_build(ext, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("shardopt._C_cpu") is not None:
+        pytest.skip("a prebuilt shardopt._C_cpu is installed")
+    assert Path(ext.__file__).parent.name == cpu.build_name()
+    assert not _ext.is_stale(cpu.build_name(), [cpu.source_path()])
+    assert cpu.needs_build() is False
+    # another source or flags: another folder, not built yet (looked up in an empty cache: the
+    # lookup creates the folder)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert _ext.is_stale(cpu.build_name(), [cpu.source_path()])

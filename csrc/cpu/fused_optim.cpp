@@ -1,4 +1,5 @@
-// Fused multi-tensor Lion / AdamW steps for CPU tensors (shardopt `cpu` backend).
+// Fused multi-tensor Lion / AdamW steps and the gradient pass (sum of squares,
+// non-finite flag) for CPU tensors (shardopt `cpu` backend).
 //
 // One call updates every tensor of the argument lists.  The work is cut into
 // (tensor, chunk) units of at most kChunk elements and the units are shared
@@ -16,7 +17,12 @@
 //     at any element; the results are bitwise identical wherever it starts;
 //   * bf16 params are widened exactly, updated in fp32 and stored with
 //     round-to-nearest-even (like Tensor.copy_ from fp32);
-//   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float()).
+//   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float());
+//     the steps read them as torch_ops.effective_grads does:
+//       g = float(g); g = -g if maximize; g = clamp(g, -v, v); g = g * grad_scale
+//     (one fp32 multiply by -1 or 1, a NaN-preserving clamp against +-inf when
+//     there is no clip value, a multiply by 1: all exact, so one compiled form
+//     serves every combination of the options).  Gradients are never written.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,6 +34,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -127,20 +134,41 @@ void half_block_to_float(const at::Half* src, float* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// ------------------------------------------------------- gradient transform
+
+// What the steps do to a gradient before their own math (torch_ops.effective_grads).
+// Used only when some option is set (the XF template flag): the plain path is
+// unchanged code.
+struct GradXform {
+  float sign = 1.0f;                      // -1 for maximize
+  float lo = -INFINITY, hi = INFINITY;  // clip_value (rounded to fp32)
+  float scale = 1.0f;                     // grad_scale
+};
+
+template <bool XF>
+inline float xform(float g, const GradXform& x) {
+  if (!XF) return g;
+  g = g * x.sign;
+  // torch.clamp keeps NaN: both comparisons are false for it.
+  g = g < x.lo ? x.lo : g;
+  g = g > x.hi ? x.hi : g;
+  return g * x.scale;
+}
+
 // ------------------------------------------------------------------- Lion
 
 struct LionScalars {
   float lr, b1, omb1, b2, omb2, wd;
 };
 
-template <bool WD, typename PT, typename GT>
+template <bool WD, bool XF, typename PT, typename GT>
 void lion_block(PT* __restrict p, const GT* __restrict g, float* __restrict m, int64_t n,
-                const LionScalars& s) {
+                const LionScalars& s, const GradXform& x) {
   const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const float pf = load_f32(p, i);
-    const float gf = load_f32(g, i);
+    const float gf = xform<XF>(load_f32(g, i), x);
     const float mf = m[i];
     const float c = mf * b1 + gf * omb1;
     // torch.sign: (c > 0) - (c < 0); sign(0) = sign(-0) = sign(nan) = 0.
@@ -151,18 +179,19 @@ void lion_block(PT* __restrict p, const GT* __restrict g, float* __restrict m, i
   }
 }
 
-template <bool WD, typename PT, typename GT>
-void lion_range(PT* p, const GT* g, float* m, int64_t n, const LionScalars& s) {
-  lion_block<WD>(p, g, m, n, s);
+template <bool WD, bool XF, typename PT, typename GT>
+void lion_range(PT* p, const GT* g, float* m, int64_t n, const LionScalars& s, const GradXform& x) {
+  lion_block<WD, XF>(p, g, m, n, s, x);
 }
 
-template <bool WD, typename PT>
-void lion_range(PT* p, const at::Half* g, float* m, int64_t n, const LionScalars& s) {
+template <bool WD, bool XF, typename PT>
+void lion_range(PT* p, const at::Half* g, float* m, int64_t n, const LionScalars& s,
+                const GradXform& x) {
   alignas(64) float buf[kHalfBlock];
   for (int64_t off = 0; off < n; off += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - off);
     half_block_to_float(g + off, buf, len);
-    lion_block<WD>(p + off, static_cast<const float*>(buf), m + off, len, s);
+    lion_block<WD, XF>(p + off, static_cast<const float*>(buf), m + off, len, s, x);
   }
 }
 
@@ -199,28 +228,41 @@ constexpr bool kOnePassAdamW = true;
 constexpr bool kOnePassAdamW = false;
 #endif
 
-template <bool WD, typename PT, typename GT>
+// torch.maximum: NaN if either is NaN.
+inline float nan_max(float a, float b) {
+  const float r = a > b ? a : b;
+  return (a != a || b != b) ? a + b : r;
+}
+
+template <bool WD, bool XF, bool AMS, typename PT, typename GT>
 void adamw_block_onepass(PT* __restrict p, const GT* __restrict g, float* __restrict m,
-                         float* __restrict v, int64_t n, const AdamWScalars& s) {
+                         float* __restrict v, float* __restrict vmax, int64_t n,
+                         const AdamWScalars& s, const GradXform& x) {
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
   const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
     float pf = load_f32(p, i);
-    const float gf = load_f32(g, i);
+    const float gf = xform<XF>(load_f32(g, i), x);
     if (WD) pf = pf * decay;
     const float mf = m[i] * b1 + gf * omb1;
     const float vf = v[i] * b2 + (gf * gf) * omb2;
     m[i] = mf;
     v[i] = vf;
-    const float denom = std::sqrt(vf) / bc2_sqrt + eps;
+    float vd = vf;
+    if (AMS) {
+      vd = nan_max(vmax[i], vf);
+      vmax[i] = vd;
+    }
+    const float denom = std::sqrt(vd) / bc2_sqrt + eps;
     store_f32(p, i, pf - (mf / denom) * step_size);
   }
 }
 
-template <bool WD, typename PT, typename GT>
+template <bool WD, bool XF, bool AMS, typename PT, typename GT>
 void adamw_block_split(PT* __restrict p, const GT* __restrict g, float* __restrict m,
-                       float* __restrict v, int64_t n, const AdamWScalars& s) {
+                       float* __restrict v, float* __restrict vmax, int64_t n,
+                       const AdamWScalars& s, const GradXform& x) {
   constexpr int64_t kSub = 512;
   alignas(64) float root[kSub];
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
@@ -231,13 +273,15 @@ void adamw_block_split(PT* __restrict p, const GT* __restrict g, float* __restri
     const GT* __restrict gg = g + off;
     float* __restrict mm = m + off;
     float* __restrict vv = v + off;
+    float* __restrict vm = AMS ? vmax + off : nullptr;
     SHARDOPT_SIMD
     for (int64_t i = 0; i < len; ++i) {
-      const float gf = load_f32(gg, i);
+      const float gf = xform<XF>(load_f32(gg, i), x);
       mm[i] = mm[i] * b1 + gf * omb1;
       vv[i] = vv[i] * b2 + (gf * gf) * omb2;
+      if (AMS) vm[i] = nan_max(vm[i], vv[i]);
     }
-    sqrt_block(vv, root, len);
+    sqrt_block(AMS ? vm : vv, root, len);
     SHARDOPT_SIMD
     for (int64_t i = 0; i < len; ++i) {
       float pf = load_f32(pp, i);
@@ -248,26 +292,36 @@ void adamw_block_split(PT* __restrict p, const GT* __restrict g, float* __restri
   }
 }
 
-template <bool WD, bool SPLIT, typename PT, typename GT>
-inline void adamw_block(PT* p, const GT* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
-  if constexpr (kOnePassAdamW && !SPLIT)
-    adamw_block_onepass<WD>(p, g, m, v, n, s);
+// The options of one AdamW call, as template flags.
+template <bool WD_, bool SPLIT_, bool XF_, bool AMS_>
+struct AdamWCfg {
+  static constexpr bool WD = WD_, SPLIT = SPLIT_, XF = XF_, AMS = AMS_;
+};
+
+template <typename C, typename PT, typename GT>
+inline void adamw_block(PT* p, const GT* g, float* m, float* v, float* vmax, int64_t n,
+                        const AdamWScalars& s, const GradXform& x) {
+  if constexpr (kOnePassAdamW && !C::SPLIT)
+    adamw_block_onepass<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x);
   else
-    adamw_block_split<WD>(p, g, m, v, n, s);
+    adamw_block_split<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x);
 }
 
-template <bool WD, bool SPLIT, typename PT, typename GT>
-void adamw_range(PT* p, const GT* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
-  adamw_block<WD, SPLIT>(p, g, m, v, n, s);
+template <typename C, typename PT, typename GT>
+void adamw_range(PT* p, const GT* g, float* m, float* v, float* vmax, int64_t n,
+                 const AdamWScalars& s, const GradXform& x) {
+  adamw_block<C>(p, g, m, v, vmax, n, s, x);
 }
 
-template <bool WD, bool SPLIT, typename PT>
-void adamw_range(PT* p, const at::Half* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
+template <typename C, typename PT>
+void adamw_range(PT* p, const at::Half* g, float* m, float* v, float* vmax, int64_t n,
+                 const AdamWScalars& s, const GradXform& x) {
   alignas(64) float buf[kHalfBlock];
   for (int64_t off = 0; off < n; off += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - off);
     half_block_to_float(g + off, buf, len);
-    adamw_block<WD, SPLIT>(p + off, static_cast<const float*>(buf), m + off, v + off, len, s);
+    adamw_block<C>(p + off, static_cast<const float*>(buf), m + off, v + off,
+                   vmax ? vmax + off : nullptr, len, s, x);
   }
 }
 
@@ -280,7 +334,8 @@ struct TensorRef {
   void* p;
   const void* g;
   float* m;
-  float* v;  // AdamW only
+  float* v;     // AdamW only
+  float* vmax;  // AdamW with amsgrad only
   int64_t numel;
   PKind pk;
   GKind gk;
@@ -311,16 +366,40 @@ void check_tensor(const char* fn, const char* list, int64_t i, const at::Tensor&
               " and strides ", t.strides(), " must be contiguous");
 }
 
+GKind grad_kind(const char* fn, int64_t i, const at::Tensor& g) {
+  switch (g.scalar_type()) {
+    case at::kFloat: return GKind::F32;
+    case at::kBFloat16: return GKind::BF16;
+    case at::kHalf: return GKind::F16;
+    case at::kDouble: return GKind::F64;
+    default:
+      TORCH_CHECK(false, fn, ": grads[", i, "] has dtype ", g.scalar_type(),
+                  "; expected float32, bfloat16, float16 or float64");
+  }
+  return GKind::F32;
+}
+
+void check_state(const char* fn, const char* list, int64_t i, const at::Tensor& t,
+                 const at::Tensor& ref) {
+  check_tensor(fn, list, i, t, ref);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), "; optimizer state must be float32");
+}
+
 std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& exp_avgs,
-                               const std::vector<at::Tensor>* exp_avg_sqs) {
+                               const std::vector<at::Tensor>* exp_avg_sqs,
+                               const std::vector<at::Tensor>* max_exp_avg_sqs = nullptr) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n &&
-                  (exp_avg_sqs == nullptr || exp_avg_sqs->size() == n),
+                  (exp_avg_sqs == nullptr || exp_avg_sqs->size() == n) &&
+                  (max_exp_avg_sqs == nullptr || max_exp_avg_sqs->size() == n),
               fn, ": tensor lists must have equal lengths, got params=", n, ", grads=", grads.size(),
               ", exp_avgs=", exp_avgs.size(),
-              exp_avg_sqs ? ", exp_avg_sqs=" + std::to_string(exp_avg_sqs->size()) : std::string());
+              exp_avg_sqs ? ", exp_avg_sqs=" + std::to_string(exp_avg_sqs->size()) : std::string(),
+              max_exp_avg_sqs ? ", max_exp_avg_sqs=" + std::to_string(max_exp_avg_sqs->size())
+                              : std::string());
   std::vector<TensorRef> refs;
   refs.reserve(n);
   for (size_t k = 0; k < n; ++k) {
@@ -339,28 +418,17 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
         TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
                     "; only float32 and bfloat16 params are supported");
     }
-    switch (grads[k].scalar_type()) {
-      case at::kFloat: r.gk = GKind::F32; break;
-      case at::kBFloat16: r.gk = GKind::BF16; break;
-      case at::kHalf: r.gk = GKind::F16; break;
-      case at::kDouble: r.gk = GKind::F64; break;
-      default:
-        TORCH_CHECK(false, fn, ": grads[", i, "] has dtype ", grads[k].scalar_type(),
-                    "; expected float32, bfloat16, float16 or float64");
-    }
+    r.gk = grad_kind(fn, i, grads[k]);
     TORCH_CHECK(exp_avgs[k].scalar_type() == at::kFloat, fn, ": exp_avgs[", i, "] has dtype ",
                 exp_avgs[k].scalar_type(), "; optimizer state must be float32");
-    if (exp_avg_sqs) {
-      const at::Tensor& v = (*exp_avg_sqs)[k];
-      check_tensor(fn, "exp_avg_sqs", i, v, p);
-      TORCH_CHECK(v.scalar_type() == at::kFloat, fn, ": exp_avg_sqs[", i, "] has dtype ",
-                  v.scalar_type(), "; optimizer state must be float32");
-    }
+    if (exp_avg_sqs) check_state(fn, "exp_avg_sqs", i, (*exp_avg_sqs)[k], p);
+    if (max_exp_avg_sqs) check_state(fn, "max_exp_avg_sqs", i, (*max_exp_avg_sqs)[k], p);
     if (r.numel == 0) continue;
     r.p = p.data_ptr();
     r.g = grads[k].data_ptr();
     r.m = exp_avgs[k].data_ptr<float>();
     r.v = exp_avg_sqs ? (*exp_avg_sqs)[k].data_ptr<float>() : nullptr;
+    r.vmax = max_exp_avg_sqs ? (*max_exp_avg_sqs)[k].data_ptr<float>() : nullptr;
     refs.push_back(r);
   }
   return refs;
@@ -447,53 +515,85 @@ void run_units(const std::vector<Unit>& units, int nthreads, const F& body) {
 
 // -------------------------------------------------------------- dispatch
 
-template <bool WD, typename PT>
-void lion_unit_p(const TensorRef& r, PT* p, int64_t b, int64_t n, const LionScalars& s) {
-  float* m = r.m + b;
-  switch (r.gk) {
-    case GKind::F32: lion_range<WD>(p, static_cast<const float*>(r.g) + b, m, n, s); break;
-    case GKind::BF16: lion_range<WD>(p, static_cast<const bf16_storage*>(r.g) + b, m, n, s); break;
-    case GKind::F16: lion_range<WD>(p, static_cast<const at::Half*>(r.g) + b, m, n, s); break;
-    case GKind::F64: lion_range<WD>(p, static_cast<const double*>(r.g) + b, m, n, s); break;
-  }
-}
-
-template <bool WD>
-void lion_unit(const TensorRef& r, const Unit& u, const LionScalars& s) {
-  const int64_t n = u.end - u.begin;
+// Calls f(p, g, b, n) with the unit's param and grad pointers at their real
+// types (p and g already advanced to the unit's start b).
+template <typename F>
+inline void with_types(const TensorRef& r, const Unit& u, const F& f) {
+  const int64_t b = u.begin, n = u.end - u.begin;
+  auto with_p = [&](auto* p) {
+    switch (r.gk) {
+      case GKind::F32: f(p, static_cast<const float*>(r.g) + b, b, n); break;
+      case GKind::BF16: f(p, static_cast<const bf16_storage*>(r.g) + b, b, n); break;
+      case GKind::F16: f(p, static_cast<const at::Half*>(r.g) + b, b, n); break;
+      case GKind::F64: f(p, static_cast<const double*>(r.g) + b, b, n); break;
+    }
+  };
   if (r.pk == PKind::F32)
-    lion_unit_p<WD>(r, static_cast<float*>(r.p) + u.begin, u.begin, n, s);
+    with_p(static_cast<float*>(r.p) + b);
   else
-    lion_unit_p<WD>(r, static_cast<bf16_storage*>(r.p) + u.begin, u.begin, n, s);
+    with_p(static_cast<bf16_storage*>(r.p) + b);
 }
 
-template <bool WD, bool SPLIT, typename PT>
-void adamw_unit_p(const TensorRef& r, PT* p, int64_t b, int64_t n, const AdamWScalars& s) {
-  float* m = r.m + b;
-  float* v = r.v + b;
-  switch (r.gk) {
-    case GKind::F32: adamw_range<WD, SPLIT>(p, static_cast<const float*>(r.g) + b, m, v, n, s); break;
-    case GKind::BF16: adamw_range<WD, SPLIT>(p, static_cast<const bf16_storage*>(r.g) + b, m, v, n, s); break;
-    case GKind::F16: adamw_range<WD, SPLIT>(p, static_cast<const at::Half*>(r.g) + b, m, v, n, s); break;
-    case GKind::F64: adamw_range<WD, SPLIT>(p, static_cast<const double*>(r.g) + b, m, v, n, s); break;
+template <bool WD, bool XF>
+void lion_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    lion_range<WD, XF>(p, g, r.m + b, n, s, x);
+  });
+}
+
+template <typename C>
+void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    adamw_range<C>(p, g, r.m + b, r.v + b, C::AMS ? r.vmax + b : nullptr, n, s, x);
+  });
+}
+
+// A 0-d (or one-element) CPU flag / scale tensor, read on the host.
+float host_scalar(const char* fn, const char* what, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && t.numel() == 1, fn, ": ", what, " must be a one-element tensor, got ",
+              t.defined() ? shape_str(t) : std::string("undefined"));
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", what, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", what, " must be a float tensor, got ",
+              t.scalar_type());
+  // fp32 as torch_ops uses it (grad_scale.to(float32)); a wider tensor rounds once.
+  return t.to(at::kFloat).item<float>();
+}
+
+// Host side of the options shared by both steps.  Returns false when found_inf
+// is set (the call is a no-op).
+bool read_options(const char* fn, bool maximize, c10::optional<double> clip_value,
+                  const c10::optional<at::Tensor>& grad_scale,
+                  const c10::optional<at::Tensor>& found_inf, GradXform* x, bool* any) {
+  if (found_inf.has_value() && host_scalar(fn, "found_inf", *found_inf) != 0.0f) return false;
+  *any = false;
+  if (maximize) {
+    x->sign = -1.0f;
+    *any = true;
   }
-}
-
-template <bool WD, bool SPLIT>
-void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s) {
-  const int64_t n = u.end - u.begin;
-  if (r.pk == PKind::F32)
-    adamw_unit_p<WD, SPLIT>(r, static_cast<float*>(r.p) + u.begin, u.begin, n, s);
-  else
-    adamw_unit_p<WD, SPLIT>(r, static_cast<bf16_storage*>(r.p) + u.begin, u.begin, n, s);
+  if (clip_value.has_value()) {
+    const float v = static_cast<float>(*clip_value);  // like torch.tensor(v, dtype=float32)
+    x->lo = -v;
+    x->hi = v;
+    *any = true;
+  }
+  if (grad_scale.has_value()) {
+    x->scale = host_scalar(fn, "grad_scale", *grad_scale);
+    *any = true;
+  }
+  return true;
 }
 
 // ------------------------------------------------------------ entry points
 
 void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
-               double weight_decay) {
+               double weight_decay, bool maximize, c10::optional<double> clip_value,
+               const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf) {
   const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr);
+  GradXform x;
+  bool xf = false;
+  if (!read_options("lion_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
   if (refs.empty()) return;
   bump_versions(params);
   bump_versions(exp_avgs);
@@ -508,23 +608,40 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
+  auto run = [&](auto wd, auto xfc) {
+    run_units(units, nt, [&](const Unit& u) {
+      lion_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
+    });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
   if (weight_decay != 0.0)
-    run_units(units, nt, [&](const Unit& u) { lion_unit<true>(refs[u.tensor], u, s); });
+    xf ? run(T{}, T{}) : run(T{}, F{});
   else
-    run_units(units, nt, [&](const Unit& u) { lion_unit<false>(refs[u.tensor], u, s); });
+    xf ? run(F{}, T{}) : run(F{}, F{});
 }
 
 template <bool SPLIT>
 void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs,
-                     const std::vector<at::Tensor>& exp_avg_sqs, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, int64_t step) {
+                     const std::vector<at::Tensor>& exp_avg_sqs,
+                     double lr, double beta1, double beta2, double eps, double weight_decay,
+                     int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
+                     bool maximize, c10::optional<double> clip_value,
+                     const c10::optional<at::Tensor>& grad_scale,
+                     const c10::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(step >= 1, "adamw_step: step must be >= 1 (already incremented), got ", step);
-  const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs);
+  const bool ams = max_exp_avg_sqs.has_value();
+  const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs,
+                            ams ? &*max_exp_avg_sqs : nullptr);
+  GradXform x;
+  bool xf = false;
+  if (!read_options("adamw_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
   if (refs.empty()) return;
   bump_versions(params);
   bump_versions(exp_avgs);
   bump_versions(exp_avg_sqs);
+  if (ams) bump_versions(*max_exp_avg_sqs);
   // Same double-precision formulas as torch_ops.adamw_scalars.
   const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
@@ -541,28 +658,228 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
+  auto run = [&](auto wd, auto xfc, auto amsc) {
+    using C = AdamWCfg<decltype(wd)::value, SPLIT, decltype(xfc)::value, decltype(amsc)::value>;
+    run_units(units, nt, [&](const Unit& u) { adamw_unit<C>(refs[u.tensor], u, s, x); });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  auto run_ams = [&](auto wd, auto xfc) { ams ? run(wd, xfc, T{}) : run(wd, xfc, F{}); };
   if (weight_decay != 0.0)
-    run_units(units, nt, [&](const Unit& u) { adamw_unit<true, SPLIT>(refs[u.tensor], u, s); });
+    xf ? run_ams(T{}, T{}) : run_ams(T{}, F{});
   else
-    run_units(units, nt, [&](const Unit& u) { adamw_unit<false, SPLIT>(refs[u.tensor], u, s); });
+    xf ? run_ams(F{}, T{}) : run_ams(F{}, F{});
 }
 
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
-  adamw_step_impl<false>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-                         step);
+                double lr, double beta1, double beta2, double eps, double weight_decay,
+                int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
+                bool maximize, c10::optional<double> clip_value,
+                const c10::optional<at::Tensor>& grad_scale,
+                const c10::optional<at::Tensor>& found_inf) {
+  adamw_step_impl<false>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf);
 }
 
 // Same as adamw_step but always the split (intrinsic-sqrt) form; for tests.
 void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                       const std::vector<at::Tensor>& exp_avgs,
-                      const std::vector<at::Tensor>& exp_avg_sqs, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, int64_t step) {
-  adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
-                        step);
+                      const std::vector<at::Tensor>& exp_avg_sqs,
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
+                      bool maximize, c10::optional<double> clip_value,
+                      const c10::optional<at::Tensor>& grad_scale,
+                      const c10::optional<at::Tensor>& found_inf) {
+  adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
+                        weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf);
 }
 
+// ------------------------------------------------------------ grad_stats
+//
+// float64 [sum of squares of the value-clipped grads, bad] exactly as
+// torch_ops.grad_stats defines it (bad = sum of g*0 over the raw grads: 0, or
+// NaN when any is inf/NaN).  One read pass at memory speed: squares in fp32,
+// summed in kStatLanes independent fp32 lanes over blocks of kStatBlock
+// elements (16 terms per lane), the block sums added in fp64.  The relative
+// error is then ~1e-7 at worst.  A unit whose fast sums come out non-finite
+// (an inf/NaN grad, or a square above the fp32 range) is recomputed in fp64
+// exactly as the reference does, so such values give the reference's answer,
+// not a spurious overflow.  (|g| below ~1e-19 squares to an fp32 subnormal,
+// below ~4e-23 to 0: that changes no clip coefficient or skip decision.)
+
+constexpr int64_t kStatBlock = 512;
+constexpr int kStatLanes = 32;
+
+struct StatsRef {
+  const void* g;
+  int64_t numel;
+  GKind gk;
+};
+
+struct Stats {
+  double sumsq = 0.0;
+  double bad = 0.0;
+};
+
+inline double load_f64(const float* p, int64_t i) { return p[i]; }
+inline double load_f64(const double* p, int64_t i) { return p[i]; }
+inline double load_f64(const bf16_storage* p, int64_t i) { return load_f32(p, i); }
+inline double load_f64(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// The reference, element by element in fp64 (NaN-preserving clamp, as torch.clamp).
+template <typename GT>
+Stats stats_exact(const GT* g, int64_t n, bool clip, double v) {
+  Stats s;
+  for (int64_t i = 0; i < n; ++i) {
+    double x = load_f64(g, i);
+    s.bad += x * 0.0;
+    if (clip) {
+      x = x < -v ? -v : x;
+      x = x > v ? v : x;
+    }
+    s.sumsq += x * x;
+  }
+  return s;
+}
+
+// Fast fp32-lane sums over n elements, added into dacc (and bacc: raw g*0).
+template <bool CLIP, typename GT>
+inline void stats_lanes(const GT* __restrict g, int64_t n, float v, double* __restrict dacc,
+                        float* __restrict bacc) {
+  for (int64_t off = 0; off < n; off += kStatBlock) {
+    const int64_t len = std::min(kStatBlock, n - off);
+    const int64_t full = len / kStatLanes * kStatLanes;
+    const GT* __restrict gb = g + off;
+    float acc[kStatLanes] = {};
+    for (int64_t i = 0; i < full; i += kStatLanes) {
+      SHARDOPT_SIMD
+      for (int j = 0; j < kStatLanes; ++j) {
+        float x = load_f32(gb, i + j);
+        if (CLIP) {
+          bacc[j] += x * 0.0f;
+          x = x < -v ? -v : x;
+          x = x > v ? v : x;
+        }
+        acc[j] += x * x;
+      }
+    }
+    for (int64_t i = full; i < len; ++i) {
+      float x = load_f32(gb, i);
+      if (CLIP) {
+        bacc[0] += x * 0.0f;
+        x = x < -v ? -v : x;
+        x = x > v ? v : x;
+      }
+      acc[i - full] += x * x;
+    }
+    SHARDOPT_SIMD
+    for (int j = 0; j < kStatLanes; ++j) dacc[j] += static_cast<double>(acc[j]);
+  }
+}
+
+template <bool CLIP, typename GT>
+void stats_lanes_any(const GT* g, int64_t n, float v, double* dacc, float* bacc) {
+  stats_lanes<CLIP>(g, n, v, dacc, bacc);
+}
+
+template <bool CLIP>
+void stats_lanes_any(const at::Half* g, int64_t n, float v, double* dacc, float* bacc) {
+  alignas(64) float buf[kHalfBlock];
+  for (int64_t off = 0; off < n; off += kHalfBlock) {
+    const int64_t len = std::min(kHalfBlock, n - off);
+    half_block_to_float(g + off, buf, len);
+    stats_lanes<CLIP>(static_cast<const float*>(buf), len, v, dacc, bacc);
+  }
+}
+
+template <typename GT>
+Stats stats_range(const GT* g, int64_t n, bool clip, float v) {
+  if constexpr (!std::is_same_v<GT, double>) {
+    double dacc[kStatLanes] = {};
+    float bacc[kStatLanes] = {};
+    if (clip)
+      stats_lanes_any<true>(g, n, v, dacc, bacc);
+    else
+      stats_lanes_any<false>(g, n, v, dacc, bacc);
+    Stats s;
+    float bad = 0.0f;
+    for (int j = 0; j < kStatLanes; ++j) {
+      s.sumsq += dacc[j];
+      bad += bacc[j];
+    }
+    if (std::isfinite(s.sumsq) && bad == 0.0f) return s;
+  }
+  // a non-finite value (or an fp32 overflow), or fp64 grads: the exact fp64 form
+  return stats_exact(g, n, clip, static_cast<double>(v));
+}
+
+Stats stats_unit(const StatsRef& r, const Unit& u, bool clip, float v) {
+  const int64_t b = u.begin, n = u.end - u.begin;
+  switch (r.gk) {
+    case GKind::F32: return stats_range(static_cast<const float*>(r.g) + b, n, clip, v);
+    case GKind::BF16: return stats_range(static_cast<const bf16_storage*>(r.g) + b, n, clip, v);
+    case GKind::F16: return stats_range(static_cast<const at::Half*>(r.g) + b, n, clip, v);
+    case GKind::F64: return stats_range(static_cast<const double*>(r.g) + b, n, clip, v);
+  }
+  return Stats{};
+}
+
+at::Tensor grad_stats(const std::vector<at::Tensor>& grads, c10::optional<double> clip_value) {
+  const char* fn = "grad_stats";
+  std::vector<StatsRef> refs;
+  refs.reserve(grads.size());
+  std::vector<at::Tensor> copies;  // contiguous copies of tensors with gaps, alive until the end
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const at::Tensor& g = grads[k];
+    TORCH_CHECK(g.defined(), fn, ": grads[", i, "] is undefined (None)");
+    TORCH_CHECK(g.device().is_cpu(), fn, ": grads[", i, "] must be a CPU tensor, got device ",
+                g.device());
+    TORCH_CHECK(g.layout() == at::kStrided, fn, ": grads[", i, "] must be a dense (strided) tensor");
+    const GKind gk = grad_kind(fn, i, g);
+    if (g.numel() == 0) continue;
+    // A sum does not care about element order: any gap-free layout is read as
+    // stored; anything else through a contiguous copy.
+    const void* ptr = g.data_ptr();
+    if (!g.is_non_overlapping_and_dense()) {
+      copies.push_back(g.contiguous());
+      ptr = copies.back().data_ptr();
+    }
+    refs.push_back(StatsRef{ptr, g.numel(), gk});
+  }
+  // Units of kChunk elements (a multiple of kStatBlock), so only a tensor's
+  // last unit has a partial block.
+  std::vector<Unit> units;
+  int64_t total = 0;
+  for (size_t t = 0; t < refs.size(); ++t) {
+    const int64_t n = refs[t].numel;
+    total += n;
+    for (int64_t b = 0; b < n; b += kChunk)
+      units.push_back(Unit{static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
+  }
+  const bool clip = clip_value.has_value();
+  const float v = clip ? static_cast<float>(*clip_value) : 0.0f;  // like torch.tensor(v, float32)
+  std::vector<Stats> part(units.size());
+  {
+    const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+    pybind11::gil_scoped_release no_gil;
+    const Unit* u0 = units.data();
+    run_units(units, nt, [&](const Unit& u) {
+      part[static_cast<size_t>(&u - u0)] = stats_unit(refs[u.tensor], u, clip, v);
+    });
+  }
+  // fixed order: the result does not depend on the thread count
+  Stats s;
+  for (const Stats& p : part) {
+    s.sumsq += p.sumsq;
+    s.bad += p.bad;
+  }
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  out.data_ptr<double>()[0] = s.sumsq;
+  out.data_ptr<double>()[1] = s.bad;
+  return out;
+}
 std::string build_info() {
   std::ostringstream os;
   os << "chunk=" << kChunk << " min_per_thread=" << kMinPerThread;
@@ -588,18 +905,23 @@ std::string build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "shardopt fused multi-tensor Lion/AdamW CPU kernels";
+  m.doc() = "shardopt fused multi-tensor Lion/AdamW CPU kernels and the gradient pass";
   m.def("lion_step", &lion_step, "Fused multi-tensor Lion step (in place)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("weight_decay"));
-  m.def("adamw_step", &adamw_step, "Fused multi-tensor AdamW step (in place)", py::arg("params"),
-        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
-        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("step"));
-  m.def("_adamw_step_split", &adamw_step_split,
-        "adamw_step forced to the split (three-pass) form; for tests", py::arg("params"),
-        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"),
-        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("step"));
+        py::arg("weight_decay"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  for (auto [name, fn, doc] :
+       {std::make_tuple("adamw_step", &adamw_step, "Fused multi-tensor AdamW step (in place)"),
+        std::make_tuple("_adamw_step_split", &adamw_step_split,
+                        "adamw_step forced to the split (three-pass) form; for tests")}) {
+    m.def(name, fn, doc, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+          py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+          py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+          py::arg("max_exp_avg_sqs") = py::none(), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+          py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  }
+  m.def("grad_stats", &grad_stats,
+        "float64 [sum of squares of the value-clipped grads, 0 or NaN if any raw grad is not finite]",
+        py::arg("grads"), py::arg("clip_value") = py::none());
   m.def("build_info", &build_info, "Compile-time configuration of the kernels");
 }

@@ -286,8 +286,10 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
 def grad_stats(grads, *, clip_value=None, backend="auto") -> torch.Tensor:
     """The fused gradient pass over this rank's pieces: float64 ``[sum of squares, bad]`` on their device.
 
-    ``sum of squares`` is of the value-clipped gradients (exact squares, fp64
-    sums); ``bad`` is 0 when every raw gradient is finite and NaN otherwise.
+    ``sum of squares`` is of the value-clipped gradients (the ``torch`` backend
+    squares exactly in fp64; ``cpu`` squares in fp32 and sums small blocks in
+    fp32, the blocks in fp64: within 1e-6 relative); ``bad`` is 0 when every raw
+    gradient is finite and NaN otherwise.
     """
     gs = [_real(g) for g in grads if g.numel() > 0]
     if not gs:

@@ -9,6 +9,7 @@ fall back with one warning.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import threading
@@ -19,8 +20,39 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def build_name(base: str, sources, flags=()) -> str:
+    """``base`` keyed by the build's inputs: ``<base>_<10 hex digits>``.
+
+    The digits hash the sources' names and contents, the compiler flags and
+    torch's version, so two checkouts or venvs with different kernels never
+    share (and rebuild each other's) folder under ``TORCH_EXTENSIONS_DIR``
+    (torch's JIT cache is keyed by the name alone), while one checkout keeps
+    its build across processes. ``sources`` that do not exist (an install
+    without the C++ sources, which then cannot build anyway) hash as their
+    names only.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    h.update(f"torch={torch.__version__}\0".encode())
+    for s in sources:
+        s = Path(s)
+        h.update(f"{s.name}\0".encode())
+        if s.is_file():
+            h.update(s.read_bytes())
+        h.update(b"\0")
+    for f in flags:
+        h.update(f"{f}\0".encode())
+    return f"{base}_{h.hexdigest()[:10]}"
+
+
 def is_stale(ext_name: str, sources) -> bool:
-    """Best guess whether cpp_extension.load will compile (for the build notice only)."""
+    """Best guess whether cpp_extension.load will compile (for the build notice only).
+
+    ``ext_name`` is the name given to ``load`` (:func:`build_name`'s): its folder
+    holds a build of exactly these sources, unless one was edited since (ninja
+    then recompiles by modification time).
+    """
     try:
         from torch.utils.cpp_extension import _get_build_directory
 

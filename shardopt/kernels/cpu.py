@@ -6,6 +6,15 @@ The extension comes from, in order:
 2. a JIT build of ``csrc/cpu/fused_optim.cpp`` with
    :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja),
    cached by torch under ``TORCH_EXTENSIONS_DIR`` so only the first use pays.
+   The build is named by a hash of the source, the flags and torch's version
+   (``shardopt_cpu_ops_<10 hex>``, :func:`build_name`), so checkouts with
+   different kernels keep separate builds.
+
+The kernels take every option of the step calls themselves (``maximize``,
+``clip_value``, ``grad_scale``, ``found_inf``, amsgrad) and run the fused
+gradient pass :func:`grad_stats`, so the optimizers' default path (non-finite
+check, clipping) never falls back to the ``torch`` backend. Dense
+non-contiguous tensors are still made contiguous by the dispatcher.
 
 Nothing here raises when the extension cannot be had: :func:`available`
 returns ``False`` and :func:`build_error` says why, and
@@ -20,12 +29,14 @@ from pathlib import Path
 
 import torch
 
+from . import _ext
 from ._ext import ExtensionLoader, is_stale
 
-__all__ = ["available", "build_error", "load", "needs_build", "source_path", "lion_step", "adamw_step"]
+__all__ = ["available", "build_error", "build_name", "load", "needs_build", "source_path", "lion_step",
+           "adamw_step", "grad_stats"]
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
-FEATURES: frozenset = frozenset()
+FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 EXT_NAME = "shardopt_cpu_ops"
@@ -50,6 +61,12 @@ def source_path() -> Path | None:
     return None
 
 
+def build_name(name: str = EXT_NAME, cflags=EXTRA_CFLAGS, ldflags=EXTRA_LDFLAGS) -> str:
+    """The JIT build's name for this source and these flags (see :func:`shardopt.kernels._ext.build_name`)."""
+    src = source_path()
+    return _ext.build_name(name, [src] if src is not None else [], [*cflags, "|", *ldflags])
+
+
 def _jit_build():
     src = source_path()
     if src is None:
@@ -63,15 +80,17 @@ def _jit_build():
     verbose = os.environ.get("SHARDOPT_VERBOSE_BUILD", "0") == "1"
     attempts = [(EXT_NAME, EXTRA_CFLAGS, EXTRA_LDFLAGS), (PORTABLE_NAME, PORTABLE_CFLAGS, [])]
     first_error = None
-    for name, cflags, ldflags in attempts:
+    for base, cflags, ldflags in attempts:
+        name = build_name(base, cflags, ldflags)
         if is_stale(name, [src]):
             print("shardopt: building C++ CPU kernels (first use, ~30 s)...", file=sys.stderr, flush=True)
         try:
             return cpp_extension.load(
                 name=name,
                 sources=[str(src)],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
+                # copies: torch appends its own flags to these lists
+                extra_cflags=list(cflags),
+                extra_ldflags=list(ldflags),
                 verbose=verbose,
             )
         except Exception as exc:
@@ -97,12 +116,41 @@ def needs_build() -> bool:
     except (ImportError, ValueError):
         pass
     src = source_path()
-    return src is not None and is_stale(EXT_NAME, [src])
+    return src is not None and is_stale(build_name(), [src])
 
 
 _LOADER = ExtensionLoader("C++ CPU", "shardopt._C_cpu", "SHARDOPT_DISABLE_CPP", _jit_build)
 available = _LOADER.available
 build_error = _LOADER.build_error
 load = _LOADER.load
-lion_step = _LOADER.lion_step
-adamw_step = _LOADER.adamw_step
+
+
+def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
+              grad_scale=None, found_inf=None):
+    _LOADER.load().lion_step(
+        list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay),
+        bool(maximize), None if clip_value is None else float(clip_value), grad_scale, found_inf,
+    )
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None):
+    """``max_exp_avg_sqs`` given means amsgrad (as in :func:`shardopt.kernels.torch_ops.adamw_step`)."""
+    _LOADER.load().adamw_step(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), float(lr), float(beta1), float(beta2),
+        float(eps), float(weight_decay), int(step),
+        None if max_exp_avg_sqs is None else list(max_exp_avg_sqs), bool(maximize),
+        None if clip_value is None else float(clip_value), grad_scale, found_inf,
+    )
+
+
+def grad_stats(grads, *, clip_value=None) -> torch.Tensor:
+    """The fused gradient pass: float64 ``[sum of squares, bad]`` as :func:`torch_ops.grad_stats` defines it.
+
+    One multi-threaded read pass; squares in fp32 over small blocks, block sums
+    in fp64 (within ~1e-7 relative of the fp64 reference; a block with an
+    inf/NaN or an fp32 overflow is recomputed in fp64). Gradients may be fp32,
+    bf16, fp16 or fp64; any dense layout is read as stored, others through a
+    contiguous copy. All checks are in the extension (no per-tensor Python work).
+    """
+    return _LOADER.load().grad_stats(list(grads), None if clip_value is None else float(clip_value))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ._ext import ExtensionLoader, is_stale
+from ._ext import ExtensionLoader, build_name, is_stale
 
 __all__ = [
     "adamw_step",
@@ -163,6 +163,7 @@ def _jit_build():
     )
 
 
+EXT_NAME = build_name(EXT_NAME, [source_dir() / f for f in SOURCES + HEADERS] if source_dir() else [], EXTRA_CFLAGS + EXTRA_CUDA_CFLAGS)
 _LOADER = ExtensionLoader("CUDA", "shardopt._C_cuda", "SHARDOPT_DISABLE_CUDA", _jit_build, _no_cuda_reason)
 available = _LOADER.available
 build_error = _LOADER.build_error
