@@ -38,6 +38,8 @@ __all__ = ["available", "build_error", "build_name", "load", "needs_build", "sou
 # what the compiled kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
+# what grad_stats takes (any dense layout; fp64 squared and summed in fp64)
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 EXT_NAME = "shardopt_cpu_ops"
 # -ffp-contract=off: no FMA contraction (bitwise partition invariance).
