@@ -336,3 +336,191 @@ def test_state_bytes_and_summary_show_real_bytes_single_device():
     _, b = run_single("lion", 1, dtype=torch.bfloat16)
     n = sum(p.numel() for p in make_params())
     assert b.state_bytes() == 8 * n and a.state_bytes() == 6 * n
+
+
+# ---------------------------------------------------------------- every layout (spawned gloo ranks)
+K = 3  # steps before a checkpoint, and again after it
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.ps = torch.nn.ParameterList(make_params(dtype))
+
+
+def _model(layout, world):
+    m = Holder()
+    if layout == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+    return m, list(m.parameters())
+
+
+def _train(opt, ps, k0, k1):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for k in range(k0, k1):
+        for p, g in zip(ps, make_grads(k)):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+        opt.step()
+
+
+def _full(ps):
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in ps]
+
+
+def _storage_bytes(opt) -> int:
+    """An independent count: the bytes of the storages behind this rank's state tensors."""
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if k == "step" or not torch.is_tensor(v):
+                continue
+            loc = v.to_local() if hasattr(v, "to_local") else v
+            s = loc.untyped_storage()
+            if s.data_ptr() in seen or loc.numel() == 0:
+                continue
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def _layouts_job(rank, world, d, names, ckpt):
+    import shardopt.checkpoint as C
+
+    out = {}
+    for name in names:
+        for layout in ("zero1", "fsdp2"):
+            row = {}
+            for sd in ("bf16", "fp32"):
+                m, ps = _model(layout, world)
+                opt = build(name, ps, backend="torch", sharding="zero1" if layout == "zero1" else "auto",
+                            state_dtype=sd)
+                _train(opt, ps, 0, STEPS)
+                tensors = [v for st in opt.state.values() for k, v in st.items() if k != "step"]
+                row[sd] = dict(params=_full(ps), bytes=opt.state_bytes(), storage=_storage_bytes(opt),
+                               table=opt.summary(print_fn=None), layout=opt.layout.name,
+                               dtypes={str(v.dtype) for v in tensors},
+                               placed=all(v.placements == p.placements for p in ps for k, v in opt.state[p].items()
+                                          if k != "step") if layout == "fsdp2" else True)
+            out[(name, layout)] = row
+            if not ckpt:
+                continue
+            # save after K steps; the uninterrupted run goes on to 2K; a fresh optimizer resumes from the save
+            m, ps = _model(layout, world)
+            opt = build(name, ps, backend="torch", state_dtype="bf16")
+            _train(opt, ps, 0, K)
+            C.save(f"{d}/{name}-{layout}", m, opt)
+            _train(opt, ps, K, 2 * K)
+            m2, ps2 = _model(layout, world)
+            opt2 = build(name, ps2, backend="torch", state_dtype="bf16")
+            C.load(f"{d}/{name}-{layout}", m2, opt2)
+            _train(opt2, ps2, K, 2 * K)
+            out[(name, layout, "resume")] = (_full(ps), _full(ps2))
+    if ckpt:
+        # ranks that disagree on the state dtype raise on every rank at construction
+        try:
+            build("lion", make_params(), backend="torch", state_dtype="bf16" if rank else "fp32")
+            out["disagree"] = None
+        except ValueError as e:
+            out["disagree"] = str(e)
+    return out
+
+
+def _check_layouts(res, names, world):
+    for name in names:
+        ref, ref_opt = run_single(name, STEPS, state_dtype="bf16")
+        ref32, _ = run_single(name, STEPS)
+        for layout in ("zero1", "fsdp2"):
+            for rank in range(world):
+                row = res[rank][(name, layout)]
+                bf, fp = row["bf16"], row["fp32"]
+                assert bf["layout"] == ({"zero1": "zero1" if world > 1 else "none", "fsdp2": "fsdp2"}[layout])
+                # the same parameters as the single process with the same state dtype (Lion: bitwise)
+                assert_close_params(bf["params"], ref, name)
+                assert_close_params(fp["params"], ref32, name)
+                assert bf["dtypes"] == {"torch.bfloat16"} and fp["dtypes"] == {"torch.float32"}
+                assert bf["placed"]
+                # real bytes: the storage behind the state, half the fp32 state's
+                assert bf["bytes"] == bf["storage"] and fp["bytes"] == fp["storage"]
+                assert 2 * bf["bytes"] == fp["bytes"], (name, layout, rank, bf["bytes"], fp["bytes"])
+                assert [t["state_bytes"] for t in bf["table"]] == [res[r][(name, layout)]["bf16"]["bytes"]
+                                                                  for r in range(world)]
+            total = sum(res[r][(name, layout)]["bf16"]["bytes"] for r in range(world))
+            assert total >= ref_opt.state_bytes()
+            assert {t["unsharded_state_bytes"] for t in res[0][(name, layout)]["bf16"]["table"]} == \
+                {ref_opt.state_bytes()}
+
+
+@pytest.mark.slow
+def test_w1_fsdp2_and_zero1_state_bytes():
+    res = dist_utils.run(_layouts_job, 1, None, ALGOS, False)
+    _check_layouts(res, ALGOS, 1)
+
+
+@pytest.mark.slow
+def test_w2_layouts_equal_single_process_and_checkpoints_resume(tmp_path):
+    """ZeRO-1 and FSDP2 at W=2 for every algorithm; resume 2 -> 2 (bitwise) and 2 -> 1; ckpt tools."""
+    import shardopt.checkpoint as C
+    from shardopt.checkpoint import cli, offline
+
+    d = str(tmp_path)
+    res = dist_utils.run(_layouts_job, 2, d, ALGOS, True)
+    _check_layouts(res, ALGOS, 2)
+    assert all(r["disagree"] and "ranks disagree" in r["disagree"] and "state_dtype" in r["disagree"] for r in res)
+    for name in ALGOS:
+        want, _ = run_single(name, 2 * K, state_dtype="bf16")
+        for layout in ("zero1", "fsdp2"):
+            for rank in range(2):
+                full, resumed = res[rank][(name, layout, "resume")]
+                assert all(torch.equal(a, b) for a, b in zip(full, resumed)), (name, layout, rank)  # 2 -> 2
+                assert_close_params(full, want, name)
+            # 2 -> 1: a single-process bf16-state optimizer resumes on the same stored bits
+            m, ps = _model("single", 1)
+            opt = build(name, ps, backend="torch", sharding="none", state_dtype="bf16")
+            C.load(f"{d}/{name}-{layout}", m, opt)
+            assert all(v.dtype == torch.bfloat16 for st in opt.state.values() for k, v in st.items() if k != "step")
+            _train(opt, ps, K, 2 * K)
+            assert_close_params(_full(ps), want, name)
+            # ... and an fp32-state one widens the saved state exactly
+            m, ps = _model("single", 1)
+            opt = build(name, ps, backend="torch", sharding="none")
+            C.load(f"{d}/{name}-{layout}", m, opt)
+            _, at_k = run_single(name, K, state_dtype="bf16")
+            for p, q in zip(opt._flat_params()[0], at_k._flat_params()[0]):
+                for k, v in at_k.state[q].items():
+                    if k != "step":
+                        assert opt.state[p][k].dtype == torch.float32 and torch.equal(opt.state[p][k], v.float())
+    # shardopt ckpt: inspect shows the state dtype and its bytes; consolidate writes fp32 state for torch
+    path = f"{d}/adamw-zero1"
+    info = offline.inspect(path)
+    n = sum(math.prod(s) for s in SHAPES)
+    assert {r["state_dtype"] for r in info["rows"] if r["kind"] == "param"} == {"bfloat16"}
+    assert info["state_bytes"] == 2 * 2 * n  # exp_avg + exp_avg_sq, 2 bytes each
+    assert cli.main(["--no-progress", "inspect", path]) == 0
+    out = cli.main(["--no-progress", "consolidate", path, f"{d}/adamw.pt"])
+    assert out == 0
+    sd = torch.load(f"{d}/adamw.pt", weights_only=False)
+    _, at_k = run_single("adamw", K, state_dtype="bf16")
+    ref = at_k.state_dict()
+    for i, st in ref["state"].items():
+        for k, v in st.items():
+            if k != "step":
+                assert sd["state"][i][k].dtype == torch.float32 and torch.equal(sd["state"][i][k], v.float())
+    # torch.optim.AdamW resumes from the consolidated file
+    ps = make_params()
+    for p, v in zip(ps, [sd["model"][f"ps.{i}"] for i in range(len(ps))]):
+        p.data.copy_(v)
+    t = torch.optim.AdamW([{"params": ps[::2]}, {"params": ps[1::2]}])
+    t.load_state_dict(sd)
+    assert t.state[ps[0]]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_w4_lion_layouts_bitwise():
+    res = dist_utils.run(_layouts_job, 4, None, ["lion"], False)
+    _check_layouts(res, ["lion"], 4)
