@@ -524,3 +524,33 @@ def test_w2_layouts_equal_single_process_and_checkpoints_resume(tmp_path):
 def test_w4_lion_layouts_bitwise():
     res = dist_utils.run(_layouts_job, 4, None, ["lion"], False)
     _check_layouts(res, ["lion"], 4)
+
+
+# ---------------------------------------------------------------- DeepSpeed config entry
+@pytest.mark.slow
+def test_deepspeed_config_state_dtype_bf16_at_zero1_and_zero2(tmp_path):
+    """``"params": {"state_dtype": "bf16"}`` at ZeRO-1/2: DeepSpeed's flat partitions hold bf16 state and the
+    engine equals the single-process optimizer with bf16 state (Lion bitwise)."""
+    pytest.importorskip("deepspeed")
+    import test_deepspeed as T
+
+    cases = [T.Case(f"{a}-z{s}-state-bf16", f"shardopt.{n}", s, dict(kw, state_dtype="bf16"))
+             for s in (1, 2) for a, n, kw in (("lion", "Lion", T.LION), ("adamw", "AdamW", T.ADAMW))]
+    cases.append(T.Case("muon-z1-state-bf16", "shardopt.Muon", 1, dict(T.MUON, state_dtype="bf16")))
+    res = dist_utils.run(T._engine_cases, 2, cases, [], str(tmp_path), timeout_s=300)
+    n = sum(p.numel() for p in T.make_model().parameters())
+    for case in cases:
+        r = res[0][case.name]
+        assert r["stage"] == case.stage
+        # real bytes: 2 per state element (fp32 partitions, so no master copy)
+        assert r["state_bytes"] == 2 * r["state_numel"]
+        assert sum(x[case.name]["state_bytes"] for x in res) >= 2 * n * (2 if case.algorithm == "adamw" else 1)
+        _, ref = T.reference_params(case)
+        got = r["params"]
+        if case.algorithm == "lion":
+            assert all(torch.equal(got[k], ref[k]) for k in ref), case.name
+        elif case.algorithm == "muon":
+            assert T._rel(got, ref) <= 2e-3, case.name
+        else:
+            for k in ref:
+                assert float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) <= 1e-6, (case.name, k)
