@@ -450,6 +450,13 @@ def _check_layouts(res, names, world):
                 assert 2 * bf["bytes"] == fp["bytes"], (name, layout, rank, bf["bytes"], fp["bytes"])
                 assert [t["state_bytes"] for t in bf["table"]] == [res[r][(name, layout)]["bf16"]["bytes"]
                                                                   for r in range(world)]
+            if name != "muon":  # shardopt plan counts the same bytes per rank (Muon: its own group split)
+                from shardopt.tools.plan import plan
+
+                for sd in ("bf16", "fp32"):
+                    pl = plan(Holder(), world_sizes=[world], layout=layout, optimizer=name, param_dtype="fp32",
+                              state_dtype=sd)
+                    assert pl.worlds[0].state.tolist() == [res[r][(name, layout)][sd]["bytes"] for r in range(world)]
             total = sum(res[r][(name, layout)]["bf16"]["bytes"] for r in range(world))
             assert total >= ref_opt.state_bytes()
             assert {t["unsharded_state_bytes"] for t in res[0][(name, layout)]["bf16"]["table"]} == \
@@ -554,3 +561,24 @@ def test_deepspeed_config_state_dtype_bf16_at_zero1_and_zero2(tmp_path):
         else:
             for k in ref:
                 assert float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) <= 1e-6, (case.name, k)
+
+
+# ---------------------------------------------------------------- shardopt plan
+def test_plan_state_dtype_option(capsys):
+    from shardopt import cli
+    from shardopt.tools.plan import plan, state_element_bytes
+
+    assert [state_element_bytes(a, "bf16") for a in ALGOS] == [2, 4, 2]
+    assert [state_element_bytes(a) for a in ALGOS] == [4, 8, 4]
+    with pytest.raises(ValueError, match="not available yet"):
+        state_element_bytes("lion", "int8")
+    with pytest.raises(ValueError, match="fp32, bf16, int8"):
+        plan("gpt2", state_dtype="int4")
+    for opt in ALGOS:
+        a = plan("gpt2", world_sizes=[8], optimizer=opt, state_dtype="bf16").worlds[0]
+        b = plan("gpt2", world_sizes=[8], optimizer=opt).worlds[0]
+        assert (2 * a.state == b.state).all() and (a.master == b.master).all()
+    assert cli.main(["plan", "--model", "gpt2", "--world-size", "8", "--state-dtype", "bf16"]) == 0
+    assert "optimizer state (bf16)" in capsys.readouterr().out
+    assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) != 0
+    assert "not available yet" in capsys.readouterr().err
