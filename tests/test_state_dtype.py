@@ -582,3 +582,36 @@ def test_plan_state_dtype_option(capsys):
     assert "optimizer state (bf16)" in capsys.readouterr().out
     assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) != 0
     assert "not available yet" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- shardopt demo
+def test_demo_refuses_other_state_dtypes(capsys):
+    from shardopt import cli
+
+    for bad in ("int8", "fp16"):
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--state-dtype", bad])
+        assert "--state-dtype" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_bf16_state_runs_all_three_and_shows_real_bytes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from shardopt.tools._demo_model import SIZES, TinyGPT, num_params
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "shardopt", "demo", "--size", "tiny", "--steps", "4",
+                           "--state-dtype", "bf16", "--out", str(out), "--no-checkpoint"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16 optimizer state" in proc.stdout
+    res = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert sorted(res) == sorted(ALGOS) and all(r["state_dtype"] == "bf16" for r in res.values())
+    with torch.device("meta"):
+        n = num_params(TinyGPT(SIZES["tiny"]))
+    assert res["lion"]["unsharded_state_bytes"] == 2 * n  # one bf16 buffer per element
+    assert res["adamw"]["unsharded_state_bytes"] == 4 * n  # two
+    assert all(sum(r["state_bytes"]) >= r["unsharded_state_bytes"] for r in res.values())
