@@ -645,9 +645,9 @@ def test_cli_inspect_a_w4_zero1_checkpoint(resumed, capsys):
     assert "counter (buffer)" in out
     row = next(x for x in out.splitlines() if x.startswith("ps.2 "))
     # human units in the table (weights + state: 2 x 13 x 11 fp32 = 1144 bytes), exact bytes in --json
-    assert row.split() == ["ps.2", "13x11", "float32", "muon", "momentum_buffer", "3", "1.1", "KiB"]
+    assert row.split() == ["ps.2", "13x11", "float32", "muon", "momentum_buffer", "float32", "3", "1.1", "KiB"]
     row = next(x for x in out.splitlines() if x.startswith("ps.3 "))
-    assert row.split() == ["ps.3", "1", "float32", "adamw", "exp_avg,exp_avg_sq", "3", "12", "B"]
+    assert row.split() == ["ps.3", "1", "float32", "adamw", "exp_avg,exp_avg_sq", "float32", "3", "12", "B"]
     assert _run_cli("inspect", "--json", f"{d}/w4-muon-zero1") == 0
     info = json.loads(capsys.readouterr().out)
     assert info["world_size"] == 4 and info["layout"] == "zero1" and info["algorithms"] == ["adamw", "muon"]

@@ -269,7 +269,8 @@ def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
         describe = f"{fqn} (shape {tuple(p.shape)})"
         for k in keys:
             pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'")
-            live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), torch.float32,
+            # stored in the state's own dtype (bf16 state as bf16); a load converts to the live one
+            live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), st[k].dtype,
                                              FlatPieces(p.numel(), st[k].dtype, pieces)))
         live.params[fqn] = ParamInfo(fqn, tuple(p.shape), p.dtype, group["algorithm"], gidx[i], keys, [st])
         group_fqns[gidx[i]].append(fqn)
@@ -318,8 +319,8 @@ def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
             rng = [(lo - off, slice(lo - base, hi - base))] if lo < hi else []
             for k in keys:
                 pieces = [(o, st[k][s]) for o, s in rng]
-                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), torch.float32,
-                                                 FlatPieces(n, torch.float32, pieces)))
+                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), st[k].dtype,
+                                                 FlatPieces(n, st[k].dtype, pieces)))
             low = p.dtype in LOW_PRECISION
             if low:
                 pieces = [(o, fp32.data[s]) for o, s in rng]

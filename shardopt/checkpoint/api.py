@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim import _steps
+from ..optim._state_dict import LIVE_KEYS
 from . import _storage as S
 from ._live import Live, collect
 from ._manifest import (
@@ -327,7 +328,8 @@ def _check(directory, manifest, md, live: Live, strict: bool) -> list:
                 f"{where}: {what} '{t.fqn}' has shape {tuple(s['shape'])} in the checkpoint but {tuple(t.shape)} "
                 "in the model; the model's architecture differs from the one saved")
             continue
-        if s["dtype"] != dtype_str(t.dtype):
+        # optimizer state converts to the live state dtype (bf16 <-> fp32 state, see optim/_state_dict.py)
+        if s["dtype"] != dtype_str(t.dtype) and t.slot == "model":
             add(ShapeMismatchError,
                 f"{where}: {what} '{t.fqn}' is {s['dtype']} in the checkpoint but {dtype_str(t.dtype)} in the "
                 "model; cast the model to the saved dtype before loading (or save again in this dtype)")
@@ -417,7 +419,7 @@ def _after_load(live: Live, manifest: dict, keep_param_groups: bool = False) -> 
         if gi >= len(saved_groups):
             continue
         for k, v in decode_group(saved_groups[gi]["hyper"]).items():
-            if k == "algorithm" or isinstance(v, _Unrestorable):
+            if k == "algorithm" or k in LIVE_KEYS or isinstance(v, _Unrestorable):
                 continue
             group[k] = v
 

@@ -172,6 +172,7 @@ def _hyper(raw: dict, algo: str) -> dict:
         hyper = {k: hyper[k] for k in keep if k in hyper}
         for k, v in ALGORITHMS[algo].defaults.items():  # e.g. maximize, which DeepSpeed's optimizers lack
             hyper.setdefault(k, v)
+        hyper.setdefault("state_dtype", "fp32")  # DeepSpeed's own optimizers keep fp32 state
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
     hyper["algorithm"] = algo

@@ -99,15 +99,20 @@ def inspect(path: str) -> dict:
         if fqn in model:
             nbytes += math.prod(model[fqn]["shape"]) * _elem(model[fqn]["dtype"])
         keys = list(p["state"]) if p else []
+        sdtypes = []
+        sbytes = 0
         for k in keys:
             t = tensors.get(optim_key(fqn, k))
             if t:
-                nbytes += math.prod(t["shape"]) * _elem(t["dtype"])
+                sbytes += math.prod(t["shape"]) * _elem(t["dtype"])
+                if k != "master_param" and t["dtype"] not in sdtypes:
+                    sdtypes.append(t["dtype"])
         rows.append({
             "name": fqn, "shape": list(info["shape"]), "dtype": info["dtype"],
             "kind": (model.get(fqn) or {}).get("kind", "param"),
             "algorithm": p["algorithm"] if p else "-", "group": p["group"] if p else None,
-            "state": keys, "step": p["step"] if p else None, "bytes": nbytes,
+            "state": keys, "state_dtype": ",".join(sdtypes) or None, "step": p["step"] if p else None,
+            "bytes": nbytes + sbytes, "state_bytes": sbytes,
         })
     algos = sorted({p["algorithm"] for p in params.values()})
     return {
@@ -115,7 +120,8 @@ def inspect(path: str) -> dict:
         "optimizer": m.get("optimizer"), "algorithms": algos, "created": m.get("created"),
         "version": m.get("version"), "torch_version": m.get("torch_version"),
         "groups": [decode_group(g["hyper"]) | {"n_params": len(g["params"])} for g in m.get("param_groups", [])],
-        "rows": rows, "total_bytes": sum(r["bytes"] for r in rows), "extra": EXTRA in m.get("files", {}),
+        "rows": rows, "total_bytes": sum(r["bytes"] for r in rows),
+        "state_bytes": sum(r["state_bytes"] for r in rows), "extra": EXTRA in m.get("files", {}),
         "files": sorted({c["file"] for c in m.get("checksums", {}).values()}),
     }
 
@@ -132,17 +138,20 @@ def format_inspect(info: dict) -> str:
         alg = g.get("algorithm")
         hp = ", ".join(f"{k}={_short(v)}" for k, v in sorted(g.items()) if _shown(k, alg))
         out.append(f"group {gi}     {g['n_params']} params, {alg or '?'}: {hp}")
-    hdr = ("name", "shape", "dtype", "algorithm", "state keys", "step", "bytes")
+    hdr = ("name", "shape", "dtype", "algorithm", "state keys", "state dtype", "step", "bytes")
     rows = [(r["name"] + (" (buffer)" if r["kind"] == "buffer" else ""), "x".join(map(str, r["shape"])) or "()",
-             r["dtype"], r["algorithm"], ",".join(r["state"]) or "-",
+             r["dtype"], r["algorithm"], ",".join(r["state"]) or "-", r.get("state_dtype") or "-",
              "-" if r["step"] is None else f"{r['step']:g}", format_bytes(r["bytes"])) for r in info["rows"]]
     w = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in enumerate(hdr)]
+    last = len(hdr) - 1  # bytes: right-aligned
     out.append("")
-    out.append("  ".join(h.ljust(w[c]) if c < 6 else h.rjust(w[c]) for c, h in enumerate(hdr)))
+    out.append("  ".join(h.ljust(w[c]) if c < last else h.rjust(w[c]) for c, h in enumerate(hdr)))
     out.append("  ".join("-" * x for x in w))
     for r in rows:
-        out.append("  ".join(v.ljust(w[c]) if c < 6 else v.rjust(w[c]) for c, v in enumerate(r)))
-    out.append(f"total {len(rows)} tensors, {format_bytes(info['total_bytes'])} "
+        out.append("  ".join(v.ljust(w[c]) if c < last else v.rjust(w[c]) for c, v in enumerate(r)))
+    sdt = sorted({d for r in info["rows"] for d in (r.get("state_dtype") or "").split(",") if d})
+    out.append(f"total {len(rows)} tensors, {format_bytes(info['total_bytes'])}, of which optimizer state "
+               f"{format_bytes(info.get('state_bytes', 0))}{' (' + ', '.join(sdt) + ')' if sdt else ''} "
                "(shardopt ckpt inspect --json gives exact bytes)")
     return "\n".join(out)
 
@@ -283,7 +292,7 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
         for k in p["state"]:
             key = optim_key(fqn, k)
             t = tensors[key]
-            st[k] = _fake(p["shape"], str_dtype(t["dtype"]))
+            st[k] = _fake(p["shape"], _torch_state_dtype(str_dtype(t["dtype"])))
             fills.append((("state", i, k), key, None))
         state[i] = st
     model = OrderedDict()
@@ -325,6 +334,12 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
 
     save_streaming(skeleton, out, fill)
     return meta
+
+
+def _torch_state_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype a consolidated (torch.optim) state tensor gets: fp32 for low-precision state (bf16 widens
+    exactly), the stored one otherwise (fp32, fp64, complex)."""
+    return torch.float32 if stored in (torch.bfloat16, torch.float16) else stored
 
 
 def _read_checked(reader, directory, m, md, key, dest):

@@ -56,7 +56,7 @@ import torch.distributed as dist
 
 from ..optim import AdamW, Lion, Muon, ShardedOptimizer, muon_param_groups
 from ..optim._report import ExternalPartitioning
-from ..optim.base import ALGORITHMS
+from ..optim.base import ALGORITHMS, state_dtype
 from ..sharding import comm
 
 PREFIX = "shardopt."
@@ -576,7 +576,7 @@ def _load_universal_stage3(zo, opt: ShardedOptimizer) -> None:
                 if key == "fp32":
                     flat.data.copy_(buf)
                 else:
-                    st[key] = buf
+                    st[key] = buf.to(state_dtype(flat, group))  # the group's state precision (bf16 rounds)
             step_file = os.path.join(zdir, zo.param_names[params[0]], "step.pt") if params else None
             if step_file and os.path.exists(step_file):
                 st["step"] = int(float(torch.load(step_file, weights_only=False)))

@@ -10,7 +10,11 @@ call updates many tensors, the multi-tensor-apply shape):
 * ``params``: fp32, bf16 or fp16 tensors (fp64 ones always go to the
   ``torch`` backend, which computes them in fp64), updated in place.
 * ``grads``: same shapes, any float dtype; never written.
-* state: fp32 tensors of the same shapes (fp64 for fp64 params), updated in place.
+* state: fp32 tensors of the same shapes (fp64 for fp64 params), updated in place;
+  or bf16 ones (``state_dtype="bf16"``), which need ``state_step`` (the
+  parameters' step count, the salt of the stochastic rounding defined in
+  :mod:`.state_precision`) and are served by the ``torch`` backend until a
+  compiled backend lists ``"state_bf16"`` in its ``FEATURES``.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.
 * ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a
@@ -40,7 +44,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # what a step call may need beyond plain fp32/bf16 contiguous tensors
-FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided")
+FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided", "state_bf16")
 
 _warned: set[str] = set()
 
@@ -237,6 +241,17 @@ def _run(name, lists, needs, backend, kwargs):
             call(sub)
 
 
+def _state_needs(states, state_step):
+    """``{"state_bf16"}`` when any state tensor is bf16 (which then needs ``state_step``), else empty."""
+    from . import state_precision
+
+    if not state_precision.needs_step(states):
+        return set()
+    if state_step is None:
+        raise ValueError("a step with bf16 optimizer state needs state_step (the parameters' step count)")
+    return {"state_bf16"}
+
+
 def _needs(maximize, clip_value, grad_scale, found_inf, amsgrad=False):
     out = set()
     if maximize:
@@ -254,12 +269,14 @@ def _needs(maximize, clip_value, grad_scale, found_inf, amsgrad=False):
 
 # ---------------------------------------------------------------- entry points
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
-              grad_scale=None, found_inf=None, backend="auto"):
+              grad_scale=None, found_inf=None, state_step=None, backend="auto"):
     skip, found_inf = _host_flag(found_inf)
     if skip or not params:
         return
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-    needs = _needs(maximize, clip_value, grad_scale, found_inf)
+    needs = _needs(maximize, clip_value, grad_scale, found_inf) | _state_needs(exp_avgs, state_step)
+    if "state_bf16" in needs:
+        kw["state_step"] = state_step
     for key, val in (("maximize", maximize), ("clip_value", clip_value), ("grad_scale", grad_scale),
                      ("found_inf", found_inf)):
         if key in needs:
@@ -275,6 +292,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
         return
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     needs = _needs(maximize, clip_value, grad_scale, found_inf, max_exp_avg_sqs is not None)
+    # bf16 state rounds with the (per-call) step as its salt
+    needs |= _state_needs(list(exp_avgs) + list(exp_avg_sqs) + list(max_exp_avg_sqs or []), step)
     for key, val in (("maximize", maximize), ("clip_value", clip_value), ("grad_scale", grad_scale),
                      ("found_inf", found_inf)):
         if key in needs:

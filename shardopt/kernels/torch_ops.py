@@ -20,12 +20,19 @@ turns the whole call into a no-op. Both are tensors so that a CUDA step never
 reads them on the host. Gradients are never written.
 
 fp64 parameters are computed in fp64 (as torch.optim does); everything else in fp32.
+
+Low-precision (bf16) state is loaded to fp32, updated by the same fp32 math and
+stored back by :mod:`.state_precision` (stochastic rounding keyed by value and
+``state_step``, the parameter's step count); fp32 state takes the same path as
+before, unchanged.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from . import state_precision
 
 
 def _wide(t: torch.Tensor) -> torch.dtype:
@@ -87,7 +94,7 @@ def _host_skip(found_inf) -> bool:
 
 
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
-              grad_scale=None, found_inf=None):
+              grad_scale=None, found_inf=None, state_step=None):
     if _host_skip(found_inf):
         return
     if found_inf is not None and found_inf.device.type == "cpu":
@@ -95,7 +102,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
     copy = found_inf is not None  # a device flag: compute aside, then write where it is clear
     p32 = [p.to(_wide(p)) if p.dtype != _wide(p) else (p.clone() if copy else p) for p in params]
     g32 = effective_grads(grads, wide_like=params, maximize=maximize, clip_value=clip_value, grad_scale=grad_scale)
-    m = [t.clone() for t in exp_avgs] if copy else exp_avgs
+    m = state_precision.load(exp_avgs, copy=copy)
     # c = beta1*m + (1-beta1)*g
     c = torch._foreach_mul(m, beta1)
     torch._foreach_add_(c, torch._foreach_mul(g32, 1.0 - beta1))
@@ -109,8 +116,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
     torch._foreach_mul_(m, beta2)
     torch._foreach_add_(m, torch._foreach_mul(g32, 1.0 - beta2))
     _gated(found_inf, params, p32)
-    if copy:
-        _gated(found_inf, exp_avgs, m)
+    state_precision.store(exp_avgs, m, step=state_step, found_inf=found_inf)
 
 
 def adamw_scalars(*, lr, beta1, beta2, weight_decay, step):
@@ -125,8 +131,9 @@ def adamw_scalars(*, lr, beta1, beta2, weight_decay, step):
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
-               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None):
-    """One AdamW step at ``step`` (shared by the call). ``max_exp_avg_sqs`` given means amsgrad."""
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None, state_step=None):
+    """One AdamW step at ``step`` (shared by the call). ``max_exp_avg_sqs`` given means amsgrad.
+    Low-precision state rounds with ``state_step`` as its salt (default: ``step``)."""
     if _host_skip(found_inf):
         return
     if found_inf is not None and found_inf.device.type == "cpu":
@@ -135,11 +142,11 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
     copy = found_inf is not None  # a device flag: compute aside, then write where it is clear
     p32 = [p.to(_wide(p)) if p.dtype != _wide(p) else (p.clone() if copy else p) for p in params]
     g32 = effective_grads(grads, wide_like=params, maximize=maximize, clip_value=clip_value, grad_scale=grad_scale)
-    m = [t.clone() for t in exp_avgs] if copy else exp_avgs
-    v = [t.clone() for t in exp_avg_sqs] if copy else exp_avg_sqs
+    m = state_precision.load(exp_avgs, copy=copy)
+    v = state_precision.load(exp_avg_sqs, copy=copy)
     vmax = None
     if max_exp_avg_sqs is not None:
-        vmax = [t.clone() for t in max_exp_avg_sqs] if copy else max_exp_avg_sqs
+        vmax = state_precision.load(max_exp_avg_sqs, copy=copy)
     if weight_decay != 0:
         torch._foreach_mul_(p32, s["decay"])
     # m = beta1*m + (1-beta1)*g ; v = beta2*v + (1-beta2)*g*g
@@ -157,8 +164,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
     torch._foreach_mul_(upd, s["step_size"])
     torch._foreach_sub_(p32, upd)
     _gated(found_inf, params, p32)
-    if copy:
-        _gated(found_inf, exp_avgs, m)
-        _gated(found_inf, exp_avg_sqs, v)
-        if vmax is not None:
-            _gated(found_inf, max_exp_avg_sqs, vmax)
+    salt = step if state_step is None else state_step
+    state_precision.store(exp_avgs, m, step=salt, found_inf=found_inf)
+    state_precision.store(exp_avg_sqs, v, step=salt, found_inf=found_inf)
+    if vmax is not None:
+        state_precision.store(max_exp_avg_sqs, vmax, step=salt, found_inf=found_inf)

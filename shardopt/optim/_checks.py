@@ -84,6 +84,19 @@ def lr_and_decay(group: dict, where: str) -> None:
     in_range(group.get("weight_decay", 0.0), "weight_decay", where, lo=0.0)
 
 
+def state_dtype(v, where: str) -> None:
+    """A state precision of :mod:`shardopt.kernels.state_precision`: a valid name, and one that is implemented."""
+    from ..kernels import state_precision
+
+    choice(v, "state_dtype", where, state_precision.STATE_DTYPES)
+    fmt = state_precision.FORMATS[v]
+    if not fmt.available:
+        raise NotImplementedError(
+            f"state_dtype={v!r} for {where} is not available yet ({fmt.doc}); "
+            f"use one of {', '.join(repr(k) for k, f in state_precision.FORMATS.items() if f.available)}"
+        )
+
+
 def optimizer_options(*, sharding, nonfinite, grad_clip_norm, grad_clip_value, master_weights, reduce_gradients,
                       comm_dtype, nonfinite_choices, overlap_comm=True, overlap_param_gather=False) -> None:
     where = "the optimizer"

@@ -14,6 +14,11 @@ consolidated) shardopt state_dict, and shardopt loads theirs. On top of that:
 * each param group carries ``"shardopt_format"``, which also survives
   ``torch.distributed.checkpoint`` (it keeps groups, not top-level keys).
 
+State tensors load in the live group's ``state_dtype``, whatever the saved
+one: a bf16 state into an fp32-state optimizer widens exactly, an fp32 (or
+torch's) state into a bf16-state optimizer rounds to nearest once; the group
+keeps its own ``state_dtype`` (:data:`LIVE_KEYS`).
+
 Format 1 (no marker, but groups name their ``algorithm``) stored Muon's
 momentum as the plain sum ``m = mu*m + g``; it is converted to the EMA
 ``(1 - mu)*m`` on load. ``load`` checks everything before it changes anything.
@@ -33,6 +38,9 @@ FORMAT = 2
 GLOBAL_STATE_DICT_POST_HOOKS: list = []
 # torch.optim's implementation switches; they mean nothing to shardopt's groups
 TORCH_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
+# group settings that stay the live optimizer's on load: the saved state converts to them
+# (state_dtype: bf16 -> fp32 is exact, fp32 -> bf16 rounds to nearest)
+LIVE_KEYS = ("state_dtype",)
 
 
 def _layout_meta(opt) -> dict:
@@ -135,6 +143,9 @@ def load(opt, state_dict: dict) -> None:
         for k, v in g.items():
             if k != "params":
                 ng.setdefault(k, v)
+        for k in LIVE_KEYS:  # how this optimizer stores its state is its own choice, not the saved one's
+            if k in g:
+                ng[k] = g[k]
         if "param_names" in g:
             ng["param_names"] = g["param_names"]
         ALGORITHMS[algo].validate(ng, opt._where(gi, ng | {"params": g["params"]}))
@@ -179,12 +190,12 @@ def load(opt, state_dict: dict) -> None:
                         "was saved with another world size or layout: load it with shardopt.checkpoint.load, "
                         "which reshards"
                     )
-                val = loc.detach().to(device=_dev(p), dtype=state_dtype(p), copy=True)
+                val = loc.detach().to(device=_dev(p), dtype=state_dtype(p, group), copy=True)
                 if origin == "shardopt-1" and group["algorithm"] == "muon" and k == "momentum_buffer":
                     val.mul_(1.0 - float(group["momentum"]))  # the old sum form -> the EMA
                     converted = True
             else:
-                val = torch.zeros(want, dtype=state_dtype(p), device=_dev(p))
+                val = torch.zeros(want, dtype=state_dtype(p, group), device=_dev(p))
             st[k] = layout.wrap_state(i, val)
         old = opt.state.get(p, {})
         if "master_param" in old:

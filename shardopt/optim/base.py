@@ -30,7 +30,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..kernels import gradpass
+from ..kernels import gradpass, state_precision
 from ..sharding import comm, make_layout
 from . import _checks, _state_dict, _steps
 
@@ -88,6 +88,7 @@ class Algorithm:
     def validate(self, group: dict, where: str) -> None:
         """Check every hyperparameter of ``group`` (``where`` names it in errors)."""
         _checks.lr_and_decay(group, where)
+        _checks.state_dtype(group.get("state_dtype", state_precision.DEFAULT), where)
 
     def validate_param(self, group: dict, p, describe: str) -> None:
         """Check one parameter of ``group`` against the group's hyperparameters (e.g. Muon's ns_split)."""
@@ -105,11 +106,12 @@ class Algorithm:
         raise NotImplementedError
 
 
-def state_dtype(p: torch.Tensor) -> torch.dtype:
-    """fp32 state for fp32/bf16/fp16 parameters; fp64 for fp64; complex like a complex parameter."""
-    if p.is_complex():
-        return p.dtype
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+def state_dtype(p: torch.Tensor, group: dict | None = None) -> torch.dtype:
+    """The dtype of ``p``'s state tensors in ``group``: its ``state_dtype`` (fp32 by default, or bf16) for
+    fp32/bf16/fp16 parameters; fp64 for fp64 and the parameter's own dtype for complex ones, whatever the
+    group asks (see :mod:`shardopt.kernels.state_precision`)."""
+    fmt = (group or {}).get("state_dtype", state_precision.DEFAULT)
+    return state_precision.storage_dtype(fmt, p.dtype)
 
 
 class ShardedOptimizer(Optimizer):
@@ -133,7 +135,9 @@ class ShardedOptimizer(Optimizer):
         comm_dtype: torch.dtype | None = None,
         overlap_comm: bool = True,
         overlap_param_gather: bool = False,
+        state_dtype: str = state_precision.DEFAULT,
     ):
+        _checks.state_dtype(state_dtype, "the optimizer")
         _checks.optimizer_options(
             sharding=sharding, nonfinite=nonfinite, grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value,
             master_weights=master_weights, reduce_gradients=reduce_gradients, comm_dtype=comm_dtype,
@@ -142,6 +146,8 @@ class ShardedOptimizer(Optimizer):
         kernels.validate_backend(backend)
         defaults = dict(defaults)
         defaults.setdefault("algorithm", self.algorithm)
+        # a per-group setting like lr, but one default for every group, auxiliary ones included
+        defaults["state_dtype"] = state_dtype
         self.sharding = sharding
         self.process_group = process_group
         self.reduce_gradients = reduce_gradients
@@ -200,6 +206,7 @@ class ShardedOptimizer(Optimizer):
         param_group["params"] = params if params is not None else []
         # defaults: the optimizer's for its own algorithm, the algorithm's for an auxiliary group
         own = algo_name == self.defaults.get("algorithm")
+        param_group.setdefault("state_dtype", self.defaults.get("state_dtype", state_precision.DEFAULT))
         for k, v in (self.defaults if own else algo.defaults).items():
             if k not in GROUP_META:
                 param_group.setdefault(k, v)
@@ -329,7 +336,7 @@ class ShardedOptimizer(Optimizer):
             dev = _device_of(p)
             st: dict[str, Any] = {"step": 0}
             for k in algo.state_keys(group):
-                st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_dtype(p), device=dev))
+                st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_dtype(p, group), device=dev))
             if self.master_weights and p.dtype in LOW_PRECISION:
                 st["master_param"] = layout.wrap_state(i, layout.param_view(i).detach().float().clone())
             self.state[p] = st

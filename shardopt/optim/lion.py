@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import kernels
-from . import _checks
+from . import _checks, _steps
 from .base import Algorithm, ShardedOptimizer, register
 
 
@@ -21,11 +21,18 @@ class LionAlgorithm(Algorithm):
 
     def step(self, opt, group, idx, params, grads, states, steps, gt):
         beta1, beta2 = (float(b) for b in group["betas"])
-        kernels.lion_step(
-            params, grads, states["momentum_buffer"], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], maximize=group.get("maximize", False), clip_value=gt.clip_value,
-            grad_scale=gt.grad_scale, found_inf=gt.found_inf, backend=opt.backend,
-        )
+        bufs = states["momentum_buffer"]
+        # Lion has no bias correction; only low-precision state needs the step (its rounding's salt),
+        # one kernel call per distinct count (usually one)
+        calls = ({None: range(len(params))} if group.get("state_dtype", "fp32") == "fp32"
+                 else _steps.by_step(range(len(params)), steps))
+        for t, ks in calls.items():
+            kernels.lion_step(
+                [params[k] for k in ks], [grads[k] for k in ks], [bufs[k] for k in ks], lr=float(group["lr"]),
+                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], maximize=group.get("maximize", False),
+                clip_value=gt.clip_value, grad_scale=gt.grad_scale, found_inf=gt.found_inf, state_step=t,
+                backend=opt.backend,
+            )
 
 
 class Lion(ShardedOptimizer):

@@ -10,6 +10,7 @@ import torch
 
 from ..functional import adjust_lr, muon_momentum, newton_schulz, newton_schulz_split
 from ..functional.muon import DEFAULT_NS_COEFFICIENTS, NS_COEFFICIENT_NAMES, ns_flops_split
+from ..kernels import state_precision
 from ..kernels.torch_ops import _gated, effective_grads
 from . import _checks
 from .base import Algorithm, ShardedOptimizer, register
@@ -112,7 +113,11 @@ class MuonAlgorithm(Algorithm):
         bufs = states["momentum_buffer"]
         if gt.found_inf is not None:  # a device flag: update copies, write back below where it is clear
             bufs = [b.clone() for b in bufs]
-        inputs = [muon_momentum(g, m, momentum=mom, nesterov=nesterov) for g, m in zip(grads, bufs)]
+        # bf16 state: the EMA runs on fp32 loads, and the Newton-Schulz input is computed from the fp32
+        # value; then the state is stored with the value-keyed stochastic rounding (salt: each parameter's step)
+        work = state_precision.load(bufs, copy=False)
+        inputs = [muon_momentum(g, m, momentum=mom, nesterov=nesterov) for g, m in zip(grads, work)]
+        state_precision.store(bufs, work, step=steps)
         ns_dtype = group["ns_dtype"] or DEFAULT_NS_DTYPE
         # .get: groups restored from checkpoints written before ns_backend existed
         ns_backend = group.get("ns_backend", "torch")

@@ -143,7 +143,7 @@ class Trainer:
         self.engine = None
         self.forward_module = self.model
         hp = dict(HPARAMS[name])
-        common = dict(backend=plan.get("backend", "auto"))
+        common = dict(backend=plan.get("backend", "auto"), state_dtype=plan.get("state_dtype", "fp32"))
         layout = self.layout_arg
 
         if layout == "deepspeed":
@@ -193,6 +193,7 @@ class Trainer:
             hp.update(hp.pop("aux"))
         opt_params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
         opt_params["backend"] = plan.get("backend", "auto")
+        opt_params["state_dtype"] = plan.get("state_dtype", "fp32")
         config = {
             "train_micro_batch_size_per_gpu": self.cfg.global_batch // self.world,
             "gradient_accumulation_steps": 1,
@@ -392,7 +393,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             # each checkpoint describes itself; the folder's demo.json is rebuilt from these
             extra = {"step": start + steps, "history": history, "world_size": world,
                      "layout": tr.layout_name(), "eval_loss": eval_end, "optimizer": name,
-                     "size": plan["size"], "seed": plan["seed"]}
+                     "size": plan["size"], "seed": plan["seed"], "state_dtype": plan.get("state_dtype", "fp32")}
             tr.save(ckpt_dir, extra)
             saved = ckpt_dir
         warm = times[2:] if len(times) > 4 else times
@@ -404,6 +405,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             "losses": losses,
             "history": history,
             "step_time_s": sum(warm) / len(warm),
+            "state_dtype": plan.get("state_dtype", "fp32"),
             "state_bytes": [r["state_bytes"] for r in rows],
             "owned_elements": [r["owned_elements"] for r in rows],
             "unsharded_state_bytes": rows[0]["unsharded_state_bytes"],

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import CommandError
 
 OPTIMIZERS = ("lion", "adamw", "muon")
+STATE_DTYPES = ("fp32", "bf16")  # the optimizers' state_dtype values the demo offers (int8: not available yet)
 LAYOUTS = ("zero1", "fsdp2", "deepspeed", "none")
 DEFAULT_STEPS = 150
 DEFAULT_RESUME_STEPS = 30
@@ -63,6 +64,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(e.g. shardopt_demo_out/checkpoint), at any --nproc")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train (default: cuda if available, else cpu)")
+    p.add_argument("--state-dtype", choices=STATE_DTYPES, default=None,
+                   help="optimizer state precision for all three optimizers (state_dtype): fp32 (default) or bf16 "
+                        "(half the state bytes, stochastic rounding); with --resume: the checkpoint's")
     adv = p.add_argument_group("advanced")
     adv.add_argument("--steps", type=_positive_int, default=None,
                      help=f"training steps per optimizer (default {DEFAULT_STEPS}; {DEFAULT_RESUME_STEPS} when resuming)")
@@ -163,9 +167,13 @@ def make_plan(args) -> dict:
         size, seed = _saved_run(resume, meta, optimizers)
         if args.seed is not None and args.seed != seed:
             raise CommandError(f"--seed {args.seed} differs from the checkpoint's seed {seed}; leave it out")
+        saved_sd = {(meta.get("checkpoints") or {}).get(n, {}).get("state_dtype", "fp32") for n in optimizers}
+        # the checkpoint's state precision unless asked otherwise (a load converts: bf16 <-> fp32 state)
+        state_dtype = args.state_dtype or (saved_sd.pop() if len(saved_sd) == 1 else "fp32")
     else:
         optimizers = list(OPTIMIZERS) if args.optimizer in (None, "all") else [args.optimizer]
         size, seed = args.size, (0 if args.seed is None else args.seed)
+        state_dtype = args.state_dtype or "fp32"
 
     if _under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
@@ -195,6 +203,7 @@ def make_plan(args) -> dict:
         "device": device,
         "dist_backend": dist_backend,
         "backend": args.backend,
+        "state_dtype": state_dtype,
         "size": size,
         "seed": seed,
         "steps": steps,
@@ -325,7 +334,8 @@ def _announce(plan: dict):
     with torch.device("meta"):
         n = num_params(TinyGPT(cfg))
     print(f"shardopt demo: {what} | {layout_label(plan)} | {ranks} | {n / 1e6:.2f}M-param GPT, "
-          f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens", flush=True)
+          f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens | {plan.get('state_dtype', 'fp32')} "
+          "optimizer state", flush=True)
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -340,7 +350,7 @@ def _fmt_bytes(n: float) -> str:
 def results_table(results: list[dict]) -> list[str]:
     """One row per (optimizer, rank): state bytes against unsharded, step time, final loss."""
     head = (f"{'optimizer':<9} {'layout':<16} {'rank':>4} {'state bytes':>12} {'unsharded':>11} {'share':>6} "
-            f"{'step ms':>8} {'final loss':>10}")
+            f"{'step ms':>8} {'final loss':>10} {'state':>5}")
     lines = [head, "-" * len(head)]
     for res in results:
         full = res["unsharded_state_bytes"]
@@ -348,13 +358,15 @@ def results_table(results: list[dict]) -> list[str]:
             if r == 0:
                 name, layout = res["optimizer"], res["layout"]
                 ms, loss = f"{res['step_time_s'] * 1e3:.1f}", f"{statistics.fmean(res['losses'][-10:]):.3f}"
+                sd = res.get("state_dtype", "fp32")
             else:
-                name = layout = ms = loss = ""
+                name = layout = ms = loss = sd = ""
             share = f"{b / full:.0%}" if full else "-"
             lines.append(f"{name:<9} {layout:<16} {r:>4} {_fmt_bytes(b):>12} {_fmt_bytes(full):>11} {share:>6} "
-                         f"{ms:>8} {loss:>10}")
-    lines.append("state bytes: optimizer state this rank holds; unsharded: what each rank would hold without "
-                 "sharding; final loss: mean of the last 10 steps")
+                         f"{ms:>8} {loss:>10} {sd:>5}".rstrip())
+    lines.append("state bytes: optimizer state this rank holds (its real bytes: bf16 state is half of fp32); "
+                 "unsharded: what each rank would hold without sharding; final loss: mean of the last 10 steps; "
+                 "state: the state dtype")
     return lines
 
 
@@ -434,6 +446,7 @@ def folder_meta(ckpt: Path, plan: dict) -> dict:
             "step": extra.get("step"), "layout": extra.get("layout"), "world_size": extra.get("world_size"),
             # checkpoints of older demos lack these; their demo.json had them for the whole folder
             "size": extra.get("size", old.get("size", plan["size"])),
+            "state_dtype": extra.get("state_dtype", "fp32"),
             "seed": extra.get("seed", old.get("seed", plan["seed"])),
         }
     return {"version": 2, "optimizers": list(entries), "size": plan["size"], "seed": plan["seed"],

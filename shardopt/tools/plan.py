@@ -17,8 +17,9 @@ are listed separately, under their name. Only the step time is an estimate.
 
 Tensor parallelism (``--tp N``) is one more mesh dimension: every tensor's
 piece on every rank comes from ``sharding.plan.local_runs`` on the mesh
-(replicas, shards, tp), as ``DTensorLayout`` computes it. State precision, which
-does not exist yet in the optimizers, goes to :func:`state_element_bytes`.
+(replicas, shards, tp), as ``DTensorLayout`` computes it. State precision
+(``--state-dtype``, the optimizers' ``state_dtype``) goes through
+:func:`state_element_bytes`.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class Tensor:
     algorithm: str  # lion | adamw | muon
     group: int
     tp: str = "replicate"  # under --tp: colwise | colwise_bias | rowwise | replicate
+    state_dtype: str = "fp32"  # the group's state precision (shardopt.kernels.state_precision)
 
     @property
     def numel(self) -> int:
@@ -183,7 +185,8 @@ def tp_roles(model, tp_plan=None) -> dict:
     return roles
 
 
-def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "adamw", tp_plan=None) -> list[Tensor]:
+def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "adamw", tp_plan=None,
+                      state_dtype: str = "fp32") -> list[Tensor]:
     """The optimizer's parameter list, in its order: one group, or Muon's split by ``muon_param_groups``;
     each with its role under tensor parallelism (:func:`tp_roles`)."""
     from ..optim import muon_param_groups
@@ -200,7 +203,8 @@ def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "
     out = []
     for gi, g in enumerate(groups):
         for name, p in zip(g["param_names"], g["params"]):
-            out.append(Tensor(name, tuple(p.shape), dt or p.dtype, g["algorithm"], gi, roles.get(name, "replicate")))
+            out.append(Tensor(name, tuple(p.shape), dt or p.dtype, g["algorithm"], gi, roles.get(name, "replicate"),
+                              state_dtype))
     if not out:
         raise ValueError("the model has no trainable parameters")
     return out
@@ -208,13 +212,26 @@ def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "
 
 # ---------------------------------------------------------------------------- bytes per element
 def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict | None = None) -> int:
-    """Optimizer-state bytes per owned element: the algorithm's state tensors, fp32 each.
-
-    Low-precision state (bf16, int8 with block scales) becomes another ``state_dtype`` here."""
+    """Optimizer-state bytes per owned element: the algorithm's state tensors, each in ``state_dtype``
+    (4 bytes for fp32, 2 for bf16; see :data:`shardopt.kernels.state_precision.FORMATS`)."""
+    from ..kernels import state_precision
     from ..optim.base import ALGORITHMS
 
+    check_state_dtype(state_dtype)
     algo = ALGORITHMS[algorithm]
-    return 4 * len(algo.state_keys(group if group is not None else algo.defaults))
+    per = state_precision.FORMATS[state_dtype].element_bytes
+    return int(per * len(algo.state_keys(group if group is not None else algo.defaults)))
+
+
+def check_state_dtype(state_dtype: str) -> None:
+    """A ValueError naming the valid choices, or one saying the format is not available yet."""
+    from ..kernels import state_precision
+
+    if state_dtype not in state_precision.FORMATS:
+        raise ValueError(f"unknown state dtype {state_dtype!r}; use one of {', '.join(state_precision.STATE_DTYPES)}")
+    if not state_precision.FORMATS[state_dtype].available:
+        ok = ", ".join(k for k, f in state_precision.FORMATS.items() if f.available)
+        raise ValueError(f"state dtype {state_dtype!r} is not available yet in the optimizers; use one of {ok}")
 
 
 def master_element_bytes(param_dtype, master_weights: bool = True) -> int:
@@ -307,7 +324,7 @@ def _arrays(tensors):
 
     numel = np.array([t.numel for t in tensors], dtype=np.int64)
     pbytes = np.array([t.dtype.itemsize for t in tensors], dtype=np.int64)
-    sbytes = np.array([state_element_bytes(t.algorithm) for t in tensors], dtype=np.int64)
+    sbytes = np.array([state_element_bytes(t.algorithm, t.state_dtype) for t in tensors], dtype=np.int64)
     mbytes = np.array([master_element_bytes(t.dtype) for t in tensors], dtype=np.int64)
     traffic = np.array([update_traffic_bytes(t.algorithm, t.dtype.itemsize, s, m)
                         for t, s, m in zip(tensors, sbytes.tolist(), mbytes.tolist())], dtype=np.int64)
@@ -618,7 +635,7 @@ def plan_deepspeed_muon_world(tensors, world: int, stage: int, ns_bytes: int = 2
     for ts in groups.values():
         numels = [t.numel for t in ts]
         n = sum(numels)
-        sb = state_element_bytes(ts[0].algorithm)
+        sb = state_element_bytes(ts[0].algorithm, ts[0].state_dtype)
         if stage in (1, 2):
             flat = -(-n // (DS_NCCL_START_ALIGNMENT * world)) * DS_NCCL_START_ALIGNMENT * world
             part = np.full(world, flat // world, np.int64)
@@ -703,6 +720,7 @@ class Plan:
     link_gbps: float
     reduce_gradients: bool = False
     tp: int = 1
+    state_dtype: str = "fp32"
 
     @property
     def n_params(self) -> int:
@@ -737,6 +755,7 @@ class Plan:
             })
         return {"model": self.model, "parameters": self.n_params, "tensors": len(self.tensors),
                 "optimizer": self.optimizer, "layout": self.layout, "param_dtype": self.param_dtype,
+                "state_dtype": self.state_dtype,
                 "reduce_gradients": self.reduce_gradients, "tp": self.tp, "groups": self.groups(), "worlds": worlds}
 
     # -- text --------------------------------------------------------------
@@ -769,7 +788,8 @@ class Plan:
         ds = w.layout.startswith("deepspeed")
         for label, a in ((f"parameters ({pd})", w.params), (f"gradients ({pd})", w.grads),
                          ("master weights (fp32" + (", DeepSpeed's)" if ds else ")"), w.master),
-                         ("optimizer state (fp32)", w.state), ("total", w.params + w.grads + w.master + w.state)):
+                         (f"optimizer state ({self.state_dtype})", w.state),
+                         ("total", w.params + w.grads + w.master + w.state)):
             out.append(f"    {label:<32}{_bytes(a.max()):>12}{_bytes(a.mean()):>12}")
         if w.buffers is not None and w.buffers.any():
             b = w.buffers
@@ -867,7 +887,8 @@ def _secs(s: float) -> str:
 
 def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer: str = "adamw",
          param_dtype="bf16", muon_aux: str = "adamw", reduce_gradients: bool = False, comm_dtype=None,
-         gpu: str = "h100", link_gbps: float = DEFAULT_LINK_GBPS, tp: int = 1, tp_plan=None) -> Plan:
+         gpu: str = "h100", link_gbps: float = DEFAULT_LINK_GBPS, tp: int = 1, tp_plan=None,
+         state_dtype: str = "fp32") -> Plan:
     """Plan a run: per world size, per-rank memory, communication and Newton-Schulz load.
 
     ``model``: a preset name (``llama-1b``, ``llama-8b``, ``llama-70b``,
@@ -878,8 +899,10 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
     shards x tp), cutting nn.Linear modules by ``tp_plan`` (leaf name -> "colwise" / "rowwise";
     default :func:`tp_roles`'s Megatron-style names). Returns a :class:`Plan`
     (``.format()``, ``.to_dict()``, ``.plot(path)``; ``.worlds[k]`` holds the
-    per-rank numpy arrays)."""
+    per-rank numpy arrays). ``state_dtype`` is the optimizers' state precision (``fp32`` or ``bf16``;
+    ``int8`` is listed but not available yet)."""
     kind, rep, shd, stage = parse_layout(layout)
+    check_state_dtype(state_dtype)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if gpu not in GPUS:
@@ -920,7 +943,7 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
             meshes.append((1, dp))
     cdt = _torch_dtype(comm_dtype)
     label, module = load_model(model)
-    tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux, tp_plan)
+    tensors = optimizer_tensors(module, optimizer, param_dtype, muon_aux, tp_plan, state_dtype)
     worlds = []
     for w, (r, _) in zip(world_sizes, meshes):
         if kind == "zero1":
@@ -933,7 +956,7 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
             worlds.append(plan_deepspeed_world(tensors, w, stage))
     dts = sorted({_dtype_name(t.dtype) for t in tensors})
     return Plan(label, optimizer if optimizer != "muon" else f"muon (aux {muon_aux})", layout, "/".join(dts),
-                tensors, worlds, GPUS[gpu], gpu, float(link_gbps), reduce_gradients, tp)
+                tensors, worlds, GPUS[gpu], gpu, float(link_gbps), reduce_gradients, tp, state_dtype)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -972,7 +995,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "step time is an estimate."
         ),
         epilog=(
-            "Optimizer state is counted in fp32, the optimizers' only state precision today. --tp N plans "
+            "Optimizer state is counted in --state-dtype (fp32 by default; bf16 halves it). --tp N plans "
             "FSDP2 x TP (or HSDP x TP) with the planning functions the DTensor layout runs; TP's own "
             "activation all-reduces depend on the batch and are not counted. Bytes are counted as shardopt.sharding.comm counts them "
             "(all-gather: output, reduce-scatter: input, all-to-all: bytes sent to other ranks); collectives "
@@ -995,6 +1018,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", choices=DTYPES, default="bf16",
                    help="parameter and gradient dtype (default: bf16, with shardopt's fp32 master copy sharded "
                         "like the state)")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="optimizer state precision, the optimizers' state_dtype (default: fp32; bf16: 2 bytes per "
+                        "state element; int8 is not available yet)")
     p.add_argument("--reduce-gradients", action="store_true",
                    help="zero1: the optimizer reduce-scatters the gradients itself (no DDP)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
@@ -1021,7 +1047,8 @@ def run(args) -> int:
     try:
         result = plan(args.model, world_sizes=args.world_size, layout=args.layout, optimizer=args.optimizer,
                       param_dtype=args.param_dtype, muon_aux=args.muon_aux, reduce_gradients=args.reduce_gradients,
-                      comm_dtype=args.comm_dtype, gpu=args.gpu, link_gbps=args.link_gbps, tp=args.tp)
+                      comm_dtype=args.comm_dtype, gpu=args.gpu, link_gbps=args.link_gbps, tp=args.tp,
+                      state_dtype=args.state_dtype)
     except ValueError as e:
         raise CommandError(str(e)) from e
     if args.json == "-":
@@ -1038,4 +1065,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["plan", "Plan", "WorldPlan", "Collective", "GPUS", "state_element_bytes", "master_element_bytes"]
+__all__ = ["plan", "Plan", "WorldPlan", "Collective", "GPUS", "state_element_bytes", "master_element_bytes",
+           "check_state_dtype"]
