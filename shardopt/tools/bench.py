@@ -236,7 +236,7 @@ def _print_table(rows, roofline_gbs=None):
     return _print_targets(rows)
 
 
-# the ratios issue 12 holds the defaults to, each (label, row, reference row, target)
+# the ratios the defaults are held to, each (label, row, reference row, target)
 TARGETS = (
     ("default Lion vs DeepSpeedCPULion", "shardopt.Lion (defaults)", "DeepSpeedCPULion", 1.0),
     ("default Lion vs Lion nonfinite=None (the check costs <= 15%)", "shardopt.Lion (defaults)",
