@@ -247,9 +247,11 @@ def test_demo_trains_reports_checkpoints_and_resumes_at_another_world_size(tmp_p
     # one optimizer, another layout, into the same folder: the other checkpoints keep describing themselves
     ok(demo("--optimizer", "muon", "--layout", "fsdp2", "--steps", 4, "--seed", seed + 1, "--out", out))
     meta = json.loads((ckpt / "demo.json").read_text())["checkpoints"]
-    assert meta["muon"] == {"step": 4, "layout": "fsdp2", "world_size": 2, "size": "tiny", "seed": seed + 1}
+    assert meta["muon"] == {"step": 4, "layout": "fsdp2", "world_size": 2, "size": "tiny", "seed": seed + 1,
+                           "state_dtype": "fp32"}
     for name in ("lion", "adamw"):
-        assert meta[name] == {"step": steps + more, "layout": "none", "world_size": 1, "size": "tiny", "seed": seed}
+        assert meta[name] == {"step": steps + more, "layout": "none", "world_size": 1, "size": "tiny", "seed": seed,
+                              "state_dtype": "fp32"}
     # ... and a resume of all of them together is refused: they come from different runs
     rc, _, err = _main(["demo", "--resume", str(ckpt)], capsys)
     assert rc == 1 and "different runs" in err and "--optimizer" in err, err
