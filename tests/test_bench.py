@@ -15,26 +15,42 @@ def _bench(tmp_path, *args):
 
 
 def test_bench_cpu_table(tmp_path):
+    from shardopt.kernels import cpu
+
     data, stdout = _bench(tmp_path, "--device", "cpu", "--hidden", "32", "--layers", "1", "--vocab", "64",
                           "--iters", "1", "--no-deepspeed", "--muon-hidden", "16", "--muon-layers", "1")
     by = {r["name"]: r for r in data["rows"]}
     for must in ("torch.optim.AdamW fused", "clip_grad_norm_ + torch.optim.AdamW fused", "foreach Lion (lerp/sign)",
                  "shardopt.Lion (defaults)", "shardopt.Lion nonfinite=None", "shardopt.AdamW (defaults)",
-                 "shardopt.AdamW grad_clip_norm=1.0", "torch.optim.Muon", "shardopt.Muon (defaults)"):
+                 "shardopt.AdamW grad_clip_norm=1.0", "torch.optim.Muon", "shardopt.Muon (defaults)",
+                 "shardopt.Lion state_dtype=bf16", "shardopt.AdamW state_dtype=bf16"):
         assert must in by, must
     assert all(r["ms"] > 0 for r in data["rows"])
     # bytes per element: the defaults' gradient pass reads the gradients once more
     assert by["shardopt.Lion (defaults)"]["bytes_per_elem"] == by["shardopt.Lion nonfinite=None"]["bytes_per_elem"] + 4
+    # bf16 state: 2 bytes instead of 4 per state buffer read and write (Lion one buffer, AdamW two)
+    assert by["shardopt.Lion state_dtype=bf16"]["bytes_per_elem"] == by["shardopt.Lion (defaults)"]["bytes_per_elem"] - 4
+    assert by["shardopt.AdamW state_dtype=bf16"]["bytes_per_elem"] == by["shardopt.AdamW (defaults)"]["bytes_per_elem"] - 8
     for r in data["rows"]:
         if r["algo"] != "muon":
             assert abs(r["GB/s"] - data["params"] * r["bytes_per_elem"] / r["ms"] / 1e6) < 1e-6 * r["GB/s"]
     assert data["roofline_GBps"] > 0
+    roof = {r["label"]: r for r in data["roofline"]}
+    assert data["roofline"][0]["GB/s"] == data["roofline_GBps"]
+    if cpu.available():  # the C++ in-place stream kernel (12 bytes per element) and its read-only pass (4)
+        assert list(roof) == ["roofline: in-place stream a += s*b (C++)", "roofline: read-only stream sum(a) (C++)"]
+        assert [r["bytes_per_elem"] for r in data["roofline"]] == [12, 4]
+        assert "stream triad" not in stdout
+    else:  # torch's out= triad, labelled as such
+        assert list(roof) == ["roofline: stream triad a = b + s*c (torch)"]
+    assert all(f"{label:<44}" in stdout for label in roof)
     # the orthogonality error of each Muon row is measured, and it is small (a nearly orthogonal update)
     assert 0 < by["shardopt.Muon (defaults)"]["ortho_rms_err"] < 0.5
     assert 0 < by["torch.optim.Muon"]["ortho_rms_err"] < 0.5
     assert {t["target"] for t in data["targets"]} >= {"default Muon vs torch.optim.Muon",
-                                                         "default AdamW vs torch fused AdamW"}
-    assert "vs best peer" in stdout and "roofline: stream triad" in stdout and "targets" in stdout
+                                                         "default AdamW vs torch fused AdamW",
+                                                         "bf16-state Lion vs fp32-state Lion"}
+    assert "vs best peer" in stdout and "targets" in stdout
 
 
 def test_bench_distributed_muon_traffic_equals_adamw_all_gather(tmp_path):

@@ -8,6 +8,11 @@
 * Every step option (``maximize``, ``clip_value``, ``grad_scale``,
   ``found_inf``, amsgrad), alone and combined, gives the torch backend's result
   (Lion bitwise for fp32 and bf16 params); gradients are never written.
+* bf16 optimizer state (``state_dtype="bf16"``) with every option: the stored
+  state bits equal the torch reference's (its value-keyed stochastic rounding,
+  ``state_precision.round_bf16``), for any fp32 value, any cut and any thread
+  count; Lion's params bitwise, AdamW's within the fp32 tolerance; the
+  optimizers' bf16-state path is served by the C++ kernels.
 * ``grad_stats`` is within 1e-6 relative of a float64 reference and flags
   inf/NaN exactly as ``torch_ops.grad_stats``; through the dispatcher the C++
   backend serves the optimizers' default path itself.
@@ -33,6 +38,7 @@ import torch
 import shardopt
 import shardopt.kernels as kernels
 from shardopt.kernels import _ext, cpu, torch_ops
+from shardopt.kernels import state_precision as sp
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -772,7 +778,7 @@ def torch_backend_forbidden(monkeypatch):
 
 
 def test_cpu_backend_serves_every_option(ext, torch_backend_forbidden):
-    needs = {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad"}
+    needs = {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "state_bf16"}
     for dt in (torch.float32, torch.bfloat16):
         assert kernels.serves("cpu", dt, needs)
     assert "grad_stats" in cpu.FEATURES
@@ -893,3 +899,328 @@ def test_loaded_extension_uses_the_keyed_build(ext, tmp_path, monkeypatch):
     # lookup creates the folder)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert _ext.is_stale(cpu.build_name(), [cpu.source_path()])
+
+
+# ------------------------------------------------- bf16 optimizer state
+#
+# state_dtype="bf16": the kernels load the state exactly, run the fp32 math and store with the value-keyed
+# stochastic rounding of state_precision. The reference is torch_ops (which rounds through
+# state_precision.round_bf16); the state bits must be equal. Lion's params are bitwise equal too; AdamW's
+# params keep the fp32 tolerance (the sqrt, as above), its moments and maxima involve no sqrt: bitwise.
+# NaN is compared as NaN, not by its bits (torch's own fp32 -> bf16 gives 0xFFFF in its vector path and
+# 0x7FC0 in its scalar one; the kernels write 0x7FC0).
+
+def _bf16_state(st):
+    """_fresh's state, stored in bf16 (round to nearest, as a checkpoint load would)."""
+    return [st[0]] + [[t.to(torch.bfloat16) for t in x] if x is not None else None for x in st[1:]]
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype and the same bits, NaN matching any NaN."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    ia = a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32)
+    ib = b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32)
+    return bool(((ia == ib) | both_nan).all())
+
+
+def _assert_adamw_params_close(got, ref):
+    """fp32: rtol 1e-6 / atol 1e-7 (the sqrt). bf16: within one bf16 ulp, or within the same atol where the
+    step cancels the parameter to ~1e-8 (a 1-ulp fp32 difference is then several bf16 ulps of a tiny value)."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a.dtype == torch.bfloat16 and a.numel():
+            far = (bf16_ulp_distance(a, b) > 1) & ((a.float() - b.float()).abs() > 1e-7)
+            assert not far.any(), f"params[{i}] differs at {far.nonzero()[:5].tolist()}"
+        else:
+            assert_params_match([a], [b], exact=False)
+
+
+def _assert_bf16_state_equal(opt, got, ref):
+    if opt == "lion":
+        for i, (a, b) in enumerate(zip(got[0], ref[0])):
+            assert _bits_equal(a, b), f"params[{i}] ({a.dtype}) not bitwise equal"
+    else:
+        _assert_adamw_params_close(got[0], ref[0])
+    for name, k in (("exp_avgs", 1), ("exp_avg_sqs", 2), ("max_exp_avg_sqs", 3)):
+        if opt == "lion" and k > 1 or got[k] is None:
+            continue
+        for i, (a, b) in enumerate(zip(got[k], ref[k])):
+            assert a.dtype == torch.bfloat16 and _bits_equal(a, b), f"{name}[{i}] not bitwise equal"
+
+
+def _run_bf16(impl, opt, st, grads_per_step, wd, opts, steps=None):
+    """Like _run_opt, with the step count as the rounding's salt (Lion: state_step; AdamW: its step)."""
+    for k, grads in enumerate(grads_per_step):
+        step = steps[k] if steps is not None else k + 1
+        kw = dict(_step_kw(opt, step, wd), **opts)
+        if opt == "lion":
+            impl(st[0], grads, st[1], state_step=step, **kw)
+        else:
+            impl(st[0], grads, st[1], st[2], st[3], **kw)
+
+
+BF16_SHAPE_SETS = {
+    "odd": [(1,), (7,), (0,), (1_000_003,), (10, 100)],
+    "many": _many_small_shapes() + [(300_001,), (3, 0)],
+}
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("pdtype", (torch.float32, torch.bfloat16), ids=_dtype_id)
+@pytest.mark.parametrize("opt,case,amsgrad", OPTION_PARAMS)
+def test_bf16_state_matches_torch(ext, opt, case, amsgrad, pdtype, gdtype):
+    """Every step option (and combination) with bf16 state, odd sizes, vs the torch reference."""
+    shapes = BF16_SHAPE_SETS["odd"]
+    st = _bf16_state(_fresh(shapes, pdtype, seed=21, amsgrad=amsgrad))
+    grads = [[g * 0.4 for g in make_grads(shapes, gdtype, seed=1300 + k)] for k in range(3)]
+    grads_before = [clone(gs) for gs in grads]
+    got, ref = _copy(st), _copy(st)
+    _run_bf16(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, grads, 0.1, OPTION_CASES[case]())
+    with single_threaded():
+        _run_bf16(torch_ops.lion_step if opt == "lion" else torch_ops.adamw_step, opt, ref, grads, 0.1,
+                  OPTION_CASES[case]())
+    _assert_bf16_state_equal(opt, got, ref)
+    # the step did something to the params and the state, and never wrote a gradient
+    assert not torch.equal(got[0][3], st[0][3])
+    assert not torch.equal(got[1][3], st[1][3])
+    for gs, gb in zip(grads, grads_before):
+        assert all(torch.equal(a, b) for a, b in zip(gs, gb)), "a gradient was modified"
+
+
+@pytest.mark.parametrize("opt,amsgrad", [("lion", False), ("adamw", False), ("adamw", True)])
+def test_bf16_state_many_tensors_mixed_dtypes(ext, opt, amsgrad):
+    """Many small tensors (and one threaded one) in one call; params fp32 and bf16 and state fp32 and bf16
+    mixed in the call (a complex parameter keeps fp32 state in a bf16 group); per-tensor steps."""
+    shapes = BF16_SHAPE_SETS["many"]
+    st = _fresh(shapes, torch.float32, seed=22, amsgrad=amsgrad)
+    for k in range(len(shapes)):
+        if k % 3 == 1:
+            st[0][k] = st[0][k].to(torch.bfloat16)
+        if k % 5 != 4:  # every 5th tensor keeps fp32 state
+            for x in st[1:]:
+                if x is not None:
+                    x[k] = x[k].to(torch.bfloat16)
+    grads = [make_grads(shapes, torch.bfloat16, seed=1400 + k) for k in range(2)]
+    opts = dict(maximize=True, clip_value=0.7, grad_scale=torch.tensor(0.8))
+    got, ref = _copy(st), _copy(st)
+    for k, gs in enumerate(grads):
+        salts = [1000 * k + i for i in range(len(shapes))]  # one salt per tensor
+        kw = dict(_step_kw(opt, k + 1, 0.1), **opts)
+        with single_threaded():
+            if opt == "lion":
+                cpu.lion_step(got[0], gs, got[1], state_step=salts, **kw)
+                torch_ops.lion_step(ref[0], gs, ref[1], state_step=salts, **kw)
+            else:
+                cpu.adamw_step(got[0], gs, got[1], got[2], got[3], state_step=salts, **kw)
+                torch_ops.adamw_step(ref[0], gs, ref[1], ref[2], ref[3], state_step=salts, **kw)
+    for k in (1, 2, 3):
+        if got[k] is not None:
+            for a, b in zip(got[k], ref[k]):
+                assert a.dtype == b.dtype and _bits_equal(a, b)
+    if opt == "lion":
+        assert all(_bits_equal(a, b) for a, b in zip(got[0], ref[0]))
+    else:
+        _assert_adamw_params_close(got[0], ref[0])
+
+
+def _random_bits_fp32(n, seed):
+    """fp32 values from random bit patterns (every exponent: subnormals, the top binade, inf, NaN), plus
+    the edges: signed zeros, the largest finite fp32 and bf16 values, ties and near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2**31, 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.4028235e38, -3.4028235e38, 3.3895313e38, -3.3895313e38,
+                          1e-45, -1e-45, 1.1754942e-38, float("inf"), -float("inf"), float("nan"),
+                          1.0 + 2**-8, 1.0 + 2**-8 + 2**-23, 1.0 + 2**-7 - 2**-23])
+    return torch.cat([x, edges])
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 2**31 + 5, 2**40 + 7])
+def test_bf16_state_rounding_of_any_value_is_state_precision(ext, step):
+    """With beta2 = 0 Lion's new momentum is the gradient itself (0*0 + g*1), so the stored bits are
+    state_precision.round_bf16(g, step) for any fp32 value g: the carry into the exponent and up to inf,
+    subnormals, both signs, inf and NaN; steps past 2^32 wrap like the reference's salt."""
+    g = _random_bits_fp32(100_003, seed=step % 1000)
+    want = sp.round_bf16(0.0 + g * 1.0, step)  # -0.0 becomes +0.0, as in the kernels' 0*m + g*1
+    m = torch.zeros(g.numel(), dtype=torch.bfloat16)
+    p = torch.zeros(g.numel())
+    cpu.lion_step([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0, state_step=step)
+    assert _bits_equal(m, want)
+    assert torch.equal(torch.isnan(m), torch.isnan(g))
+    ref = torch.zeros(g.numel(), dtype=torch.bfloat16)
+    torch_ops.lion_step([torch.zeros(g.numel())], [g], [ref], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0,
+                        state_step=step)
+    assert _bits_equal(m, ref)
+
+
+def test_bf16_state_non_finite_grads_like_torch(ext):
+    """inf/NaN gradients reach bf16 state as torch_ops stores them (inf stays inf, NaN stays NaN)."""
+    g = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, 0.1] * 5)
+    p = torch.linspace(-1, 1, g.numel())
+    st = [[p], [torch.full_like(p, 0.01).bfloat16()], [torch.full_like(p, 0.02).bfloat16()],
+          [torch.full_like(p, 0.01).bfloat16()]]
+    for opts in (dict(), dict(clip_value=1.0), dict(maximize=True, grad_scale=torch.tensor(0.5))):
+        a, b = _copy(st), _copy(st)
+        for k in range(2):
+            cpu.lion_step(a[0], [g], a[1], weight_decay=0.1, state_step=k + 1, **LION_HP, **opts)
+            torch_ops.lion_step(b[0], [g], b[1], weight_decay=0.1, state_step=k + 1, **LION_HP, **opts)
+            cpu.adamw_step(a[0], [g], a[1], a[2], a[3], step=k + 1, weight_decay=0.1, **ADAMW_HP, **opts)
+            torch_ops.adamw_step(b[0], [g], b[1], b[2], b[3], step=k + 1, weight_decay=0.1, **ADAMW_HP, **opts)
+        torch.testing.assert_close(a[0][0], b[0][0], rtol=1e-6, atol=0, equal_nan=True)
+        for x, y in zip(a[1:], b[1:]):
+            assert _bits_equal(x[0], y[0])
+
+
+@pytest.mark.parametrize("opt,amsgrad", [("lion", False), ("adamw", False), ("adamw", True)])
+def test_bf16_state_found_inf_set_leaves_state_unchanged(ext, opt, amsgrad):
+    shapes = [(5,), (70_001,)]
+    st = _bf16_state(_fresh(shapes, torch.float32, seed=23, amsgrad=amsgrad))
+    grads = make_grads(shapes, torch.float32, seed=1500)
+    before = [clone(g) for g in [grads]]
+    got = _copy(st)
+    for flag in (1.0, float("inf"), float("nan")):
+        _run_bf16(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, [grads], 0.1,
+                  dict(found_inf=torch.tensor(flag), grad_scale=torch.tensor(0.5)))
+    for xs, ys in zip(got, st):
+        if xs is not None:
+            assert all(_bits_equal(a, b) for a, b in zip(xs, ys))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before[0]))
+    _run_bf16(cpu.lion_step if opt == "lion" else cpu.adamw_step, opt, got, [grads], 0.1,
+              dict(found_inf=torch.tensor(0.0)))
+    assert not torch.equal(got[1][1], st[1][1])
+
+
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+def test_bf16_state_partition_and_thread_invariance(ext, opt):
+    """The rounding is keyed by value, not position: slices of a tensor, one call or one per slice, and any
+    thread count give the whole tensor's bits."""
+    n = CUTS[-1]
+    base = _bf16_state(_fresh([(n,)], torch.float32, seed=24, amsgrad=opt == "adamw"))
+    grads = [make_grads([(n,)], torch.float32, seed=1600 + k)[0] for k in range(STEPS)]
+
+    def run(st, cut, nt=None):
+        old = torch.get_num_threads()
+        if nt:
+            torch.set_num_threads(nt)
+        try:
+            for step, g in enumerate(grads, start=1):
+                sl = (lambda t: _slices(t, CUTS)) if cut else (lambda t: [t.view(-1)])
+                lists = [sl(x[0]) if x is not None else None for x in st]
+                if opt == "lion":
+                    cpu.lion_step(lists[0], sl(g), lists[1], weight_decay=0.1, state_step=step, **LION_HP)
+                else:
+                    cpu.adamw_step(lists[0], sl(g), lists[1], lists[2], lists[3], weight_decay=0.1, step=step,
+                                   **ADAMW_HP)
+        finally:
+            torch.set_num_threads(old)
+        return st
+
+    whole = run(_copy(base), cut=False)
+    for other in (run(_copy(base), cut=True), run(_copy(base), cut=False, nt=1)):
+        for x, y in zip(whole, other):
+            if x is not None:
+                assert _bits_equal(x[0], y[0])
+
+
+@pytest.mark.parametrize("gdtype", GRAD_DTYPES + (torch.float64,), ids=_dtype_id)
+def test_adamw_split_form_with_bf16_state_is_bitwise_identical(ext, gdtype):
+    shapes = SHAPE_SETS["odd"]
+    for pdtype in (torch.float32, torch.bfloat16):
+        a = _bf16_state(_fresh(shapes, pdtype, seed=25, amsgrad=True))
+        b = _copy(a)
+        for step in range(1, STEPS + 1):
+            grads = make_grads(shapes, gdtype, seed=1700 + step)
+            kw = dict(maximize=True, clip_value=0.8, grad_scale=torch.tensor(0.9))
+            ext.adamw_step(a[0], grads, a[1], a[2], 1e-2, 0.9, 0.999, 1e-8, 0.05, step, a[3], **kw)
+            ext._adamw_step_split(b[0], grads, b[1], b[2], 1e-2, 0.9, 0.999, 1e-8, 0.05, step, b[3], **kw)
+        for xs, ys in zip(a, b):
+            assert all(_bits_equal(x, y) for x, y in zip(xs, ys))
+
+
+def test_bf16_state_bad_input_raises(ext):
+    p, g = [torch.zeros(8)], [torch.ones(8)]
+    m = [torch.zeros(8, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] is bfloat16 state.*state_step"):
+        cpu.lion_step(p, g, m, weight_decay=0.0, **LION_HP)
+    with pytest.raises(ValueError, match=r"state_step has 2 entries for 1 tensors"):
+        cpu.lion_step(p, g, m, weight_decay=0.0, state_step=[1, 2], **LION_HP)
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] has dtype Float but exp_avgs\[0\] has BFloat16"):
+        cpu.adamw_step(p, g, m, [torch.zeros(8)], step=1, weight_decay=0.0, **ADAMW_HP)
+    assert torch.equal(p[0], torch.zeros(8)) and torch.equal(m[0], torch.zeros(8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("opt_kw", [dict(), dict(grad_clip_norm=1.0), dict(grad_clip_value=0.1, maximize=True)],
+                         ids=lambda d: str(d) or "defaults")
+@pytest.mark.parametrize("cls", [shardopt.Lion, shardopt.AdamW], ids=lambda c: c.__name__)
+def test_optimizer_bf16_state_runs_on_cpu_kernels(ext, cls, opt_kw, monkeypatch):
+    """shardopt.Lion/AdamW(state_dtype="bf16") with the default backend are served by the C++ kernels and
+    give backend="torch"'s bits over several steps: fp32, bf16 and complex params (the complex one keeps
+    fp32 state in the same call), a parameter that skips steps (its own step count salts its rounding)."""
+    torch.manual_seed(1)
+    shapes = [(40, 30), (7,), (1000,), (1,), (300_001,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    init = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)] + [torch.randn(33, dtype=torch.complex64)]
+    grads = [[torch.randn_like(p) * 3 for p in init] for _ in range(4)]
+
+    def run(backend, ctx):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        with ctx:
+            opt = cls(ps, lr=1e-2, sharding="none", backend=backend, state_dtype="bf16", **opt_kw)
+            for k, gs in enumerate(grads):
+                for i, (p, g) in enumerate(zip(ps, gs)):
+                    p.grad = None if (i == 2 and k == 1) else g.clone()
+                opt.step()
+        return ps, opt
+
+    ref_ps, ref = run("torch", contextlib.nullcontext())
+    with monkeypatch.context() as mp:
+        for name in ("lion_step", "adamw_step", "grad_stats", "effective_grads"):
+            mp.setattr(torch_ops, name, lambda *a, _n=name, **k: pytest.fail(f"torch_ops.{_n} was called"))
+        ps, opt = run("auto", contextlib.nullcontext())
+    assert opt.state[ps[2]]["step"] != opt.state[ps[0]]["step"]
+    for i, (a, b) in enumerate(zip(ps, ref_ps)):
+        if cls is shardopt.Lion:
+            assert torch.equal(a, b), f"params[{i}]"
+        elif a.is_complex():
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            _assert_adamw_params_close([a.detach()], [b.detach()])
+        for key, v in opt.state[a].items():
+            w = ref.state[b][key]
+            if key == "step":
+                assert float(v) == float(w)
+                continue
+            if key == "master_param":  # a bf16 parameter's fp32 copy: the params' rule
+                assert torch.equal(v, w) if cls is shardopt.Lion else _assert_adamw_params_close([v], [w]) is None
+                continue
+            want_dtype = torch.complex64 if a.is_complex() else torch.bfloat16
+            assert v.dtype == w.dtype == want_dtype, (i, key, v.dtype)
+            assert _bits_equal(torch.view_as_real(v) if v.is_complex() else v,
+                               torch.view_as_real(w) if w.is_complex() else w), (i, key)
+
+
+# ------------------------------------------------- roofline kernels (shardopt bench)
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1_000_003])
+def test_stream_kernels(ext, n):
+    """stream_update is a += s*b (two plain fp32 ops, bitwise); stream_read sums in fp32 lanes (close to
+    the fp64 sum); neither writes its inputs but a."""
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    want = a + b * 0.37
+    b0, v0 = b.clone(), a._version
+    cpu.stream_update(a, b, 0.37)
+    assert torch.equal(a, want) and torch.equal(b, b0)
+    assert a._version > v0 or n == 0
+    total = cpu.stream_read(a)
+    assert abs(total - a.double().sum().item()) <= 1e-5 * max(1.0, a.double().abs().sum().item())
+    assert torch.equal(a, want)
+
+
+def test_stream_kernels_bad_input(ext):
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.stream_update(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16), 1.0)
+    with pytest.raises(RuntimeError, match=r"b\[0\] has shape"):
+        cpu.stream_update(torch.zeros(4), torch.zeros(5), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu.stream_read(torch.zeros(4, 6).t())

@@ -213,19 +213,27 @@ def test_one_step_is_the_documented_math_on_every_backend(name):
         opt = cls([p], lr=1e-2, weight_decay=0.1, state_dtype="bf16", backend=backend)
         p.grad = grad.clone()
         opt.step()
-        assert torch.equal(p.detach(), want_p), backend
+        if name == "adamw" and backend == "auto":  # the C++ kernels' sqrt: AdamW's fp32 tolerance
+            torch.testing.assert_close(p.detach(), want_p, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(p.detach(), want_p), backend
+        # the state bits match on every backend (no sqrt in the moments)
         for k, v in want_st.items():
             assert torch.equal(opt.state[p][k].view(torch.int16), v.view(torch.int16)), (backend, k)
 
 
-def test_bf16_state_is_served_by_the_torch_backend():
+def test_bf16_state_backends():
+    """The C++ CPU kernels take bf16 state themselves; the Triton and CUDA ones not yet (the dispatcher sends
+    such calls to the torch reference); every call with bf16 state needs state_step."""
     from shardopt import kernels
-    from shardopt.kernels import cpu
+    from shardopt.kernels import cpu, cuda, triton_ops
 
     assert "state_bf16" in kernels.FEATURES
-    assert "state_bf16" not in cpu.FEATURES
+    assert "state_bf16" in cpu.FEATURES
+    assert "state_bf16" not in cuda.FEATURES and "state_bf16" not in triton_ops.FEATURES
     assert kernels.serves("torch", torch.float32, {"state_bf16"})
-    assert not kernels.serves("cpu", torch.float32, {"state_bf16"})
+    if cpu.available():
+        assert kernels.serves("cpu", torch.float32, {"state_bf16"})
     p = torch.zeros(4)
     with pytest.raises(ValueError, match="state_step"):
         kernels.lion_step([p], [p.clone()], [torch.zeros(4, dtype=torch.bfloat16)], lr=1.0, beta1=0.9, beta2=0.99,
@@ -234,16 +242,24 @@ def test_bf16_state_is_served_by_the_torch_backend():
 
 @pytest.mark.parametrize("name", CASE_IDS)
 def test_backends_agree_bitwise_on_bf16_state(name):
-    """auto (the C++ kernels for fp32 state) and torch give the same bits: bf16 state goes to the reference."""
-    a, _ = run_single(name, STEPS, state_dtype="bf16")
+    """auto (the C++ kernels on CPU, bf16 state included) and torch give the same state bits and the same
+    params (bitwise but for AdamW's sqrt: its fp32 tolerance)."""
+    a, ref = run_single(name, STEPS, state_dtype="bf16")
     ps = make_params()
     opt = build(name, ps, backend="auto", sharding="none", state_dtype="bf16")
     for k in range(STEPS):
         for p, g in zip(ps, make_grads(k)):
             p.grad = g
         opt.step()
-    for x, y in zip(ps, a):
-        assert torch.equal(x.detach(), y)
+    assert_close_params([p.detach() for p in ps], a, name)
+    ours, theirs = ([p for g in o.param_groups for p in g["params"]] for o in (opt, ref))
+    compared = 0
+    for p, q in zip(ours, theirs):
+        for k, v in opt.state[p].items():
+            if torch.is_tensor(v) and v.dtype == torch.bfloat16:
+                assert torch.equal(v.view(torch.int16), ref.state[q][k].view(torch.int16)), (name, k)
+                compared += 1
+    assert compared
 
 
 @pytest.mark.parametrize("name", ["lion", "adamw", "muon"])

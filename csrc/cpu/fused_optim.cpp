@@ -17,6 +17,12 @@
 //     at any element; the results are bitwise identical wherever it starts;
 //   * bf16 params are widened exactly, updated in fp32 and stored with
 //     round-to-nearest-even (like Tensor.copy_ from fp32);
+//   * bf16 optimizer state (state_dtype="bf16") is widened exactly, the same
+//     fp32 math runs, and the new values are stored with the stochastic
+//     rounding of shardopt/kernels/state_precision.py, bit for bit: the random
+//     bits are a hash of the element's new fp32 value and a per-tensor salt
+//     (step * 0x9E3779B9 mod 2^32).  The state type is a template parameter,
+//     so the fp32-state loops are the code they always were;
 //   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float());
 //     the steps read them as torch_ops.effective_grads does:
 //       g = float(g); g = -g if maximize; g = clamp(g, -v, v); g = g * grad_scale
@@ -116,6 +122,35 @@ inline void store_f32(bf16_storage* p, int64_t i, float v) {
   p[i].x = static_cast<uint16_t>(v != v ? 0x7FC0u : r);
 }
 
+// The 32-bit finalizer of state_precision.mix32 (uint32 arithmetic wraps mod 2^32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// state_precision.salt: (step * 0x9E3779B9) mod 2^32, for any int64 step.
+inline uint32_t state_salt(int64_t step) {
+  return static_cast<uint32_t>(static_cast<uint64_t>(step) * 0x9E3779B9ull);
+}
+
+// Optimizer state: fp32 is stored as it is (the salt is unused); bf16 by
+// state_precision.round_bf16: (u + (mix32(u ^ salt) & 0xFFFF)) >> 16 for a
+// finite value (a carry into the exponent is the next bf16 value, up to inf),
+// round to nearest for inf/NaN (inf stays inf; NaN is the canonical quiet NaN
+// 0x7FC0, as store_f32 writes it).  No 32-bit overflow: |u| <= 0x7F7FFFFF
+// for a finite value, so u + 0xFFFF keeps the sign bit.
+inline void store_state(float* p, int64_t i, float v, uint32_t /*salt*/) { p[i] = v; }
+inline void store_state(bf16_storage* p, int64_t i, float v, uint32_t salt) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t sr = (u + (mix32(u ^ salt) & 0xFFFFu)) >> 16;
+  const uint32_t special = v != v ? 0x7FC0u : (u >> 16);  // inf: the low bits are zero
+  p[i].x = static_cast<uint16_t>((u & 0x7F800000u) == 0x7F800000u ? special : sr);
+}
+
 // fp16 -> fp32 for a block (exact conversion).
 void half_block_to_float(const at::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
@@ -161,37 +196,38 @@ struct LionScalars {
   float lr, b1, omb1, b2, omb2, wd;
 };
 
-template <bool WD, bool XF, typename PT, typename GT>
-void lion_block(PT* __restrict p, const GT* __restrict g, float* __restrict m, int64_t n,
-                const LionScalars& s, const GradXform& x) {
+template <bool WD, bool XF, typename PT, typename GT, typename MT>
+void lion_block(PT* __restrict p, const GT* __restrict g, MT* __restrict m, int64_t n,
+                const LionScalars& s, const GradXform& x, uint32_t salt) {
   const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const float pf = load_f32(p, i);
     const float gf = xform<XF>(load_f32(g, i), x);
-    const float mf = m[i];
+    const float mf = load_f32(m, i);
     const float c = mf * b1 + gf * omb1;
     // torch.sign: (c > 0) - (c < 0); sign(0) = sign(-0) = sign(nan) = 0.
     float u = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
     if (WD) u = u + pf * wd;
     store_f32(p, i, pf - u * lr);
-    m[i] = mf * b2 + gf * omb2;
+    store_state(m, i, mf * b2 + gf * omb2, salt);
   }
 }
 
-template <bool WD, bool XF, typename PT, typename GT>
-void lion_range(PT* p, const GT* g, float* m, int64_t n, const LionScalars& s, const GradXform& x) {
-  lion_block<WD, XF>(p, g, m, n, s, x);
+template <bool WD, bool XF, typename PT, typename GT, typename MT>
+void lion_range(PT* p, const GT* g, MT* m, int64_t n, const LionScalars& s, const GradXform& x,
+                uint32_t salt) {
+  lion_block<WD, XF>(p, g, m, n, s, x, salt);
 }
 
-template <bool WD, bool XF, typename PT>
-void lion_range(PT* p, const at::Half* g, float* m, int64_t n, const LionScalars& s,
-                const GradXform& x) {
+template <bool WD, bool XF, typename PT, typename MT>
+void lion_range(PT* p, const at::Half* g, MT* m, int64_t n, const LionScalars& s,
+                const GradXform& x, uint32_t salt) {
   alignas(64) float buf[kHalfBlock];
   for (int64_t off = 0; off < n; off += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - off);
     half_block_to_float(g + off, buf, len);
-    lion_block<WD, XF>(p + off, static_cast<const float*>(buf), m + off, len, s, x);
+    lion_block<WD, XF>(p + off, static_cast<const float*>(buf), m + off, len, s, x, salt);
   }
 }
 
@@ -234,10 +270,10 @@ inline float nan_max(float a, float b) {
   return (a != a || b != b) ? a + b : r;
 }
 
-template <bool WD, bool XF, bool AMS, typename PT, typename GT>
-void adamw_block_onepass(PT* __restrict p, const GT* __restrict g, float* __restrict m,
-                         float* __restrict v, float* __restrict vmax, int64_t n,
-                         const AdamWScalars& s, const GradXform& x) {
+template <bool WD, bool XF, bool AMS, typename PT, typename GT, typename MT>
+void adamw_block_onepass(PT* __restrict p, const GT* __restrict g, MT* __restrict m,
+                         MT* __restrict v, MT* __restrict vmax, int64_t n,
+                         const AdamWScalars& s, const GradXform& x, uint32_t salt) {
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
   const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
   SHARDOPT_SIMD
@@ -245,49 +281,75 @@ void adamw_block_onepass(PT* __restrict p, const GT* __restrict g, float* __rest
     float pf = load_f32(p, i);
     const float gf = xform<XF>(load_f32(g, i), x);
     if (WD) pf = pf * decay;
-    const float mf = m[i] * b1 + gf * omb1;
-    const float vf = v[i] * b2 + (gf * gf) * omb2;
-    m[i] = mf;
-    v[i] = vf;
+    // the update reads the new fp32 moments; only the stored copies round
+    const float mf = load_f32(m, i) * b1 + gf * omb1;
+    const float vf = load_f32(v, i) * b2 + (gf * gf) * omb2;
+    store_state(m, i, mf, salt);
+    store_state(v, i, vf, salt);
     float vd = vf;
     if (AMS) {
-      vd = nan_max(vmax[i], vf);
-      vmax[i] = vd;
+      vd = nan_max(load_f32(vmax, i), vf);
+      store_state(vmax, i, vd, salt);
     }
     const float denom = std::sqrt(vd) / bc2_sqrt + eps;
     store_f32(p, i, pf - (mf / denom) * step_size);
   }
 }
 
-template <bool WD, bool XF, bool AMS, typename PT, typename GT>
-void adamw_block_split(PT* __restrict p, const GT* __restrict g, float* __restrict m,
-                       float* __restrict v, float* __restrict vmax, int64_t n,
-                       const AdamWScalars& s, const GradXform& x) {
+template <bool WD, bool XF, bool AMS, typename PT, typename GT, typename MT>
+void adamw_block_split(PT* __restrict p, const GT* __restrict g, MT* __restrict m,
+                       MT* __restrict v, MT* __restrict vmax, int64_t n,
+                       const AdamWScalars& s, const GradXform& x, uint32_t salt) {
   constexpr int64_t kSub = 512;
+  // fp32 state is its own scratch; bf16 state keeps the unrounded moments here
+  constexpr bool kWide = std::is_same_v<MT, float>;
+  constexpr int64_t kWork = kWide ? 1 : kSub;
   alignas(64) float root[kSub];
+  alignas(64) float mwork[kWork];
+  alignas(64) float dwork[kWork];
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
   const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
   for (int64_t off = 0; off < n; off += kSub) {
     const int64_t len = std::min(kSub, n - off);
     PT* __restrict pp = p + off;
     const GT* __restrict gg = g + off;
-    float* __restrict mm = m + off;
-    float* __restrict vv = v + off;
-    float* __restrict vm = AMS ? vmax + off : nullptr;
-    SHARDOPT_SIMD
-    for (int64_t i = 0; i < len; ++i) {
-      const float gf = xform<XF>(load_f32(gg, i), x);
-      mm[i] = mm[i] * b1 + gf * omb1;
-      vv[i] = vv[i] * b2 + (gf * gf) * omb2;
-      if (AMS) vm[i] = nan_max(vm[i], vv[i]);
+    MT* __restrict mm = m + off;
+    MT* __restrict vv = v + off;
+    MT* __restrict vm = AMS ? vmax + off : nullptr;
+    if constexpr (kWide) {
+      SHARDOPT_SIMD
+      for (int64_t i = 0; i < len; ++i) {
+        const float gf = xform<XF>(load_f32(gg, i), x);
+        mm[i] = mm[i] * b1 + gf * omb1;
+        vv[i] = vv[i] * b2 + (gf * gf) * omb2;
+        if (AMS) vm[i] = nan_max(vm[i], vv[i]);
+      }
+      sqrt_block(AMS ? vm : vv, root, len);
+    } else {
+      SHARDOPT_SIMD
+      for (int64_t i = 0; i < len; ++i) {
+        const float gf = xform<XF>(load_f32(gg, i), x);
+        const float mf = load_f32(mm, i) * b1 + gf * omb1;
+        const float vf = load_f32(vv, i) * b2 + (gf * gf) * omb2;
+        mwork[i] = mf;
+        store_state(mm, i, mf, salt);
+        store_state(vv, i, vf, salt);
+        float vd = vf;
+        if (AMS) {
+          vd = nan_max(load_f32(vm, i), vf);
+          store_state(vm, i, vd, salt);
+        }
+        dwork[i] = vd;
+      }
+      sqrt_block(dwork, root, len);
     }
-    sqrt_block(AMS ? vm : vv, root, len);
     SHARDOPT_SIMD
     for (int64_t i = 0; i < len; ++i) {
       float pf = load_f32(pp, i);
       if (WD) pf = pf * decay;
       const float denom = root[i] / bc2_sqrt + eps;
-      store_f32(pp, i, pf - (mm[i] / denom) * step_size);
+      const float mf = kWide ? load_f32(mm, i) : mwork[i];
+      store_f32(pp, i, pf - (mf / denom) * step_size);
     }
   }
 }
@@ -298,30 +360,30 @@ struct AdamWCfg {
   static constexpr bool WD = WD_, SPLIT = SPLIT_, XF = XF_, AMS = AMS_;
 };
 
-template <typename C, typename PT, typename GT>
-inline void adamw_block(PT* p, const GT* g, float* m, float* v, float* vmax, int64_t n,
-                        const AdamWScalars& s, const GradXform& x) {
+template <typename C, typename PT, typename GT, typename MT>
+inline void adamw_block(PT* p, const GT* g, MT* m, MT* v, MT* vmax, int64_t n,
+                        const AdamWScalars& s, const GradXform& x, uint32_t salt) {
   if constexpr (kOnePassAdamW && !C::SPLIT)
-    adamw_block_onepass<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x);
+    adamw_block_onepass<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x, salt);
   else
-    adamw_block_split<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x);
+    adamw_block_split<C::WD, C::XF, C::AMS>(p, g, m, v, vmax, n, s, x, salt);
 }
 
-template <typename C, typename PT, typename GT>
-void adamw_range(PT* p, const GT* g, float* m, float* v, float* vmax, int64_t n,
-                 const AdamWScalars& s, const GradXform& x) {
-  adamw_block<C>(p, g, m, v, vmax, n, s, x);
+template <typename C, typename PT, typename GT, typename MT>
+void adamw_range(PT* p, const GT* g, MT* m, MT* v, MT* vmax, int64_t n,
+                 const AdamWScalars& s, const GradXform& x, uint32_t salt) {
+  adamw_block<C>(p, g, m, v, vmax, n, s, x, salt);
 }
 
-template <typename C, typename PT>
-void adamw_range(PT* p, const at::Half* g, float* m, float* v, float* vmax, int64_t n,
-                 const AdamWScalars& s, const GradXform& x) {
+template <typename C, typename PT, typename MT>
+void adamw_range(PT* p, const at::Half* g, MT* m, MT* v, MT* vmax, int64_t n,
+                 const AdamWScalars& s, const GradXform& x, uint32_t salt) {
   alignas(64) float buf[kHalfBlock];
   for (int64_t off = 0; off < n; off += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - off);
     half_block_to_float(g + off, buf, len);
     adamw_block<C>(p + off, static_cast<const float*>(buf), m + off, v + off,
-                   vmax ? vmax + off : nullptr, len, s, x);
+                   vmax ? vmax + off : nullptr, len, s, x, salt);
   }
 }
 
@@ -329,16 +391,19 @@ void adamw_range(PT* p, const at::Half* g, float* m, float* v, float* vmax, int6
 
 enum class PKind : uint8_t { F32, BF16 };
 enum class GKind : uint8_t { F32, BF16, F16, F64 };
+enum class SKind : uint8_t { F32, BF16 };  // the state tensors of one param share it
 
 struct TensorRef {
   void* p;
   const void* g;
-  float* m;
-  float* v;     // AdamW only
-  float* vmax;  // AdamW with amsgrad only
+  void* m;
+  void* v;     // AdamW only
+  void* vmax;  // AdamW with amsgrad only
   int64_t numel;
+  uint32_t salt;  // bf16 state's rounding salt (state_salt of the param's step)
   PKind pk;
   GKind gk;
+  SKind sk;
 };
 
 struct Unit {
@@ -379,27 +444,32 @@ GKind grad_kind(const char* fn, int64_t i, const at::Tensor& g) {
   return GKind::F32;
 }
 
+// exp_avg_sqs / max_exp_avg_sqs: exp_avgs[i]'s dtype (a param's state is all fp32 or all bf16).
 void check_state(const char* fn, const char* list, int64_t i, const at::Tensor& t,
-                 const at::Tensor& ref) {
+                 const at::Tensor& ref, const at::Tensor& first) {
   check_tensor(fn, list, i, t, ref);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", list, "[", i, "] has dtype ",
-              t.scalar_type(), "; optimizer state must be float32");
+  TORCH_CHECK(t.scalar_type() == first.scalar_type(), fn, ": ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but exp_avgs[", i, "] has ", first.scalar_type(),
+              "; a parameter's optimizer state must be all float32 or all bfloat16");
 }
 
 std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& exp_avgs,
                                const std::vector<at::Tensor>* exp_avg_sqs,
-                               const std::vector<at::Tensor>* max_exp_avg_sqs = nullptr) {
+                               const std::vector<at::Tensor>* max_exp_avg_sqs,
+                               const std::vector<int64_t>* state_steps) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n &&
                   (exp_avg_sqs == nullptr || exp_avg_sqs->size() == n) &&
-                  (max_exp_avg_sqs == nullptr || max_exp_avg_sqs->size() == n),
+                  (max_exp_avg_sqs == nullptr || max_exp_avg_sqs->size() == n) &&
+                  (state_steps == nullptr || state_steps->size() == n),
               fn, ": tensor lists must have equal lengths, got params=", n, ", grads=", grads.size(),
               ", exp_avgs=", exp_avgs.size(),
               exp_avg_sqs ? ", exp_avg_sqs=" + std::to_string(exp_avg_sqs->size()) : std::string(),
               max_exp_avg_sqs ? ", max_exp_avg_sqs=" + std::to_string(max_exp_avg_sqs->size())
-                              : std::string());
+                              : std::string(),
+              state_steps ? ", state_step=" + std::to_string(state_steps->size()) : std::string());
   std::vector<TensorRef> refs;
   refs.reserve(n);
   for (size_t k = 0; k < n; ++k) {
@@ -419,16 +489,26 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
                     "; only float32 and bfloat16 params are supported");
     }
     r.gk = grad_kind(fn, i, grads[k]);
-    TORCH_CHECK(exp_avgs[k].scalar_type() == at::kFloat, fn, ": exp_avgs[", i, "] has dtype ",
-                exp_avgs[k].scalar_type(), "; optimizer state must be float32");
-    if (exp_avg_sqs) check_state(fn, "exp_avg_sqs", i, (*exp_avg_sqs)[k], p);
-    if (max_exp_avg_sqs) check_state(fn, "max_exp_avg_sqs", i, (*max_exp_avg_sqs)[k], p);
+    const at::Tensor& m = exp_avgs[k];
+    switch (m.scalar_type()) {
+      case at::kFloat: r.sk = SKind::F32; break;
+      case at::kBFloat16: r.sk = SKind::BF16; break;
+      default:
+        TORCH_CHECK(false, fn, ": exp_avgs[", i, "] has dtype ", m.scalar_type(),
+                    "; optimizer state must be float32 or bfloat16");
+    }
+    if (exp_avg_sqs) check_state(fn, "exp_avg_sqs", i, (*exp_avg_sqs)[k], p, m);
+    if (max_exp_avg_sqs) check_state(fn, "max_exp_avg_sqs", i, (*max_exp_avg_sqs)[k], p, m);
+    TORCH_CHECK(r.sk == SKind::F32 || state_steps != nullptr, fn, ": exp_avgs[", i,
+                "] is bfloat16 state, whose stochastic rounding needs state_step (the parameter's "
+                "step count)");
+    r.salt = state_steps ? state_salt((*state_steps)[k]) : 0u;
     if (r.numel == 0) continue;
     r.p = p.data_ptr();
     r.g = grads[k].data_ptr();
-    r.m = exp_avgs[k].data_ptr<float>();
-    r.v = exp_avg_sqs ? (*exp_avg_sqs)[k].data_ptr<float>() : nullptr;
-    r.vmax = max_exp_avg_sqs ? (*max_exp_avg_sqs)[k].data_ptr<float>() : nullptr;
+    r.m = m.data_ptr();
+    r.v = exp_avg_sqs ? (*exp_avg_sqs)[k].data_ptr() : nullptr;
+    r.vmax = max_exp_avg_sqs ? (*max_exp_avg_sqs)[k].data_ptr() : nullptr;
     refs.push_back(r);
   }
   return refs;
@@ -534,17 +614,38 @@ inline void with_types(const TensorRef& r, const Unit& u, const F& f) {
     with_p(static_cast<bf16_storage*>(r.p) + b);
 }
 
+// Calls f(ptr) with a state pointer of the tensor's state type (nullptr stays nullptr).
+template <typename F>
+inline void with_state(const TensorRef& r, const F& f) {
+  if (r.sk == SKind::F32)
+    f(static_cast<float*>(nullptr));
+  else
+    f(static_cast<bf16_storage*>(nullptr));
+}
+
+template <typename MT>
+inline MT* at_elem(void* base, int64_t b) {
+  return base ? static_cast<MT*>(base) + b : nullptr;
+}
+
 template <bool WD, bool XF>
 void lion_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const GradXform& x) {
   with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
-    lion_range<WD, XF>(p, g, r.m + b, n, s, x);
+    with_state(r, [&](auto* tag) {
+      using MT = std::remove_pointer_t<decltype(tag)>;
+      lion_range<WD, XF>(p, g, at_elem<MT>(r.m, b), n, s, x, r.salt);
+    });
   });
 }
 
 template <typename C>
 void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const GradXform& x) {
   with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
-    adamw_range<C>(p, g, r.m + b, r.v + b, C::AMS ? r.vmax + b : nullptr, n, s, x);
+    with_state(r, [&](auto* tag) {
+      using MT = std::remove_pointer_t<decltype(tag)>;
+      adamw_range<C>(p, g, at_elem<MT>(r.m, b), at_elem<MT>(r.v, b),
+                     C::AMS ? at_elem<MT>(r.vmax, b) : nullptr, n, s, x, r.salt);
+    });
   });
 }
 
@@ -589,8 +690,10 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
                double weight_decay, bool maximize, c10::optional<double> clip_value,
                const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf) {
-  const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr);
+               const c10::optional<at::Tensor>& found_inf,
+               const c10::optional<std::vector<int64_t>>& state_step) {
+  const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr, nullptr,
+                            state_step.has_value() ? &*state_step : nullptr);
   GradXform x;
   bool xf = false;
   if (!read_options("lion_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
@@ -629,11 +732,15 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
                      int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
                      bool maximize, c10::optional<double> clip_value,
                      const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf) {
+                     const c10::optional<at::Tensor>& found_inf,
+                     const c10::optional<std::vector<int64_t>>& state_step) {
   TORCH_CHECK(step >= 1, "adamw_step: step must be >= 1 (already incremented), got ", step);
   const bool ams = max_exp_avg_sqs.has_value();
+  // bf16 state's rounding salt: state_step per tensor, by default the call's step (as torch_ops)
+  const std::vector<int64_t> salts =
+      state_step.has_value() ? *state_step : std::vector<int64_t>(params.size(), step);
   const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs,
-                            ams ? &*max_exp_avg_sqs : nullptr);
+                            ams ? &*max_exp_avg_sqs : nullptr, &salts);
   GradXform x;
   bool xf = false;
   if (!read_options("adamw_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
@@ -677,9 +784,11 @@ void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
                 bool maximize, c10::optional<double> clip_value,
                 const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf) {
+                const c10::optional<at::Tensor>& found_inf,
+                const c10::optional<std::vector<int64_t>>& state_step) {
   adamw_step_impl<false>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf);
+                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
+                         state_step);
 }
 
 // Same as adamw_step but always the split (intrinsic-sqrt) form; for tests.
@@ -690,9 +799,11 @@ void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<a
                       int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
                       bool maximize, c10::optional<double> clip_value,
                       const c10::optional<at::Tensor>& grad_scale,
-                      const c10::optional<at::Tensor>& found_inf) {
+                      const c10::optional<at::Tensor>& found_inf,
+                      const c10::optional<std::vector<int64_t>>& state_step) {
   adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                        weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf);
+                        weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
+                        state_step);
 }
 
 // ------------------------------------------------------------ grad_stats
@@ -880,6 +991,76 @@ at::Tensor grad_stats(const std::vector<at::Tensor>& grads, c10::optional<double
   out.data_ptr<double>()[1] = s.bad;
   return out;
 }
+// ------------------------------------------------------------ roofline
+//
+// Stream-style kernels for `shardopt bench`'s memory roofline, cut into units
+// and shared out over threads exactly as the steps are.  stream_update is in
+// place like an optimizer step (2 reads + 1 write = 12 bytes per element, no
+// write-allocate traffic for a separate output); stream_read only reads (4
+// bytes per element), like the gradient pass.
+
+std::vector<TensorRef> stream_refs(const char* fn, const std::vector<const at::Tensor*>& ts) {
+  const at::Tensor& ref = *ts[0];
+  for (size_t k = 0; k < ts.size(); ++k) {
+    const at::Tensor& t = *ts[k];
+    check_tensor(fn, k == 0 ? "a" : "b", 0, t, ref);
+    TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": takes float32 tensors, got ", t.scalar_type());
+  }
+  TensorRef r{};
+  r.numel = ref.numel();
+  return r.numel ? std::vector<TensorRef>{r} : std::vector<TensorRef>{};
+}
+
+void stream_update(const at::Tensor& a, const at::Tensor& b, double s) {
+  const auto refs = stream_refs("stream_update", {&a, &b});
+  if (refs.empty()) return;
+  a.unsafeGetTensorImpl()->bump_version();
+  float* pa = a.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
+  const float sf = static_cast<float>(s);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  run_units(units, nt, [&](const Unit& u) {
+    float* __restrict x = pa + u.begin;
+    const float* __restrict y = pb + u.begin;
+    const int64_t n = u.end - u.begin;
+    SHARDOPT_SIMD
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] + sf * y[i];
+  });
+}
+
+double stream_read(const at::Tensor& a) {
+  const auto refs = stream_refs("stream_read", {&a});
+  if (refs.empty()) return 0.0;
+  const float* pa = a.data_ptr<float>();
+  int64_t total = 0;
+  const auto units = make_units(refs, &total);
+  std::vector<double> part(units.size(), 0.0);
+  {
+    const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+    pybind11::gil_scoped_release no_gil;
+    const Unit* u0 = units.data();
+    run_units(units, nt, [&](const Unit& u) {
+      const float* __restrict x = pa + u.begin;
+      const int64_t n = u.end - u.begin, full = n / kStatLanes * kStatLanes;
+      float acc[kStatLanes] = {};
+      for (int64_t i = 0; i < full; i += kStatLanes) {
+        SHARDOPT_SIMD
+        for (int j = 0; j < kStatLanes; ++j) acc[j] += x[i + j];
+      }
+      double sum = 0.0;
+      for (int64_t i = full; i < n; ++i) sum += x[i];
+      for (int j = 0; j < kStatLanes; ++j) sum += acc[j];
+      part[static_cast<size_t>(&u - u0)] = sum;
+    });
+  }
+  double sum = 0.0;
+  for (double p : part) sum += p;
+  return sum;
+}
+
 std::string build_info() {
   std::ostringstream os;
   os << "chunk=" << kChunk << " min_per_thread=" << kMinPerThread;
@@ -909,7 +1090,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lion_step", &lion_step, "Fused multi-tensor Lion step (in place)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avgs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("weight_decay"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("state_step") = py::none());
   for (auto [name, fn, doc] :
        {std::make_tuple("adamw_step", &adamw_step, "Fused multi-tensor AdamW step (in place)"),
         std::make_tuple("_adamw_step_split", &adamw_step_split,
@@ -918,10 +1100,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
           py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
           py::arg("max_exp_avg_sqs") = py::none(), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
-          py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+          py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+          py::arg("state_step") = py::none());
   }
   m.def("grad_stats", &grad_stats,
         "float64 [sum of squares of the value-clipped grads, 0 or NaN if any raw grad is not finite]",
         py::arg("grads"), py::arg("clip_value") = py::none());
+  m.def("stream_update", &stream_update,
+        "a += s*b in place (float32, threaded like the steps): bench's in-place stream roofline",
+        py::arg("a"), py::arg("b"), py::arg("s"));
+  m.def("stream_read", &stream_read,
+        "sum of a float32 tensor in fp32 lanes (threaded like the steps): bench's read-only roofline",
+        py::arg("a"));
   m.def("build_info", &build_info, "Compile-time configuration of the kernels");
 }

@@ -13,8 +13,9 @@ call updates many tensors, the multi-tensor-apply shape):
 * state: fp32 tensors of the same shapes (fp64 for fp64 params), updated in place;
   or bf16 ones (``state_dtype="bf16"``), which need ``state_step`` (the
   parameters' step count, the salt of the stochastic rounding defined in
-  :mod:`.state_precision`) and are served by the ``torch`` backend until a
-  compiled backend lists ``"state_bf16"`` in its ``FEATURES``.
+  :mod:`.state_precision`; AdamW's is its ``step``). A backend that lists
+  ``"state_bf16"`` in its ``FEATURES`` takes them (``cpu`` does, bit for bit);
+  for the others (``triton``, ``cuda``) such calls go to the ``torch`` backend.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.
 * ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a

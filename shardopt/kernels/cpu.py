@@ -11,10 +11,16 @@ The extension comes from, in order:
    different kernels keep separate builds.
 
 The kernels take every option of the step calls themselves (``maximize``,
-``clip_value``, ``grad_scale``, ``found_inf``, amsgrad) and run the fused
-gradient pass :func:`grad_stats`, so the optimizers' default path (non-finite
-check, clipping) never falls back to the ``torch`` backend. Dense
+``clip_value``, ``grad_scale``, ``found_inf``, amsgrad), bf16 optimizer state
+(``state_dtype="bf16"``: loaded exactly, the same fp32 math, stored with the
+value-keyed stochastic rounding of :mod:`.state_precision`, bit for bit; the
+salt is ``state_step``, one int for the call or one per tensor) and run the
+fused gradient pass :func:`grad_stats`, so the optimizers' default path
+(non-finite check, clipping) never falls back to the ``torch`` backend. Dense
 non-contiguous tensors are still made contiguous by the dispatcher.
+
+:func:`stream_update` and :func:`stream_read` are the memory-roofline kernels
+of ``shardopt bench`` (threaded like the steps).
 
 Nothing here raises when the extension cannot be had: :func:`available`
 returns ``False`` and :func:`build_error` says why, and
@@ -33,10 +39,11 @@ from . import _ext
 from ._ext import ExtensionLoader, is_stale
 
 __all__ = ["available", "build_error", "build_name", "load", "needs_build", "source_path", "lion_step",
-           "adamw_step", "grad_stats"]
+           "adamw_step", "grad_stats", "stream_update", "stream_read"]
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
-FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats"})
+FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats",
+                                 "state_bf16"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 # what grad_stats takes (any dense layout; fp64 squared and summed in fp64)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -127,22 +134,41 @@ build_error = _LOADER.build_error
 load = _LOADER.load
 
 
+def _state_steps(state_step, n):
+    """The per-tensor salts of bf16 state: ``None``, one int for the call, or one per tensor
+    (as :func:`shardopt.kernels.state_precision.store` takes them)."""
+    if state_step is None:
+        return None
+    if isinstance(state_step, (list, tuple)):
+        if len(state_step) != n:
+            raise ValueError(f"state_step has {len(state_step)} entries for {n} tensors")
+        return [int(s) for s in state_step]
+    return [int(state_step)] * n
+
+
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
-              grad_scale=None, found_inf=None):
+              grad_scale=None, found_inf=None, state_step=None):
+    """bf16 ``exp_avgs`` need ``state_step`` (the parameters' step count, the rounding's salt)."""
+    params = list(params)
     _LOADER.load().lion_step(
-        list(params), list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay),
+        params, list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay),
         bool(maximize), None if clip_value is None else float(clip_value), grad_scale, found_inf,
+        _state_steps(state_step, len(params)),
     )
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
-               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None):
-    """``max_exp_avg_sqs`` given means amsgrad (as in :func:`shardopt.kernels.torch_ops.adamw_step`)."""
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None,
+               state_step=None):
+    """``max_exp_avg_sqs`` given means amsgrad (as in :func:`shardopt.kernels.torch_ops.adamw_step`);
+    bf16 state rounds with ``state_step`` as its salt (default: ``step``)."""
+    params = list(params)
     _LOADER.load().adamw_step(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), float(lr), float(beta1), float(beta2),
+        params, list(grads), list(exp_avgs), list(exp_avg_sqs), float(lr), float(beta1), float(beta2),
         float(eps), float(weight_decay), int(step),
         None if max_exp_avg_sqs is None else list(max_exp_avg_sqs), bool(maximize),
         None if clip_value is None else float(clip_value), grad_scale, found_inf,
+        _state_steps(state_step, len(params)),
     )
 
 
@@ -156,3 +182,13 @@ def grad_stats(grads, *, clip_value=None) -> torch.Tensor:
     contiguous copy. All checks are in the extension (no per-tensor Python work).
     """
     return _LOADER.load().grad_stats(list(grads), None if clip_value is None else float(clip_value))
+
+
+def stream_update(a: torch.Tensor, b: torch.Tensor, s: float) -> None:
+    """``a += s*b`` in place (fp32, contiguous), threaded like the steps: 12 bytes per element."""
+    _LOADER.load().stream_update(a, b, float(s))
+
+
+def stream_read(a: torch.Tensor) -> float:
+    """The sum of ``a`` (fp32, contiguous) in fp32 lanes, threaded like the steps: 4 bytes per element read."""
+    return _LOADER.load().stream_read(a)

@@ -54,20 +54,38 @@ def _time(step, iters: int, warmup: int, device) -> float:
     return statistics.median(times) * 1e3
 
 
-def _roofline(n: int, device, iters: int) -> float:
-    """GB/s of a stream-style triad ``a = b + s*c`` (torch's multi-threaded elementwise kernel, 12 bytes
-    per element: two reads and one write), the memory roofline the elementwise steps are held to."""
+def _roofline(n: int, device, iters: int) -> list[dict]:
+    """The memory roofline the elementwise steps are held to: rows of ``label``, ``bytes_per_elem`` and
+    ``GB/s``, the first being the one a step's "% roof" is of.
+
+    On CPU with the C++ extension: its in-place stream ``a += s*b`` (2 reads + 1 write = 12 bytes per
+    element, threaded like the steps; in place like an optimizer step, so no write-allocate traffic for a
+    separate output, which makes torch's ``out=`` triad read low), then its read-only pass (4 bytes per
+    element, like the gradient pass). Elsewhere torch's triad ``a = b + s*c``.
+    """
+    from ..kernels import cpu
+
     b = torch.randn(n, device=device)
+    if device.type == "cpu" and cpu.available():
+        a = torch.randn(n, device=device)
+        cpu.stream_update(a, b, 1e-3)  # warm the extension (and the pages) before timing
+        upd = _time(lambda: cpu.stream_update(a, b, 1e-3), iters, 2, device)
+        rd = _time(lambda: cpu.stream_read(a), iters, 2, device)
+        return [{"label": "roofline: in-place stream a += s*b (C++)", "bytes_per_elem": 12,
+                 "GB/s": 12 * n / upd / 1e6},
+                {"label": "roofline: read-only stream sum(a) (C++)", "bytes_per_elem": 4, "GB/s": 4 * n / rd / 1e6}]
     c = torch.randn(n, device=device)
     a = torch.empty_like(b)
     ms = _time(lambda: torch.add(b, c, alpha=0.5, out=a), iters, 2, device)
-    return 3 * n * 4 / ms / 1e6
+    return [{"label": "roofline: stream triad a = b + s*c (torch)", "bytes_per_elem": 12, "GB/s": 12 * n / ms / 1e6}]
 
 
 # bytes each step reads and writes per parameter (fp32): Lion reads p, g, m and writes p, m (20); AdamW reads
 # p, g, m, v and writes p, m, v (28); the default gradient pass (inf/NaN and norm) reads g once more (+4);
 # clip_grad_norm_ reads g for the norm, then reads and writes it to scale it (+12)
 _BYTES = {"lion": 20, "adamw": 28, "check": 4, "clip_grad_norm_": 12}
+# bf16 state moves 2 bytes instead of 4 per state buffer read and write: Lion's one buffer saves 4, AdamW's two 8
+_BF16_STATE_SAVES = {"lion": 4, "adamw": 8}
 
 
 def _elementwise_rows(shapes, device, iters, deepspeed: bool):
@@ -141,8 +159,12 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
             ds("deepspeed.ops.lion", "DeepSpeedCPULion" if cpu else "FusedLion"), L, "lion", peer=True)
     add("shardopt.Lion (defaults)", ours(shardopt.Lion, lr=1e-4), L + C, "lion")
     add("shardopt.Lion nonfinite=None", ours(shardopt.Lion, lr=1e-4, nonfinite=None), L, "lion")
+    add("shardopt.Lion state_dtype=bf16", ours(shardopt.Lion, lr=1e-4, state_dtype="bf16"),
+        L + C - _BF16_STATE_SAVES["lion"], "lion")
     add("shardopt.AdamW (defaults)", ours(shardopt.AdamW, lr=1e-3), A + C, "adamw")
     add("shardopt.AdamW nonfinite=None", ours(shardopt.AdamW, lr=1e-3, nonfinite=None), A, "adamw")
+    add("shardopt.AdamW state_dtype=bf16", ours(shardopt.AdamW, lr=1e-3, state_dtype="bf16"),
+        A + C - _BF16_STATE_SAVES["adamw"], "adamw")
     add("shardopt.AdamW grad_clip_norm=1.0", ours(shardopt.AdamW, lr=1e-3, grad_clip_norm=1.0), A + C,
         "adamw clip")
     if device.type == "cuda":
@@ -212,7 +234,7 @@ def _muon_rows(device, iters, hidden, layers):
     return rows, shapes
 
 
-def _print_table(rows, roofline_gbs=None):
+def _print_table(rows, roofline=None):
     best_peer = {}
     for r in rows:
         if r["peer"]:
@@ -221,8 +243,11 @@ def _print_table(rows, roofline_gbs=None):
            f"{'vs best peer':>13}")
     print(hdr)
     print("-" * len(hdr))
-    if roofline_gbs:
-        print(f"{'roofline: stream triad a = b + s*c':<44} {'':>9} {12:>7} {roofline_gbs:7.1f} {'100.0%':>7}")
+    roofline = roofline or []
+    roofline_gbs = roofline[0]["GB/s"] if roofline else None
+    for roof in roofline:
+        pct = f"{100 * roof['GB/s'] / roofline_gbs:6.1f}%"
+        print(f"{roof['label']:<44} {'':>9} {roof['bytes_per_elem']:>7} {roof['GB/s']:7.1f} {pct:>7}")
     for r in rows:
         gbs = r.get("GB/s")
         pct = f"{100 * gbs / roofline_gbs:6.1f}%" if gbs and roofline_gbs else "      -"
@@ -232,7 +257,8 @@ def _print_table(rows, roofline_gbs=None):
         print(f"{r['name']:<44} {r['ms']:9.2f} {r.get('bytes_per_elem', '-'):>7} {gbs or 0:7.1f} {pct:>7} {err} "
               f"{ratio:12.2f}x")
     print("B/elem: bytes a step must read and write per fp32 parameter (the defaults' gradient pass reads the "
-          "gradients once more); ortho err: rms|1 - sigma| of the orthogonalized update")
+          "gradients once more; bf16 state moves 2 bytes per state buffer read and write); % roof: of the first "
+          "roofline row; ortho err: rms|1 - sigma| of the orthogonalized update")
     return _print_targets(rows)
 
 
@@ -245,6 +271,7 @@ TARGETS = (
     ("AdamW grad_clip_norm=1.0 vs clip_grad_norm_ + torch fused", "shardopt.AdamW grad_clip_norm=1.0",
      "clip_grad_norm_ + torch.optim.AdamW fused", 1.3),
     ("default Muon vs torch.optim.Muon", "shardopt.Muon (defaults)", "torch.optim.Muon", 1.0),
+    ("bf16-state Lion vs fp32-state Lion", "shardopt.Lion state_dtype=bf16", "shardopt.Lion (defaults)", 1.05),
 )
 
 
@@ -638,7 +665,8 @@ def run(args) -> int:
         print(f"one optimizer step, {n / 1e6:.1f} M fp32 params in {len(shapes)} tensors, device {device}, "
               f"{torch.get_num_threads()} threads", file=sys.stderr)
         roof = _roofline(n, device, args.iters)
-        print(f"  roofline (stream triad) {roof:.1f} GB/s", file=sys.stderr)
+        for r in roof:
+            print(f"  {r['label']} {r['GB/s']:.1f} GB/s", file=sys.stderr)
         rows, _ = _elementwise_rows(shapes, device, args.iters, not args.no_deepspeed)
         if not args.no_muon:
             mrows, mshapes = _muon_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
@@ -646,7 +674,8 @@ def run(args) -> int:
         targets = _print_table(rows, roof)
         if not args.no_muon:
             ns_rows = _ns_choice_rows(device, max(1, args.iters // 2), args.muon_hidden, args.muon_layers)
-        rows = {"params": n, "tensors": len(shapes), "roofline_GBps": roof, "rows": rows, "targets": targets}
+        rows = {"params": n, "tensors": len(shapes), "roofline_GBps": roof[0]["GB/s"], "roofline": roof,
+                "rows": rows, "targets": targets}
         if not args.no_muon:
             rows["newton_schulz"] = ns_rows
     if args.json:
