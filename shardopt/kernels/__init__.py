@@ -218,7 +218,27 @@ def _host_flag(found_inf):
     return False, found_inf
 
 
+def _plain_dtypes(params, grads):
+    """The parameters' dtypes when :func:`_prepare` would leave the lists as they are for a compiled backend
+    (every parameter non-empty and contiguous, every gradient contiguous and of its parameter's shape), else None.
+    Complex dtypes are returned as such: no compiled backend serves them, so they still go through ``_prepare``."""
+    dtypes = set()
+    for p, g in zip(params, grads):
+        if not (p.is_contiguous() and g.is_contiguous() and p.shape == g.shape and p.numel()):
+            return None
+        dtypes.add(p.dtype)
+    return dtypes
+
+
 def _run(name, lists, needs, backend, kwargs):
+    if backend != "torch" and len(lists[1]) == len(lists[0]):
+        # the usual case: one call, decided once per dtype instead of once per tensor
+        dtypes = _plain_dtypes(lists[0], lists[1])
+        if dtypes is not None:
+            b = resolve_backend(backend, lists[0][0].device)
+            if b != "torch" and all(serves(b, dt, needs) for dt in dtypes):
+                getattr(_module(b), name)(*lists, **kwargs)
+                return
     lists, strided = _prepare(lists)
     params = lists[0]
     if not params:
@@ -311,16 +331,20 @@ def grad_stats(grads, *, clip_value=None, backend="auto") -> torch.Tensor:
     fp32, the blocks in fp64: within 1e-6 relative); ``bad`` is 0 when every raw
     gradient is finite and NaN otherwise.
     """
-    gs = [_real(g) for g in grads if g.numel() > 0]
-    if not gs:
+    first = next((g for g in grads if g.numel() > 0), None)
+    if first is None:
         dev = grads[0].device if grads else torch.device("cpu")
         return torch.zeros(2, dtype=torch.float64, device=dev)
     from . import torch_ops
 
-    b = resolve_backend(backend, gs[0].device)
+    b = resolve_backend(backend, first.device)
     m = _module(b)
     if b == "torch" or "grad_stats" not in getattr(m, "FEATURES", ()):
-        return torch_ops.grad_stats(gs, clip_value=clip_value)
+        return torch_ops.grad_stats([_real(g) for g in grads if g.numel() > 0], clip_value=clip_value)
+    if all(g.is_contiguous() and g.dtype in m.GRAD_DTYPES for g in grads):
+        # the usual case: the extension skips empty tensors itself and reads contiguous ones as they are
+        return m.grad_stats(grads, clip_value=clip_value)
+    gs = [_real(g) for g in grads if g.numel() > 0]
     # the order of the elements does not matter to a sum: a dense tensor goes as its storage block
     fast = [_storage_flat(g) for g in gs if g.dtype in m.GRAD_DTYPES and is_dense(g)]
     rest = [g for g in gs if not (g.dtype in m.GRAD_DTYPES and is_dense(g))]  # fp64, gaps: the reference

@@ -78,6 +78,7 @@ FORMATS = {
 STATE_DTYPES = tuple(FORMATS)  # the valid values, in the order errors list them
 DEFAULT = "fp32"
 LOW = (torch.bfloat16,)  # storage dtypes the reference loads/stores through this module
+LOW_SET = frozenset(LOW)
 
 
 def storage_dtype(fmt: str, param_dtype: torch.dtype) -> torch.dtype:
@@ -171,4 +172,4 @@ def store(targets, works, *, step, found_inf=None) -> None:
 
 def needs_step(states) -> bool:
     """Whether any of ``states`` is stored in a format whose store needs the step salt."""
-    return any(is_low(t) for t in states)
+    return not LOW_SET.isdisjoint({t.dtype for t in states})

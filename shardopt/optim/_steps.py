@@ -64,7 +64,8 @@ class StepCounter:
 
     def count(self, states) -> None:
         for st in states:
-            st["step"] = get(st) + 1
+            v = st.get("step", 0)
+            st["step"] = (v if type(v) is int else get(st)) + 1  # get() only for a tensor someone wrote
 
     def count_unless(self, states, found_inf: torch.Tensor) -> None:
         """Count now; remember to undo it if the device flag ``found_inf`` turns out set."""

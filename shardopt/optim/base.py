@@ -75,6 +75,24 @@ class GradTransform:
     found_inf: torch.Tensor | None = None  # a device skip flag (None where the host decided)
 
 
+@dataclass
+class _Plan:
+    """What every step walks, kept while the param groups hold the same tensors and the layout is the same.
+
+    Built from ``param_groups`` and the layout only (never from gradients, which may change every step).
+    """
+
+    key: tuple  # per group, the ids of its params
+    layout: Any
+    params: list
+    gidx: list[int]
+    members: list[list[int]]  # per group, its flat indices
+    owned: list[bool]  # layout.owns(i)
+    in_norm: list[bool]  # layout.counts_in_norm(i)
+    all_owned: bool
+    all_in_norm: bool
+
+
 class Algorithm:
     """One update rule. State tensors are shaped like the local piece of each parameter."""
 
@@ -167,6 +185,7 @@ class ShardedOptimizer(Optimizer):
         self.ns_shapes: list[tuple] = []  # shapes orthogonalized on this rank in the last step
         self._layout = None
         self._layout_key = None
+        self._plan: _Plan | None = None  # see _step_plan
         self._keep_state = False
         # set by an integration whose framework owns the partitioning (DeepSpeed): builds the layout instead
         # of make_layout, with the same arguments
@@ -251,6 +270,25 @@ class ShardedOptimizer(Optimizer):
         return f"param group {gi} ({group.get('algorithm')}{first})"
 
     # ------------------------------------------------------------------ layout
+    def _groups_key(self) -> tuple:
+        return tuple(tuple(map(id, g["params"])) for g in self.param_groups)
+
+    def _step_plan(self) -> _Plan:
+        """The cached :class:`_Plan`; rebuilt when a group's parameters or the layout changed."""
+        plan, layout = self._plan, self._layout
+        key = self._groups_key()
+        if plan is not None and plan.layout is layout and plan.key == key:
+            return plan
+        params, gidx, members = [], [], []
+        for gi, g in enumerate(self.param_groups):
+            members.append(list(range(len(params), len(params) + len(g["params"]))))
+            params.extend(g["params"])
+            gidx.extend([gi] * len(g["params"]))
+        owned = [layout.owns(i) for i in range(len(params))]
+        in_norm = [layout.counts_in_norm(i) for i in range(len(params))]
+        self._plan = _Plan(key, layout, params, gidx, members, owned, in_norm, all(owned), all(in_norm))
+        return self._plan
+
     def _flat_params(self):
         params, names, gidx = [], [], []
         for gi, g in enumerate(self.param_groups):
@@ -273,6 +311,10 @@ class ShardedOptimizer(Optimizer):
         is built; state made for the old parameters is then rebuilt for the new
         ones, which is only safe before the first step.
         """
+        plan = self._plan
+        if self._layout is not None and plan is not None and plan.layout is self._layout and \
+                plan.key == self._groups_key():
+            return  # the groups hold the tensors the layout was built for (the common case: every step)
         params, names, gidx = self._flat_params()
         key = tuple(id(p) for p in params)
         if self._layout is not None and key == self._layout_key:
@@ -406,6 +448,7 @@ class ShardedOptimizer(Optimizer):
         d = super().__getstate__()
         self.wait_param_gather()
         d.pop("_layout_factory", None)  # holds a process group; an integration installs it again
+        d.pop("_plan", None)  # rebuilt at the next step
         for k in ("sharding", "process_group", "reduce_gradients", "nonfinite", "backend", "grad_clip_norm",
                   "grad_clip_value", "master_weights", "comm_dtype", "overlap_comm", "overlap_param_gather",
                   "_host_skipped", "ns_shapes"):
@@ -427,6 +470,7 @@ class ShardedOptimizer(Optimizer):
         self._last_norm = None
         self._layout = None
         self._layout_key = None
+        self._plan = None
         self._layout_factory = None
         self._keep_state = True
         self._ready = True
@@ -491,14 +535,16 @@ class ShardedOptimizer(Optimizer):
         self._ensure_layout()
         layout = self._layout
         layout.wait_params()  # gathers overlap_param_gather left in flight, before anything reads parameters
-        params, _, gidx = self._flat_params()
+        plan = self._step_plan()
+        params = plan.params
         self._counter.resolve()
         for i, p in enumerate(params):
-            if p.grad is not None and p.grad.is_sparse:
+            g = p.grad
+            if g is not None and g.is_sparse:
                 raise ValueError(f"shardopt optimizers do not support sparse gradients; {self._describe(i)} has one")
         layout.prepare_grads()
-        grads = [layout.grad_view(i) for i in range(len(params))]
-        present = self._agree_on_gradients(params, grads)
+        grads = layout.grad_views()
+        present = self._agree_on_gradients(plan, grads)
         if present is None:
             return loss  # skipped for non-finite gradients, on every rank
         decision, present = present
@@ -506,7 +552,7 @@ class ShardedOptimizer(Optimizer):
                            decision.found_inf if decision is not None and decision.host_skip() is None else None)
         self.ns_shapes = []
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, params, gidx, grads, present, gt)
+            self._step_group(gi, group, plan, grads, present, gt)
             layout.group_done(gi)
         if self.overlap_param_gather and layout.name == "zero1" and not layout.hooked and not self._warned_unattached:
             self._warned_unattached = True
@@ -515,37 +561,44 @@ class ShardedOptimizer(Optimizer):
         layout.finish()
         return loss
 
-    def _step_group(self, gi, group, params, gidx, grads, present, gt):
+    def _step_group(self, gi, group, plan, grads, present, gt):
         layout = self._layout
+        params = plan.params
         algo = ALGORITHMS[group["algorithm"]]
-        stepped = [i for i in range(len(params)) if gidx[i] == gi and present[i]]
+        stepped = [i for i in plan.members[gi] if present[i]]
         if not stepped:
             return
         # every rank counts steps for every parameter with a gradient anywhere, owned or not,
         # so the state is the same on all ranks
-        sts = [self.state[params[i]] for i in stepped]
+        state = self.state
+        sts = [state[params[i]] for i in stepped]
         if gt.found_inf is not None:
             self._counter.count_unless(sts, gt.found_inf)
         else:
             self._counter.count(sts)
-        idx = layout.matrix_indices(stepped) if algo.matrix else [i for i in stepped if layout.owns(i)]
-        if not idx and not algo.matrix:
-            return
-        work = []
-        for i in idx:
-            st = self.state[params[i]]
-            work.append(st["master_param"] if "master_param" in st else layout.param_view(i))
-        pv = [layout.local_state(w) for w in work]
+        if algo.matrix:
+            idx = layout.matrix_indices(stepped)
+        else:
+            idx = stepped if plan.all_owned else [i for i in stepped if plan.owned[i]]
+            if not idx:
+                return
+        if idx is not stepped:
+            sts = [state[params[i]] for i in idx]
+        views = layout.param_views(idx)
+        masters = [k for k, st in enumerate(sts) if "master_param" in st]
+        work = list(views)
+        for k in masters:
+            work[k] = sts[k]["master_param"]
+        pv = layout.local_states(work)
         gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
         keys = algo.state_keys(group)
-        sv = {k: [layout.local_state(self.state[params[i]][k]) for i in idx] for k in keys}
-        algo.step(self, group, idx, pv, gv, sv, [self.state[params[i]]["step"] for i in idx], gt)
-        masters = [(layout.param_view(i), layout.local_state(self.state[params[i]]["master_param"]))
-                   for i in idx if "master_param" in self.state[params[i]]]
+        sv = {k: layout.local_states([st[k] for st in sts]) for k in keys}
+        algo.step(self, group, idx, pv, gv, sv, [st["step"] for st in sts], gt)
         if masters:
-            torch._foreach_copy_([m[0] for m in masters], [m[1] for m in masters])
+            torch._foreach_copy_([views[k] for k in masters],
+                                 layout.local_states([sts[k]["master_param"] for k in masters]))
 
-    def _agree_on_gradients(self, params, grads):
+    def _agree_on_gradients(self, plan, grads):
         """The fused gradient pass and the one all-reduce of a step.
 
         Returns None when the step is skipped (every rank decides the same), else
@@ -554,13 +607,17 @@ class ShardedOptimizer(Optimizer):
         steps it with zeros, as DDP with ``find_unused_parameters=True`` sums them).
         """
         layout = self._layout
+        params = plan.params
         local = [p.grad is not None for p in params]
         need_stats = self.nonfinite is not None or self.grad_clip_norm is not None
         if not need_stats and not layout.distributed:
             self._last_norm = None
             return None, local
-        pieces = [g for i, g in enumerate(grads) if g is not None and layout.counts_in_norm(i)]
-        replicas = [g for i, g in enumerate(grads) if g is not None and not layout.counts_in_norm(i)]
+        if plan.all_in_norm:
+            pieces, replicas = [g for g in grads if g is not None], []
+        else:
+            pieces = [g for i, g in enumerate(grads) if g is not None and plan.in_norm[i]]
+            replicas = [g for i, g in enumerate(grads) if g is not None and not plan.in_norm[i]]
         present_any = pieces or replicas
         dev = present_any[0].device if present_any else (_device_of(params[0]) if params else torch.device("cpu"))
         if need_stats:

@@ -170,6 +170,14 @@ class FlatPartitionLayout(Layout):
     def grad_view(self, i):
         return self.params[i].grad
 
+    # the views are the flat partitions themselves
+    def grad_views(self):
+        return [p.grad for p in self.params]
+
+    def param_views(self, indices):
+        params = self.params
+        return [params[i] for i in indices]
+
     def matrix_pieces(self, i):
         """(offset, numel, matrix shape) of each matrix range in partition ``i`` on this rank."""
         out = []

@@ -22,6 +22,10 @@ A layout answers, for every parameter index of an optimizer:
 * ``all_reduce_sum(t)`` for the step stats (grad norm, non-finite flag, and,
   where ``distributed``, the per-parameter has-a-gradient counts);
 * ``wrap_state(i, local)`` what is stored in ``optimizer.state``.
+
+``grad_views()``, ``param_views(indices)`` and ``local_states(values)`` are
+the list forms the step uses (one call per group, not per parameter); a
+layout whose views are the parameters themselves overrides them.
 """
 from __future__ import annotations
 
@@ -76,6 +80,16 @@ class Layout:
     def local_state(self, value):
         return value
 
+    def grad_views(self) -> list:
+        """``grad_view(i)`` of every parameter, read afresh (gradients may be replaced between steps)."""
+        return [self.grad_view(i) for i in range(len(self.params))]
+
+    def param_views(self, indices) -> list:
+        return [self.param_view(i) for i in indices]
+
+    def local_states(self, values) -> list:
+        return [self.local_state(v) for v in values]
+
     # -- communication ----------------------------------------------------
     def prepare_grads(self) -> None:
         pass
@@ -128,3 +142,14 @@ class LocalLayout(Layout):
 
     def grad_view(self, i):
         return self.params[i].grad
+
+    # the views are the parameters and the state tensors themselves
+    def grad_views(self):
+        return [p.grad for p in self.params]
+
+    def param_views(self, indices):
+        params = self.params
+        return [params[i] for i in indices]
+
+    def local_states(self, values):
+        return list(values)
