@@ -126,3 +126,26 @@ def test_deepcopy_after_steps_keeps_stepping_its_own_params():
     opt2.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, before))
     assert not any(torch.equal(p, q) for p, q in zip(ps2, before2))
+
+
+def test_add_param_group_after_steps_keeps_the_other_parameters_state_as_torch_does():
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    b = torch.nn.Parameter(torch.randn(4, 4))
+    ours_a, ours_b = [p.detach().clone().requires_grad_() for p in a], b.detach().clone().requires_grad_()
+    ref = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1)
+    opt = shardopt.AdamW(ours_a, lr=1e-2, weight_decay=0.1)
+    grads = [[torch.randn_like(p) for p in a + [b]] for _ in range(4)]
+    for k, gs in enumerate(grads):
+        if k == 2:
+            ref.add_param_group({"params": [b], "lr": 3e-2})
+            opt.add_param_group({"params": [ours_b], "lr": 3e-2})
+        ps_ref = a + ([b] if k >= 2 else [])
+        ps_ours = ours_a + ([ours_b] if k >= 2 else [])
+        for p, q, g in zip(ps_ref, ps_ours, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    for p, q in zip(a + [b], ours_a + [ours_b]):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-7)
+    assert [int(opt.state[q]["step"]) for q in ours_a + [ours_b]] == [4, 4, 2]

@@ -250,8 +250,14 @@ class ShardedOptimizer(Optimizer):
                 raise ValueError(f"{d} is complex; Muon takes real matrices only (as torch.optim.Muon does)")
             algo.validate_param(group, p, f"{d} in {self._where(gi, group)}")
         if getattr(self, "_ready", False):
-            self._layout = None
-            self._ensure_layout()
+            old = self._layout
+            trained = any(_steps.get(st) > 0 for st in self.state.values() if "step" in st)
+            if old is not None and trained and not old.state_per_param:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"add_param_group after training steps is not supported by the {old.name!r} layout (its state "
+                    "is cut across ranks for the parameters it had); add every group before the first step")
+            self._ensure_layout()  # a local layout carries the other parameters' state over, as torch.optim does
 
     @staticmethod
     def _describe_in(group, gi, k):
