@@ -92,7 +92,7 @@ def _jit_build():
     for base, cflags, ldflags in attempts:
         name = build_name(base, cflags, ldflags)
         if is_stale(name, [src]):
-            print("shardopt: building C++ CPU kernels (first use, ~30 s)...", file=sys.stderr, flush=True)
+            print("shardopt: building C++ CPU kernels (first use, about a minute)...", file=sys.stderr, flush=True)
         try:
             return cpp_extension.load(
                 name=name,
