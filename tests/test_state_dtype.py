@@ -543,10 +543,33 @@ def test_w2_layouts_equal_single_process_and_checkpoints_resume(tmp_path):
     assert t.state[ps[0]]["exp_avg"].dtype == torch.float32
 
 
+def _resume_job(rank, world, d, name):
+    import shardopt.checkpoint as C
+
+    out = {}
+    for layout in ("zero1", "fsdp2"):
+        m, ps = _model(layout, world)
+        opt = build(name, ps, backend="torch", state_dtype="bf16")
+        C.load(f"{d}/{name}-{layout}", m, opt)
+        _train(opt, ps, K, 2 * K)
+        out[layout] = _full(ps)
+    return out
+
+
 @pytest.mark.slow
-def test_w4_lion_layouts_bitwise():
-    res = dist_utils.run(_layouts_job, 4, None, ["lion"], False)
+def test_w4_lion_layouts_bitwise_and_resume_4_to_2(tmp_path):
+    d = str(tmp_path)
+    res = dist_utils.run(_layouts_job, 4, d, ["lion"], True)
     _check_layouts(res, ["lion"], 4)
+    # saved at W=4 after K steps, resumed at W=2 in the same layout: the uninterrupted single-process run, bitwise
+    want, _ = run_single("lion", 2 * K, state_dtype="bf16")
+    for r in res:
+        for layout in ("zero1", "fsdp2"):
+            assert all(torch.equal(a, b) for a, b in zip(*r[("lion", layout, "resume")])), layout  # 4 -> 4
+    res2 = dist_utils.run(_resume_job, 2, d, "lion")
+    for r in res2:
+        for layout in ("zero1", "fsdp2"):
+            assert all(torch.equal(a, b) for a, b in zip(r[layout], want)), layout
 
 
 # ---------------------------------------------------------------- DeepSpeed config entry
