@@ -73,6 +73,21 @@ def _ds_version() -> str:
         return "0.19.8"
 
 
+def _open_verified(path, progress):
+    """A shardopt checkpoint to write out: verified first, then its manifest, tensor metadata, reader and the
+    extra (non-tensor) payload, None when it has none."""
+    _, errors = verify(path, progress=progress)
+    if errors:
+        raise CorruptCheckpointError(errors[0])
+    directory = S.resolve(path)
+    m = read_manifest(directory)
+    md = S.read_metadata(directory)
+    extra = None
+    if EXTRA in m.get("files", {}):
+        extra = torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
+    return directory, m, md, S.TensorReader(directory, md), extra
+
+
 def _tag_dir(ds_dir: str, tag: str | None) -> tuple[str, str]:
     ds_dir = os.fspath(ds_dir).rstrip("/")
     if tag is None:
@@ -395,13 +410,7 @@ def to_deepspeed(path: str, ds_dir: str, *, world_size: int, tag: str | None = N
     M = int(world_size)
     if M < 1:
         raise ValueError("world_size must be >= 1")
-    n, errors = verify(path, progress=progress)
-    if errors:
-        raise CorruptCheckpointError(errors[0])
-    directory = S.resolve(path)
-    m = read_manifest(directory)
-    md = S.read_metadata(directory)
-    reader = S.TensorReader(directory, md)
+    directory, m, md, reader, extra = _open_verified(path, progress)
     params, tensors = m["params"], m["tensors"]
     for fqn, p in params.items():
         if p["algorithm"] == "muon" and state_format == "deepspeed":
@@ -410,9 +419,6 @@ def to_deepspeed(path: str, ds_dir: str, *, world_size: int, tag: str | None = N
                 "momentum per partition at ZeRO-1/2, which this writer does not produce. Write it for "
                 "\"type\": \"shardopt.Muon\" (state_format='shardopt'), or as a universal checkpoint"
             )
-    extra = None
-    if EXTRA in m.get("files", {}):
-        extra = torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
     step = max((p["step"] for p in params.values()), default=0.0)
     tag = tag or f"global_step{int(step)}"
     out_dir = os.path.join(os.fspath(ds_dir), tag)
@@ -550,17 +556,8 @@ def to_deepspeed_universal(path: str, ds_dir: str, *, tag: str | None = None, st
     """
     if state_format not in ("shardopt", "deepspeed"):
         raise ValueError("state_format must be 'shardopt' or 'deepspeed'")
-    n, errors = verify(path, progress=progress)
-    if errors:
-        raise CorruptCheckpointError(errors[0])
-    directory = S.resolve(path)
-    m = read_manifest(directory)
-    md = S.read_metadata(directory)
-    reader = S.TensorReader(directory, md)
+    directory, m, md, reader, extra = _open_verified(path, progress)
     params, tensors = m["params"], m["tensors"]
-    extra = None
-    if EXTRA in m.get("files", {}):
-        extra = torch.load(os.path.join(directory, EXTRA), map_location="cpu", weights_only=False)
     step = max((p["step"] for p in params.values()), default=0.0)
     tag = tag or f"global_step{int(step)}"
     out_dir = os.path.join(os.fspath(ds_dir), tag)
