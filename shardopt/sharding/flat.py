@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import comm
-from .layout import Layout, batched_by_shape
+from .layout import Layout, WholeParams, batched_by_shape
 from .plan import FlatPiece, lpt_assign
 
 
@@ -126,7 +126,7 @@ class FlatPlan:
         return FlatPartitionLayout(params, names, whole, self)
 
 
-class FlatPartitionLayout(Layout):
+class FlatPartitionLayout(WholeParams, Layout):
     """A step's view of a :class:`FlatPlan` (see the module docstring)."""
 
     distributed = True
@@ -151,32 +151,12 @@ class FlatPartitionLayout(Layout):
                                  "param groups")
             self.keys.append(key)
 
-    # -- shapes and views -------------------------------------------------
-    def local_shape(self, i):
-        return tuple(self.params[i].shape)
-
-    def owns(self, i):
-        return True
-
+    # -- shapes and views: the flat partitions themselves (WholeParams) -----
     def owns_matrix(self, i):
         return False  # a partition holds pieces; NS work is counted per matrix (FlatPlan.ns_counts)
 
     def matrix_indices(self, indices):
         return list(indices)  # every rank holds pieces and takes part in the exchange
-
-    def param_view(self, i):
-        return self.params[i]
-
-    def grad_view(self, i):
-        return self.params[i].grad
-
-    # the views are the flat partitions themselves
-    def grad_views(self):
-        return [p.grad for p in self.params]
-
-    def param_views(self, indices):
-        params = self.params
-        return [params[i] for i in indices]
 
     def matrix_pieces(self, i):
         """(offset, numel, matrix shape) of each matrix range in partition ``i`` on this rank."""

@@ -125,11 +125,9 @@ class Layout:
         return []
 
 
-class LocalLayout(Layout):
-    """Single device, or ``sharding='none'``: every state tensor is local and whole."""
-
-    name = "none"
-    state_per_param = True
+class WholeParams:
+    """Mixin for a layout whose parameters are what the step updates (a local layout, DeepSpeed's flat
+    partitions): each rank holds them whole, and the views are the parameters and state tensors themselves."""
 
     def local_shape(self, i):
         return tuple(self.params[i].shape)
@@ -143,7 +141,6 @@ class LocalLayout(Layout):
     def grad_view(self, i):
         return self.params[i].grad
 
-    # the views are the parameters and the state tensors themselves
     def grad_views(self):
         return [p.grad for p in self.params]
 
@@ -153,3 +150,10 @@ class LocalLayout(Layout):
 
     def local_states(self, values):
         return list(values)
+
+
+class LocalLayout(WholeParams, Layout):
+    """Single device, or ``sharding='none'``: every state tensor is local and whole."""
+
+    name = "none"
+    state_per_param = True
