@@ -279,10 +279,11 @@ class ShardedOptimizer(Optimizer):
     def _groups_key(self) -> tuple:
         return tuple(tuple(map(id, g["params"])) for g in self.param_groups)
 
-    def _step_plan(self) -> _Plan:
-        """The cached :class:`_Plan`; rebuilt when a group's parameters or the layout changed."""
+    def _step_plan(self, key: tuple | None = None) -> _Plan:
+        """The cached :class:`_Plan`; rebuilt when a group's parameters or the layout changed.
+        ``key``: :meth:`_groups_key`, when the caller has it already."""
         plan, layout = self._plan, self._layout
-        key = self._groups_key()
+        key = self._groups_key() if key is None else key
         if plan is not None and plan.layout is layout and plan.key == key:
             return plan
         params, gidx, members = [], [], []
@@ -310,7 +311,7 @@ class ShardedOptimizer(Optimizer):
         hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k not in GROUP_META}
         return f"{g['algorithm']}:{sorted(hyper.items(), key=lambda kv: kv[0])!r}"
 
-    def _ensure_layout(self):
+    def _ensure_layout(self, key: tuple | None = None):
         """(Re)build the layout when the parameter list changed.
 
         accelerate swaps in the FSDP2 DTensor parameters after the optimizer
@@ -319,7 +320,7 @@ class ShardedOptimizer(Optimizer):
         """
         plan = self._plan
         if self._layout is not None and plan is not None and plan.layout is self._layout and \
-                plan.key == self._groups_key():
+                plan.key == (self._groups_key() if key is None else key):
             return  # the groups hold the tensors the layout was built for (the common case: every step)
         params, names, gidx = self._flat_params()
         key = tuple(id(p) for p in params)
@@ -538,10 +539,11 @@ class ShardedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_layout()
+        key = self._groups_key()  # once per step: the layout check and the step plan both compare it
+        self._ensure_layout(key)
         layout = self._layout
         layout.wait_params()  # gathers overlap_param_gather left in flight, before anything reads parameters
-        plan = self._step_plan()
+        plan = self._step_plan(key)
         params = plan.params
         self._counter.resolve()
         for i, p in enumerate(params):

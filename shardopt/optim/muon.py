@@ -137,7 +137,7 @@ class MuonAlgorithm(Algorithm):
         exact = ns_dtype if ns_dtype in (torch.bfloat16, torch.float16) and ns_backend == "torch" else None
         outs = layout.orthogonalize(idx, inputs, ns, exact_dtype=exact)
         lr, wd = float(group["lr"]), group["weight_decay"]
-        all_params = opt._step_plan().params
+        all_params = opt._plan.params  # the plan this step() built (_step_plan)
         news = []
         for i, p, o in zip(idx, params, outs):
             wide = torch.float64 if p.dtype == torch.float64 else torch.float32
