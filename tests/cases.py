@@ -90,3 +90,18 @@ def run_single(name, steps, dtype=torch.float32, **extra):
             p.grad = g
         opt.step()
     return [p.detach().clone() for p in ps], opt
+
+
+def grad_stats_reference(grads, clip_value=None):
+    """``(sum of squares, bad)`` of the fused gradient pass in float64 on the CPU, written independently of
+    the kernels and of torch_ops: squares of the value-clipped gradients, and NaN in ``bad`` when any raw
+    value is inf or NaN."""
+    sq, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        x = g.detach().double().cpu().reshape(-1)
+        bad = bad + (x * 0).sum()
+        if clip_value is not None:
+            v = torch.tensor(clip_value, dtype=torch.float32).double()
+            x = torch.minimum(torch.maximum(x, -v), v)
+        sq = sq + (x * x).sum()
+    return sq.item(), bad.item()

@@ -40,6 +40,8 @@ import shardopt.kernels as kernels
 from shardopt.kernels import _ext, cpu, torch_ops
 from shardopt.kernels import state_precision as sp
 
+from cases import grad_stats_reference
+
 REPO = Path(__file__).resolve().parent.parent
 
 LION_HP = dict(lr=1e-2, beta1=0.9, beta2=0.99)
@@ -654,19 +656,6 @@ def test_bad_options_raise(ext, opts, match):
 
 # ------------------------------------------------------------ grad_stats
 
-def _stats_reference(grads, clip_value=None):
-    """float64 squares and sums, written independently of torch_ops."""
-    sq, bad = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        x = g.double().reshape(-1)
-        bad = bad + (x * 0).sum()
-        if clip_value is not None:
-            v = torch.tensor(clip_value, dtype=torch.float32).double()
-            x = torch.minimum(torch.maximum(x, -v), v)
-        sq = sq + (x * x).sum()
-    return sq.item(), bad.item()
-
-
 def _stats_grads(kind, gdtype):
     g = torch.Generator().manual_seed(16)
     if kind == "odd":
@@ -697,7 +686,7 @@ def test_grad_stats_matches_float64(ext, kind, gdtype, clip_value):
     before = clone(grads)
     out = cpu.grad_stats(grads, clip_value=clip_value)
     assert out.dtype == torch.float64 and out.shape == (2,) and out.device.type == "cpu"
-    sq, bad = _stats_reference(grads, clip_value)
+    sq, bad = grad_stats_reference(grads, clip_value)
     assert bad == 0.0 and out[1].item() == 0.0
     assert abs(out[0].item() - sq) <= 1e-6 * sq, (out[0].item(), sq)
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
@@ -717,7 +706,7 @@ def test_grad_stats_non_finite(ext, gdtype, value, where):
         if clip_value is not None and value != value:
             assert torch.isnan(out[0])
         elif clip_value is not None:  # an inf is clipped: the norm stays finite and exact
-            sq, _ = _stats_reference([g.masked_fill(~torch.isfinite(g), 0.5) for g in grads], clip_value)
+            sq, _ = grad_stats_reference([g.masked_fill(~torch.isfinite(g), 0.5) for g in grads], clip_value)
             assert abs(out[0].item() - sq) <= 1e-6 * sq
         else:
             assert not torch.isfinite(out[0])
@@ -729,7 +718,7 @@ def test_grad_stats_no_spurious_overflow_or_nan(ext):
     grads = [torch.full((1000,), 3e19), torch.randn(70_000), torch.tensor([float(torch.finfo(torch.bfloat16).max)],
                                                                             dtype=torch.bfloat16)]
     out = cpu.grad_stats(grads)
-    sq, bad = _stats_reference(grads)
+    sq, bad = grad_stats_reference(grads)
     assert out[1].item() == 0.0 and torch.isfinite(out[0])
     assert abs(out[0].item() - sq) <= 1e-6 * sq
 

@@ -37,7 +37,7 @@ import time
 
 import pytest
 import torch
-from cases import CASE_IDS, assert_close_params, build, make_params
+from cases import CASE_IDS, assert_close_params, build, grad_stats_reference, make_params
 from cases import make_grads as case_grads
 from test_kernels_cpu import (
     ADAMW_HP,
@@ -728,17 +728,6 @@ def test_device_scalars_are_read_at_replay(ext):
 
 # ------------------------------------------------------------- grad_stats
 
-def _stats_reference(grads, clip_value):
-    total = 0.0
-    for g in grads:
-        g64 = g.double()
-        if clip_value is not None:
-            v = float(torch.tensor(clip_value, dtype=torch.float32))
-            g64 = g64.clamp(-v, v)
-        total += float((g64 * g64).sum())
-    return total
-
-
 STATS_SETS = {
     "odd": [(1,), (7,), (10, 100), (65537 + 3,)],
     # three dtype groups of 100 tensors: more than one launch's table holds (96), blocks numbered
@@ -759,7 +748,7 @@ def test_grad_stats_matches_float64(ext, sname, clip_value):
     before = clone(grads)
     out = cuda.grad_stats(grads, clip_value=clip_value)
     assert out.dtype == torch.float64 and out.shape == (2,) and out.device == grads[0].device
-    want = _stats_reference(grads, clip_value)
+    want = grad_stats_reference(grads, clip_value)[0]
     got = out.tolist()
     assert abs(got[0] - want) <= 1e-6 * want, (got, want)
     assert got[1] == 0.0
@@ -780,7 +769,7 @@ def test_grad_stats_flags_non_finite(ext, bad, where):
         out = cuda.grad_stats(grads, clip_value=clip_value).tolist()
         assert out[1] != out[1], "bad must be NaN"
         if clip_value is not None and bad == bad:  # a clamped inf counts as clip_value
-            want = _stats_reference(grads, clip_value)
+            want = grad_stats_reference(grads, clip_value)[0]
             assert abs(out[0] - want) <= 1e-6 * want
 
 

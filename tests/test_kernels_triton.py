@@ -35,6 +35,8 @@ pytest.importorskip("triton")
 from shardopt.kernels import torch_ops  # noqa: E402
 from shardopt.kernels import triton_ops  # noqa: E402
 
+from cases import grad_stats_reference  # noqa: E402
+
 SHAPES = [(1,), (7,), (1000,), (4099,), (13, 17)]
 
 LION_HP = dict(lr=1e-2, beta1=0.9, beta2=0.99)
@@ -391,17 +393,6 @@ def test_found_inf_set_writes_nothing(opt, flag):
 # ---------------------------------------------------------------------------
 # grad_stats: the fused gradient pass
 # ---------------------------------------------------------------------------
-def _stats_reference(grads, clip_value):
-    sumsq = 0.0
-    for g in grads:
-        g64 = g.double()
-        if clip_value is not None:
-            v = float(torch.tensor(clip_value, dtype=torch.float32))
-            g64 = g64.clamp(-v, v)
-        sumsq += float((g64 * g64).sum())
-    return sumsq
-
-
 STATS_SHAPES = [(1,), (5, 7), (4097,), (9000,)]  # 9000: three programs, the last partial
 
 
@@ -413,7 +404,7 @@ def test_grad_stats_matches_float64(gdtype, clip_value):
     before = _clone_all(grads)
     out = triton_ops.grad_stats(grads, clip_value=clip_value)
     assert out.dtype == torch.float64 and out.shape == (2,) and out.device == grads[0].device
-    want = _stats_reference(grads, clip_value)
+    want = grad_stats_reference(grads, clip_value)[0]
     assert abs(float(out[0]) - want) <= 1e-6 * want
     assert float(out[1]) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
@@ -432,7 +423,7 @@ def test_grad_stats_flags_non_finite_raw_values(bad, clip_value):
     if clip_value is None or bad != bad:
         assert not torch.isfinite(out[0])
     else:  # a clamped inf counts as clip_value in the norm, and still flags the step
-        want = _stats_reference(grads, clip_value)
+        want = grad_stats_reference(grads, clip_value)[0]
         assert abs(float(out[0]) - want) <= 1e-6 * want
 
 
