@@ -373,8 +373,8 @@ def _install_group_reductions(engine, opt: ShardedOptimizer) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
 
-    def _ensure_layout():
-        class_ensure()
+    def _ensure_layout(key=None):
+        class_ensure(key)
         opt._layout.all_reduce_sum = all_reduce_sum
 
     opt._ensure_layout = _ensure_layout
