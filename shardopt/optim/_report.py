@@ -69,18 +69,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unsharded_bytes(opt) -> int:
-    """What one rank would hold without sharding: each state tensor at its parameter's full size.
-
-    Under DeepSpeed's flat partitions (Muon's layout there) a parameter is a rank's partition of a
-    flat group: its full size is that of every parameter in the group."""
+    """What one rank would hold without sharding: each state tensor at its parameter's full size."""
     layout = opt.layout
-    flat_keys = getattr(layout, "keys", None) if hasattr(layout, "plan") else None
     params, _, _ = opt._flat_params()
     total = 0
     for i, p in enumerate(params):
-        numel = p.numel()
-        if flat_keys is not None:
-            numel = sum(math.prod(it.shape) for it in layout.plan.groups[flat_keys[i]].items)
+        numel = layout.unsharded_numel(i)
         for k, v in opt.state[p].items():
             if k != "step" and torch.is_tensor(v):
                 total += numel * _local(v).element_size()

@@ -27,6 +27,7 @@ DeepSpeed steps one group at a time.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,9 @@ class FlatPartitionLayout(WholeParams, Layout):
             self.keys.append(key)
 
     # -- shapes and views: the flat partitions themselves (WholeParams) -----
+    def unsharded_numel(self, i):
+        return sum(math.prod(it.shape) for it in self.plan.groups[self.keys[i]].items)  # the whole flat group
+
     def owns_matrix(self, i):
         return False  # a partition holds pieces; NS work is counted per matrix (FlatPlan.ns_counts)
 

@@ -64,6 +64,10 @@ class Layout:
     def owns(self, i: int) -> bool:
         return 0 not in self.local_shape(i) or len(self.local_shape(i)) == 0
 
+    def unsharded_numel(self, i: int) -> int:
+        """Elements of parameter ``i`` without sharding (what its state would cover on one rank)."""
+        return self.params[i].numel()
+
     def owns_matrix(self, i: int) -> bool:
         """Whether this rank runs Newton-Schulz for matrix ``i``."""
         return self.owns(i)
