@@ -16,6 +16,10 @@ call updates many tensors, the multi-tensor-apply shape):
   :mod:`.state_precision`; AdamW's is its ``step``). A backend that lists
   ``"state_bf16"`` in its ``FEATURES`` takes them (``cpu`` does, bit for bit);
   for the others (``triton``, ``cuda``) such calls go to the ``torch`` backend.
+  int8 state (``state_dtype="int8"``) comes as :class:`~.state_precision.Q8`
+  pairs (codes + one fp32 scale per 256 elements), in the same lists as plain
+  fp32 state of the parameters too small to quantize; a backend listing
+  ``"state_int8"`` takes them.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.
 * ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a
@@ -45,7 +49,7 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # what a step call may need beyond plain fp32/bf16 contiguous tensors
-FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided", "state_bf16")
+FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided", "state_bf16", "state_int8")
 
 _warned: set[str] = set()
 
@@ -263,14 +267,18 @@ def _run(name, lists, needs, backend, kwargs):
 
 
 def _state_needs(states, state_step):
-    """``{"state_bf16"}`` when any state tensor is bf16 (which then needs ``state_step``), else empty."""
+    """``{"state_bf16"}`` when any state tensor is bf16, ``{"state_int8"}`` when any is a
+    :class:`~.state_precision.Q8` (both then need ``state_step``), else empty."""
     from . import state_precision
 
     if not state_precision.needs_step(states):
         return set()
     if state_step is None:
-        raise ValueError("a step with bf16 optimizer state needs state_step (the parameters' step count)")
-    return {"state_bf16"}
+        raise ValueError("a step with low-precision optimizer state needs state_step (the parameters' step count)")
+    out = {"state_int8"} if state_precision.has_int8(states) else set()
+    if any(not isinstance(t, state_precision.Q8) and t.dtype in state_precision.LOW_SET for t in states):
+        out.add("state_bf16")
+    return out
 
 
 def _needs(maximize, clip_value, grad_scale, found_inf, amsgrad=False):
@@ -296,7 +304,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
         return
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
     needs = _needs(maximize, clip_value, grad_scale, found_inf) | _state_needs(exp_avgs, state_step)
-    if "state_bf16" in needs:
+    if needs & {"state_bf16", "state_int8"}:
         kw["state_step"] = state_step
     for key, val in (("maximize", maximize), ("clip_value", clip_value), ("grad_scale", grad_scale),
                      ("found_inf", found_inf)):

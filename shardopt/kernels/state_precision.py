@@ -9,9 +9,9 @@ how, bit for bit; any kernel that takes low-precision state must match it.
 
 * ``"fp32"`` (default): the state as it always was (fp64 for fp64 parameters).
 * ``"bf16"``: bf16 tensors under torch's key names, rounded stochastically.
-* ``"int8"``: block-wise int8 with one fp32 scale per block, *not available
-  yet*: a :class:`StateFormat` whose ``available`` is False, refused at
-  construction. Its store/load will be two more functions here.
+* ``"int8"``: one byte per element in blocks of :data:`BLOCK` (256) elements
+  with one fp32 scale per block (:class:`Q8`, see "int8 blocks" below), for the
+  parameters :func:`int8_eligible` accepts; the others keep fp32 state.
 
 fp64 and complex parameters keep full-precision state whatever the format
 (bf16 has no complex dtype, and an fp64 run asks for fp64 state).
@@ -42,6 +42,39 @@ whose value repeats.
 
 The reference is written in torch with int64 arithmetic masked to 32 bits; the
 second multiplier is split in 16-bit halves so no product leaves int64.
+
+**int8 blocks.** A quantized state tensor is a :class:`Q8`: ``codes`` (one
+byte per element, the state's shape) and ``scale`` (fp32, one per block). A
+block is 256 consecutive elements of the local tensor in flat order (the last
+one may be short). The optimizers give int8 state only to parameters with at
+least 2 dimensions, at least 4096 elements and rows (``numel / shape[0]``) a
+multiple of 256, so an FSDP2 ``Shard(0)`` piece holds whole blocks, and ZeRO-1
+cuts such parameters at multiples of 256: every layout then sees the same
+blocks as one process, and a sharded run is bitwise the single process.
+Two mappings, both stochastically rounded with the value-keyed hash above
+(``h = mix32(bits(x) ^ salt(step))`` of the fp32 value ``x`` being stored):
+
+* ``"signed"`` (momenta: Lion, AdamW ``exp_avg``, Muon): linear.
+  ``scale = absmax(block) / 127``; ``q = x / scale``;
+  ``code = clamp(floor(q + r), -127, 127)`` with ``r = (h >> 8) * 2^-24``,
+  and ``code = 0`` where ``q`` is not finite (an all-zero block).
+  Load: ``code * scale``.
+* ``"sqrt"`` (AdamW ``exp_avg_sq`` / ``max_exp_avg_sq``, non-negative with a
+  range of many decades): the square root ``s = sqrt(v)`` is stored, relative
+  to the block's largest, as an unsigned 8-bit float with 4 exponent and 4
+  mantissa bits: ``scale = max(s)``, ``w = s / scale`` in [0, 1]. For
+  ``w >= 2^-14`` the fp32 bits of ``w`` get ``h & (2^19 - 1)`` added and lose
+  their 19 low bits, and ``code = (bits >> 19) - 1792`` (exponent ``e`` in
+  1..15, value ``(1 + m/16) * 2^(e - 15)``, 1.0 is code 240); below,
+  ``code = floor(w * 2^18 + r)`` (steps of 2^-18, code 16 is 2^-14 again).
+  Not finite: 0. Load: ``v = (T[code] * scale)^2`` with ``T`` the exact
+  table of those values. A linear int8 code of ``v`` (or of ``sqrt(v)``)
+  would round the small second moments of a block to zero, and AdamW divides
+  by them: ``m / (0 + eps)`` is a step of thousands of ``lr``. This format
+  keeps 2^18 of range in ``sqrt(v)`` (2^36 in ``v``) with 1/16 relative steps.
+
+Only IEEE-exact operations appear (division, product, floor, sqrt, bit
+operations), so every backend can match this reference to the last bit.
 """
 from __future__ import annotations
 
@@ -72,13 +105,17 @@ FORMATS = {
     "fp32": StateFormat("fp32", torch.float32, 4.0, doc="fp32, as torch.optim keeps it"),
     "bf16": StateFormat("bf16", torch.bfloat16, 2.0, doc="bf16 with value-keyed stochastic rounding"),
     # 1 byte + one fp32 scale per block of 256
-    "int8": StateFormat("int8", torch.int8, 1.0 + 4.0 / 256, available=False,
-                        doc="block-wise int8 with one fp32 scale per block, planned"),
+    "int8": StateFormat("int8", torch.int8, 1.0 + 4.0 / 256,
+                        doc="block-wise int8 with one fp32 scale per 256 elements"),
 }
 STATE_DTYPES = tuple(FORMATS)  # the valid values, in the order errors list them
 DEFAULT = "fp32"
 LOW = (torch.bfloat16,)  # storage dtypes the reference loads/stores through this module
 LOW_SET = frozenset(LOW)
+BLOCK = 256  # int8 elements per fp32 scale
+INT8_MIN_NUMEL = 4096  # smaller parameters keep fp32 state under state_dtype="int8"
+SQRT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})  # state keys stored with the "sqrt" int8 mapping
+SCALE_SUFFIX = "_scale"  # optimizer.state key of a quantized state tensor's scales: f"{key}{SCALE_SUFFIX}"
 
 
 def storage_dtype(fmt: str, param_dtype: torch.dtype) -> torch.dtype:
@@ -95,8 +132,92 @@ def storage_dtype(fmt: str, param_dtype: torch.dtype) -> torch.dtype:
     return f.dtype
 
 
-def is_low(t: torch.Tensor) -> bool:
-    return t.dtype in LOW
+def is_low(t) -> bool:
+    return isinstance(t, Q8) or t.dtype in LOW
+
+
+def int8_eligible(shape) -> bool:
+    """Whether a parameter of global ``shape`` gets int8 state under ``state_dtype="int8"``: at least 2
+    dimensions, :data:`INT8_MIN_NUMEL` elements, and rows of a multiple of :data:`BLOCK` (so no layout's
+    cut, by rows or at multiples of 256, splits a block). Others keep fp32 state."""
+    shape = tuple(shape)
+    if len(shape) < 2 or shape[0] == 0:
+        return False
+    n = 1
+    for d in shape:
+        n *= d
+    return n >= INT8_MIN_NUMEL and (n // shape[0]) % BLOCK == 0
+
+
+def int8_kind(key: str) -> str:
+    """The int8 mapping of state ``key``: ``"sqrt"`` for AdamW's second moments, ``"signed"`` otherwise."""
+    return "sqrt" if key in SQRT_KEYS else "signed"
+
+
+def code_dtype(kind: str) -> torch.dtype:
+    return torch.uint8 if kind == "sqrt" else torch.int8
+
+
+def n_blocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+def scale_shape(shape) -> tuple:
+    """Shape of the scales of a quantized state of ``shape``: ``(rows, row/256)`` for an eligible
+    parameter (so its scales shard by rows with it), ``(blocks,)`` for a 1-D piece."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        n = 1
+        for d in shape[1:]:
+            n *= d
+        return (shape[0], n_blocks(n))
+    return (n_blocks(shape[0] if shape else 1),)
+
+
+class Q8:
+    """A block-quantized state tensor as the kernels take it: ``codes`` (int8/uint8, the state's shape,
+    contiguous) and ``scale`` (fp32, one per block of 256 in flat order), mapping ``kind``."""
+
+    __slots__ = ("codes", "scale", "kind")
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, kind: str):
+        if kind not in ("signed", "sqrt"):
+            raise ValueError(f"unknown int8 mapping {kind!r}")
+        if scale.numel() != n_blocks(codes.numel()):
+            raise ValueError(f"int8 state of {codes.numel()} elements needs {n_blocks(codes.numel())} scales, "
+                             f"got {scale.numel()}")
+        self.codes, self.scale, self.kind = codes, scale, kind
+
+    # what the dispatcher asks of a state tensor
+    shape = property(lambda self: self.codes.shape)
+    dtype = property(lambda self: self.codes.dtype)
+    device = property(lambda self: self.codes.device)
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def is_complex(self) -> bool:
+        return False
+
+    def is_contiguous(self) -> bool:
+        return self.codes.is_contiguous() and self.scale.is_contiguous()
+
+    def contiguous(self):
+        return self if self.is_contiguous() else Q8(self.codes.contiguous(), self.scale.contiguous(), self.kind)
+
+    def clone(self) -> "Q8":
+        return Q8(self.codes.clone(), self.scale.clone(), self.kind)
+
+    def copy_(self, other: "Q8"):
+        self.codes.copy_(other.codes)
+        self.scale.copy_(other.scale)
+        return self
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.kind)
+
+    def __repr__(self):
+        return f"Q8({self.kind}, shape={tuple(self.codes.shape)}, blocks={self.scale.numel()})"
 
 
 # ---------------------------------------------------------------- the hash and the rounding
@@ -145,11 +266,106 @@ def round_nearest_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16)
 
 
+# ---------------------------------------------------------------- int8 blocks
+_TWO_M24 = 2.0 ** -24
+_SUB_LIMIT = 2.0 ** -14  # smallest normal value of the "sqrt" code
+_SUB_STEP = 2.0 ** 18  # 1 / the subnormal step
+
+
+def _sqrt_table() -> torch.Tensor:
+    t = [c * 2.0 ** -18 for c in range(16)]
+    t += [(1.0 + (c & 15) / 16.0) * 2.0 ** ((c >> 4) - 15) for c in range(16, 256)]
+    return torch.tensor(t, dtype=torch.float32)
+
+
+SQRT_TABLE = _sqrt_table()  # fp32 value of each "sqrt" code (exact); codes above 240 are never written
+_tables: dict = {}
+
+
+def _table(device) -> torch.Tensor:
+    t = _tables.get(device)
+    if t is None:
+        t = _tables[device] = SQRT_TABLE.to(device)
+    return t
+
+
+def _blocked(x: torch.Tensor, fill=0.0) -> torch.Tensor:
+    """A 1-D tensor as (blocks, 256), the short last block padded with ``fill``."""
+    n = x.numel()
+    nb = n_blocks(n)
+    if nb * BLOCK != n:
+        x = torch.cat([x, x.new_full((nb * BLOCK - n,), fill)])
+    return x.view(nb, BLOCK)
+
+
+def _uniform(u: torch.Tensor, s: int) -> torch.Tensor:
+    """r in [0, 1) from the hash of the values' bits ``u`` (int64 holding uint32)."""
+    return (mix32(u ^ s) >> 8).to(torch.float32) * _TWO_M24
+
+
+def _quantize_flat(x: torch.Tensor, s: int, kind: str):
+    """(codes, scales) of the 1-D fp32 ``x`` (a multiple of 256 long, or the whole tensor)."""
+    n = x.numel()
+    if kind == "signed":
+        xb = _blocked(x)
+        scale = xb.abs().amax(dim=1) / 127.0
+        q = (xb / scale[:, None]).view(-1)[:n]
+        u = x.view(torch.int32).to(torch.int64) & MASK32
+        code = torch.floor(q + _uniform(u, s)).clamp_(-127.0, 127.0)
+        code = torch.where(torch.isfinite(q), code, torch.zeros_like(code))
+        return code.to(torch.int8), scale
+    v = torch.sqrt(x)
+    vb = _blocked(v)
+    scale = vb.amax(dim=1)
+    w = (vb / scale[:, None]).view(-1)[:n]
+    u = v.view(torch.int32).to(torch.int64) & MASK32
+    h = mix32(u ^ s)
+    wb = w.view(torch.int32).to(torch.int64)
+    normal = ((wb + (h & 0x7FFFF)) >> 19) - 1792
+    sub = torch.floor(w * _SUB_STEP + (h >> 8).to(torch.float32) * _TWO_M24)
+    code = torch.where(w >= _SUB_LIMIT, normal.to(torch.float32), sub)
+    code = torch.where(torch.isfinite(w), code, torch.zeros_like(code))
+    return code.to(torch.uint8), scale
+
+
+def quantize(x: torch.Tensor, step: int, kind: str):
+    """``(codes, scales)`` of the fp32 tensor ``x`` in int8 blocks (mapping ``kind``, salt ``step``):
+    codes shaped like ``x``, scales 1-D, one per block of 256 in flat order."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"quantize takes fp32 values, got {x.dtype}")
+    s = salt(step)
+    flat = x.detach().contiguous().view(-1)
+    n = flat.numel()
+    if n <= _CHUNK:
+        c, sc = _quantize_flat(flat, s, kind)
+        return c.view(x.shape), sc
+    codes = torch.empty(n, dtype=code_dtype(kind), device=x.device)
+    scales = torch.empty(n_blocks(n), dtype=torch.float32, device=x.device)
+    for a in range(0, n, _CHUNK):  # _CHUNK is a multiple of 256: chunks hold whole blocks
+        c, sc = _quantize_flat(flat[a:a + _CHUNK], s, kind)
+        codes[a:a + c.numel()] = c
+        scales[a // BLOCK:a // BLOCK + sc.numel()] = sc
+    return codes.view(x.shape), scales
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """fp32 values of int8 blocks (the inverse of :func:`quantize` up to its rounding)."""
+    n = codes.numel()
+    sc = scale.reshape(-1).to(torch.float32)
+    if kind == "signed":
+        vals = _blocked(codes.reshape(-1).to(torch.float32)) * sc[:, None]
+        return vals.view(-1)[:n].view(codes.shape)
+    t = _table(codes.device)[codes.reshape(-1).to(torch.int64)]
+    s = _blocked(t) * sc[:, None]
+    return (s * s).view(-1)[:n].view(codes.shape)
+
+
 # ---------------------------------------------------------------- load / store for the kernels
 def load(states, *, copy: bool):
     """Working fp32 (fp64) tensors for ``states``: low-precision ones widened (new tensors), the others
     themselves, or clones with ``copy`` (a device skip flag: compute aside, write back gated)."""
-    return [t.float() if is_low(t) else (t.clone() if copy else t) for t in states]
+    return [t.dequantize() if isinstance(t, Q8) else t.float() if is_low(t) else (t.clone() if copy else t)
+            for t in states]
 
 
 def store(targets, works, *, step, found_inf=None) -> None:
@@ -159,9 +375,16 @@ def store(targets, works, *, step, found_inf=None) -> None:
     steps = step if isinstance(step, (list, tuple)) else [step] * len(targets)
     keep = None if found_inf is None else found_inf != 0
     for t, w, s in zip(targets, works, steps):
+        if is_low(t) and s is None:
+            raise ValueError("storing low-precision optimizer state needs the step (the rounding's salt)")
+        if isinstance(t, Q8):
+            codes, scale = quantize(w, s, t.kind)
+            if keep is not None:
+                codes, scale = torch.where(keep, t.codes, codes), torch.where(keep, t.scale.view(-1), scale)
+            t.codes.copy_(codes.view(t.codes.shape))
+            t.scale.copy_(scale.view(t.scale.shape))
+            continue
         if is_low(t):
-            if s is None:
-                raise ValueError("storing low-precision optimizer state needs the step (the rounding's salt)")
             new = round_bf16(w, s)
         elif w is t:
             continue
@@ -172,4 +395,20 @@ def store(targets, works, *, step, found_inf=None) -> None:
 
 def needs_step(states) -> bool:
     """Whether any of ``states`` is stored in a format whose store needs the step salt."""
-    return not LOW_SET.isdisjoint({t.dtype for t in states})
+    return any(isinstance(t, Q8) for t in states) or not LOW_SET.isdisjoint({t.dtype for t in states})
+
+
+def gate(found_inf, targets, news) -> None:
+    """Copy each of ``news`` into the state in ``targets`` (same kinds: Q8 or tensor) unless the device
+    flag ``found_inf`` is set."""
+    keep = found_inf != 0
+    for t, n in zip(targets, news):
+        if isinstance(t, Q8):
+            t.codes.copy_(torch.where(keep, t.codes, n.codes))
+            t.scale.copy_(torch.where(keep, t.scale, n.scale))
+        else:
+            t.copy_(torch.where(keep, t, n.to(t.dtype)))
+
+
+def has_int8(states) -> bool:
+    return any(isinstance(t, Q8) for t in states)

@@ -155,7 +155,7 @@ class MuonAlgorithm(Algorithm):
             news.append(p32)
         _gated(gt.found_inf, params, news)
         if gt.found_inf is not None:
-            _gated(gt.found_inf, states["momentum_buffer"], bufs)
+            state_precision.gate(gt.found_inf, states["momentum_buffer"], bufs)
 
 
 class Muon(ShardedOptimizer):
