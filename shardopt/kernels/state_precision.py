@@ -129,6 +129,8 @@ def storage_dtype(fmt: str, param_dtype: torch.dtype) -> torch.dtype:
     f = FORMATS[fmt]
     if not f.available:
         raise NotImplementedError(f"state_dtype={fmt!r} is not available yet")
+    if fmt == "int8":  # the plain state of a parameter int8 does not cover (see int8_eligible)
+        return torch.float32
     return f.dtype
 
 

@@ -17,7 +17,10 @@ consolidated) shardopt state_dict, and shardopt loads theirs. On top of that:
 State tensors load in the live group's ``state_dtype``, whatever the saved
 one: a bf16 state into an fp32-state optimizer widens exactly, an fp32 (or
 torch's) state into a bf16-state optimizer rounds to nearest once; the group
-keeps its own ``state_dtype`` (:data:`LIVE_KEYS`).
+keeps its own ``state_dtype`` (:data:`LIVE_KEYS`). int8 state is saved as its
+codes under the key's name plus ``<key>_scale``; it loads bit for bit into an
+int8 optimizer, dequantized into any other, and fp32/bf16 state is quantized
+(salt: the step) into an int8 one.
 
 Format 1 (no marker, but groups name their ``algorithm``) stored Muon's
 momentum as the plain sum ``m = mu*m + g``; it is converted to the EMA
@@ -30,6 +33,7 @@ import warnings
 
 import torch
 
+from ..kernels import state_precision
 from . import _steps
 
 FORMAT = 2
@@ -163,7 +167,8 @@ def load(opt, state_dict: dict) -> None:
         src = saved_state.get(saved_ids[i]) or {}
         if not isinstance(src, dict):
             raise ValueError(f"state of {opt._describe(i)} is a {type(src).__name__}, expected a dict")
-        unknown = sorted(set(src) - {"step", "master_param", *keys})
+        scale_keys = {k + state_precision.SCALE_SUFFIX for k in keys}
+        unknown = sorted(set(src) - {"step", "master_param", *keys, *scale_keys})
         missing = sorted(set(keys) - set(src))
         if src and set(src) != {"step"} and (unknown or missing):
             raise ValueError(
@@ -177,6 +182,7 @@ def load(opt, state_dict: dict) -> None:
             raise ValueError(f"state of {opt._describe(i)}: {e}") from e
         want = tuple(layout.local_shape(i))
         st = {"step": step}
+        q8 = opt._int8_param(i, p, group)
         for k in keys:
             if k in src:
                 v = src[k]
@@ -190,10 +196,37 @@ def load(opt, state_dict: dict) -> None:
                         "was saved with another world size or layout: load it with shardopt.checkpoint.load, "
                         "which reshards"
                     )
-                val = loc.detach().to(device=_dev(p), dtype=state_dtype(p, group), copy=True)
+                sk = k + state_precision.SCALE_SUFFIX
+                saved_q8 = None
+                if sk in src:  # saved as int8 blocks
+                    if not torch.is_tensor(src[sk]) or tuple(_local(src[sk]).shape) != layout.local_scale_shape(i):
+                        raise ValueError(
+                            f"shardopt: state '{sk}' of {opt._describe(i)} does not match this rank's "
+                            f"{layout.name} layout (expected block scales of shape {layout.local_scale_shape(i)}); "
+                            "load it with shardopt.checkpoint.load, which reshards")
+                    saved_q8 = state_precision.Q8(loc.detach().to(_dev(p)), _local(src[sk]).detach().to(_dev(p)),
+                                                  state_precision.int8_kind(k))
+                if q8:
+                    kind = state_precision.int8_kind(k)
+                    if saved_q8 is not None and saved_q8.codes.dtype == state_precision.code_dtype(kind):
+                        codes, scale = saved_q8.codes.clone(), saved_q8.scale.clone()  # bit for bit
+                    else:
+                        val = saved_q8.dequantize() if saved_q8 is not None else loc.detach().to(_dev(p), torch.float32)
+                        codes, scale = state_precision.quantize(val.float().contiguous(), step, kind)
+                    st[k] = layout.wrap_state(i, codes.view(want))
+                    st[sk] = layout.wrap_scale(i, scale.reshape(layout.local_scale_shape(i)))
+                    continue
+                val = saved_q8.dequantize() if saved_q8 is not None else loc.detach()
+                val = val.to(device=_dev(p), dtype=state_dtype(p, group), copy=True)
                 if origin == "shardopt-1" and group["algorithm"] == "muon" and k == "momentum_buffer":
                     val.mul_(1.0 - float(group["momentum"]))  # the old sum form -> the EMA
                     converted = True
+            elif q8:
+                st[k] = layout.wrap_state(i, torch.zeros(want, dtype=state_precision.code_dtype(
+                    state_precision.int8_kind(k)), device=_dev(p)))
+                st[k + state_precision.SCALE_SUFFIX] = layout.wrap_scale(
+                    i, torch.zeros(layout.local_scale_shape(i), dtype=torch.float32, device=_dev(p)))
+                continue
             else:
                 val = torch.zeros(want, dtype=state_dtype(p, group), device=_dev(p))
             st[k] = layout.wrap_state(i, val)

@@ -336,6 +336,9 @@ class ShardedOptimizer(Optimizer):
             group_of=gidx,
             copies_now=[self.master_weights and p.dtype in LOW_PRECISION for p in params],
             overlap=self.overlap_comm,
+            # int8 state: ZeRO-1 cuts such parameters on its quantization blocks
+            blocks=[state_precision.BLOCK if self._int8_group(self.param_groups[g]) and
+                    state_precision.int8_eligible(p.shape) else 1 for g, p in zip(gidx, params)],
         )
         if self.overlap_param_gather and layout.name not in ("zero1", "none"):
             raise ValueError(
@@ -384,11 +387,41 @@ class ShardedOptimizer(Optimizer):
             shape = layout.local_shape(i)
             dev = _device_of(p)
             st: dict[str, Any] = {"step": 0}
+            q8 = self._int8_param(i, p, group)
             for k in algo.state_keys(group):
+                if q8:
+                    kind = state_precision.int8_kind(k)
+                    st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_precision.code_dtype(kind), device=dev))
+                    st[k + state_precision.SCALE_SUFFIX] = layout.wrap_scale(
+                        i, torch.zeros(layout.local_scale_shape(i), dtype=torch.float32, device=dev))
+                    continue
                 st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_dtype(p, group), device=dev))
             if self.master_weights and p.dtype in LOW_PRECISION:
                 st["master_param"] = layout.wrap_state(i, layout.param_view(i).detach().float().clone())
             self.state[p] = st
+
+    @staticmethod
+    def _int8_group(group) -> bool:
+        return group.get("state_dtype", state_precision.DEFAULT) == "int8"
+
+    def _int8_param(self, i, p, group) -> bool:
+        """Whether parameter ``i`` keeps int8 state: its group asks, its dtype is a float one, and the layout
+        can hold whole blocks of it (else its state is fp32)."""
+        return (self._int8_group(group) and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and self._layout.int8_ok(i))
+
+    def _state_views(self, group, keys, sts):
+        """This rank's state tensors of ``sts`` per key, as the kernels take them: a quantized one as a
+        :class:`~shardopt.kernels.state_precision.Q8` of its codes and scales."""
+        layout = self._layout
+        sv = {k: layout.local_states([st[k] for st in sts]) for k in keys}
+        if self._int8_group(group):
+            for k in keys:
+                sk, kind, lst = k + state_precision.SCALE_SUFFIX, state_precision.int8_kind(k), sv[k]
+                for j, st in enumerate(sts):
+                    if sk in st:
+                        lst[j] = state_precision.Q8(lst[j], layout.local_state(st[sk]), kind)
+        return sv
 
     @property
     def layout(self):
@@ -599,8 +632,7 @@ class ShardedOptimizer(Optimizer):
             work[k] = sts[k]["master_param"]
         pv = layout.local_states(work)
         gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
-        keys = algo.state_keys(group)
-        sv = {k: layout.local_states([st[k] for st in sts]) for k in keys}
+        sv = self._state_views(group, algo.state_keys(group), sts)
         algo.step(self, group, idx, pv, gv, sv, [st["step"] for st in sts], gt)
         if masters:
             torch._foreach_copy_([views[k] for k in masters],

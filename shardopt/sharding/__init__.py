@@ -39,7 +39,7 @@ def _signature(params, names, whole, group_of, group_signatures):
 
 def make_layout(params, names, whole, sharding, process_group, reduce_gradients, *, ns_steps=None, comm_dtype=None,
                 group_signatures=None, group_of=None, copies_now=None, overlap=True,
-                ns_costs=None) -> Layout:
+                ns_costs=None, blocks=None) -> Layout:
     """The layout for these parameters; sharded layouts first check that every rank agrees (see agreement)."""
     from ..functional import ns_flops
     from . import agreement
@@ -86,7 +86,7 @@ def make_layout(params, names, whole, sharding, process_group, reduce_gradients,
         agreement.check(_signature(params, names, whole, group_of, group_signatures), list(params), None,
                         process_group, dev, copies_now=copies_now)
         return Zero1Layout(params, names, whole, costs, process_group, reduce_gradients=reduce_gradients,
-                           overlap=overlap, group_of=group_of)
+                           overlap=overlap, group_of=group_of, blocks=blocks)
     if reduce_gradients and w > 1:
         raise ValueError("reduce_gradients=True needs sharding='zero1' or 'auto'")
     return LocalLayout(params, names)

@@ -30,7 +30,9 @@ shards are just zero-length splits.
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..kernels import state_precision
 
 from . import comm
 from .layout import Layout, batched_by_shape
@@ -103,6 +105,19 @@ class DTensorLayout(Layout):
 
     def local_state(self, value):
         return value._local_tensor if isinstance(value, DTensor) else value
+
+    def int8_ok(self, i):
+        # FSDP2's Shard(0) cuts by rows, which hold whole blocks; another placement could cut one
+        p = self.params[i]
+        return super().int8_ok(i) and all(type(pl) in (Shard, Replicate) and (not isinstance(pl, Shard) or pl.dim == 0)
+                                          for pl in p.placements)
+
+    def wrap_scale(self, i, local):
+        # the scales are (rows, row/256): they shard by rows with the parameter
+        p = self.params[i]
+        shape = state_precision.scale_shape(p.shape)
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                                  stride=(shape[1], 1))
 
     # -- communication ----------------------------------------------------
     def all_reduce_sum(self, t):

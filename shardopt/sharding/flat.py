@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import state_precision
 from . import comm
 from .layout import Layout, WholeParams, batched_by_shape
 from .plan import FlatPiece, lpt_assign
@@ -153,6 +154,10 @@ class FlatPartitionLayout(WholeParams, Layout):
             self.keys.append(key)
 
     # -- shapes and views: the flat partitions themselves (WholeParams) -----
+    def int8_ok(self, i):
+        # DeepSpeed cuts its flat groups where it likes: int8 blocks are the partition's own, from its start
+        return self.params[i].numel() >= state_precision.INT8_MIN_NUMEL
+
     def unsharded_numel(self, i):
         return sum(math.prod(it.shape) for it in self.plan.groups[self.keys[i]].items)  # the whole flat group
 

@@ -21,7 +21,10 @@ A layout answers, for every parameter index of an optimizer:
   copy counted in the gradient norm (False for a replica inside the group);
 * ``all_reduce_sum(t)`` for the step stats (grad norm, non-finite flag, and,
   where ``distributed``, the per-parameter has-a-gradient counts);
-* ``wrap_state(i, local)`` what is stored in ``optimizer.state``.
+* ``wrap_state(i, local)`` what is stored in ``optimizer.state``;
+* ``int8_ok(i)``, ``local_scale_shape(i)`` and ``wrap_scale(i, local)`` for
+  int8 state (:mod:`shardopt.kernels.state_precision`): whether parameter
+  ``i`` gets it here, and the shape and stored form of its block scales.
 
 ``grad_views()``, ``param_views(indices)`` and ``local_states(values)`` are
 the list forms the step uses (one call per group, not per parameter); a
@@ -30,6 +33,8 @@ layout whose views are the parameters themselves overrides them.
 from __future__ import annotations
 
 import torch
+
+from ..kernels import state_precision
 
 
 def batched_by_shape(inputs: list[torch.Tensor], fn) -> list[torch.Tensor]:
@@ -83,6 +88,19 @@ class Layout:
 
     def local_state(self, value):
         return value
+
+    # -- int8 state ---------------------------------------------------------
+    def int8_ok(self, i: int) -> bool:
+        """Whether parameter ``i`` gets int8 state under ``state_dtype="int8"`` (else fp32): its global shape
+        must hold whole blocks in every layout (:func:`~shardopt.kernels.state_precision.int8_eligible`)."""
+        return state_precision.int8_eligible(self.params[i].shape)
+
+    def local_scale_shape(self, i: int) -> tuple:
+        """Shape of this rank's block scales of a quantized state of parameter ``i``."""
+        return state_precision.scale_shape(self.local_shape(i))
+
+    def wrap_scale(self, i: int, local: torch.Tensor):
+        return local
 
     def grad_views(self) -> list:
         """``grad_view(i)`` of every parameter, read afresh (gradients may be replaced between steps)."""

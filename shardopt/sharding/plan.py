@@ -84,7 +84,10 @@ class SegmentPlan:
     whole_used: list[int] = field(default_factory=list)  # per rank
     split_base: list[int] = field(default_factory=list)  # per rank
     split_start: list = field(default_factory=list)  # per item
+    blocks: list = field(default_factory=list)  # per item: cuts inside it fall on multiples of this (empty: 1)
+    slack: int = 0  # elements of each segment kept free for the cuts ``blocks`` moves
     _pieces: list | None = field(default=None, repr=False, compare=False)
+    _starts: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def world(self) -> int:
@@ -95,9 +98,31 @@ class SegmentPlan:
         return sum(n for n, o in zip(self.numels, self.owners) if o is None)
 
     def split_window(self, r: int) -> tuple[int, int]:
-        """The range of the splittable stream that rank ``r`` owns (possibly empty)."""
+        """The range of the splittable stream that rank ``r`` owns (possibly empty). A boundary that
+        falls inside an item with ``blocks[i] > 1`` moves down to a multiple of it within the item, the
+        same for both ranks that share it (``segment`` holds the slack, see :func:`fill_segments`)."""
         lo = min(self.split_base[r], self.split_total)
-        return lo, min(self.split_base[r] + self.segment - self.whole_used[r], self.split_total)
+        hi = min(self.split_base[r] + self.segment - self.slack - self.whole_used[r], self.split_total)
+        if self.blocks:
+            lo, hi = self._snap(lo), self._snap(hi)
+        return lo, max(lo, hi)
+
+    def _snap(self, x: int) -> int:
+        starts = self._split_starts()
+        k = bisect.bisect_right(starts[0], x) - 1
+        if k < 0:
+            return x
+        a, i = starts[0][k], starts[1][k]
+        b = self.blocks[i]
+        if b > 1 and a < x < a + self.numels[i]:
+            return a + (x - a) // b * b
+        return x
+
+    def _split_starts(self):
+        if self._starts is None:
+            split = [i for i, o in enumerate(self.owners) if o is None and self.numels[i] > 0]
+            self._starts = ([self.split_start[i] for i in split], split)
+        return self._starts
 
     def rank_pieces(self, r: int) -> list[Piece]:
         out, used = [], 0
@@ -127,23 +152,30 @@ class SegmentPlan:
         return self._pieces
 
 
-def fill_segments(numels: list[int], owners: list[int | None], world: int, align: int) -> SegmentPlan:
-    """Lay out items in ``world`` equal segments. ``owners[i]`` is None for splittable items."""
+def fill_segments(numels: list[int], owners: list[int | None], world: int, align: int,
+                  blocks: list[int] | None = None) -> SegmentPlan:
+    """Lay out items in ``world`` equal segments. ``owners[i]`` is None for splittable items.
+
+    ``blocks[i] > 1``: rank boundaries inside splittable item i fall on multiples of it (int8 state's
+    quantization blocks); each segment then has ``max(blocks)`` elements of slack for the moved cuts."""
     total = sum(numels)
     whole = [0] * world
     for n, o in zip(numels, owners):
         if o is not None:
             whole[o] += n
+    blocks = list(blocks) if blocks and max(blocks) > 1 else []
+    # a moved cut gives a rank up to (block - 1) more elements than its window
+    slack = max((b - 1 for b, o in zip(blocks, owners) if o is None), default=0) if world > 1 else 0
     seg = max(round_up(math.ceil(total / world), align) if total else 0, max(whole) if whole else 0)
-    seg = round_up(seg, align) if seg else 0
+    seg = round_up(seg + slack, align) if seg else 0
     # splittable items fill the free space of the segments in rank order
-    base = [0, *itertools.accumulate(seg - w for w in whole)][:world]
+    base = [0, *itertools.accumulate(seg - slack - w for w in whole)][:world]
     starts, pos = [], 0
     for n, o in zip(numels, owners):
         starts.append(pos if o is None else None)
         if o is None:
             pos += n
-    return SegmentPlan(seg, list(numels), list(owners), whole, base, starts)
+    return SegmentPlan(seg, list(numels), list(owners), whole, base, starts, blocks, slack)
 
 
 @dataclass
@@ -203,7 +235,7 @@ class Zero1Plan:
 
 
 def plan_zero1(numels: list[int], dtypes: list, whole: list[bool], costs: list[float], world: int, *,
-               bucket_elements: int, align_bytes: int) -> Zero1Plan:
+               bucket_elements: int, align_bytes: int, blocks: list[int] | None = None) -> Zero1Plan:
     """ZeRO-1: for each dtype (in first-seen order), whole items get owners by LPT on ``costs``
     (the load carries over from dtype to dtype) and all its items are laid out by
     :func:`fill_segments` in W segments of ``align_bytes``-aligned elements; the segments are then
@@ -226,7 +258,8 @@ def plan_zero1(numels: list[int], dtypes: list, whole: list[bool], costs: list[f
         for k, o in zip(w_pos, lpt_assign([costs[idxs[k]] for k in w_pos], world, loads)):
             owners[k] = o
             owner[idxs[k]] = o
-        seg = fill_segments([numels[i] for i in idxs], owners, world, align)
+        seg = fill_segments([numels[i] for i in idxs], owners, world, align,
+                            [blocks[i] for i in idxs] if blocks else None)
         step = min(seg.segment, round_up(max(1, math.ceil(bucket_elements / world)), align))
         buckets = [Zero1Bucket(idxs, dtype, Window(seg, lo, min(step, seg.segment - lo)))
                    for lo in range(0, seg.segment, step)] if seg.segment else []

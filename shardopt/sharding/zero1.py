@@ -54,7 +54,7 @@ class Zero1Layout(Layout):
     distributed = True
 
     def __init__(self, params, names, whole, costs, group, *, reduce_gradients=False, bucket_elements=None,
-                 overlap=True, group_of=None):
+                 overlap=True, group_of=None, blocks=None):
         super().__init__(params, names)
         self.group = group
         self.overlap = overlap
@@ -69,7 +69,8 @@ class Zero1Layout(Layout):
                     "or overlaps in memory; make it a dense tensor (e.g. .contiguous()) before building the optimizer"
                 )
         plan = plan_zero1([p.numel() for p in params], [p.dtype for p in params], whole, costs, self.world_size,
-                          bucket_elements=bucket_elements or DEFAULT_BUCKET_ELEMENTS, align_bytes=ALIGN_BYTES)
+                          bucket_elements=bucket_elements or DEFAULT_BUCKET_ELEMENTS, align_bytes=ALIGN_BYTES,
+                          blocks=blocks)
         self.owner: list = plan.owner  # owner rank of whole items
         self.range: list = [None] * len(params)  # (start, end) owned of the flattened param
         self.streams = plan.streams

@@ -426,7 +426,7 @@ def _split_window_sums(sp, weights):
     total = int(sizes.sum())
     base = np.array(sp.split_base, dtype=np.int64)
     lo = np.minimum(base, total)
-    hi = np.minimum(base + sp.segment - np.array(sp.whole_used, dtype=np.int64), total)
+    hi = np.minimum(base + sp.segment - sp.slack - np.array(sp.whole_used, dtype=np.int64), total)
 
     def upto(x):  # weighted count of stream elements before x
         j = np.clip(np.searchsorted(starts, x, side="right") - 1, 0, len(split) - 1)
