@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..kernels import state_precision
 from ..optim import _steps
 from ..optim.base import LOW_PRECISION, ShardedOptimizer
 from ._manifest import dtype_str, encode_group, model_key, optim_key
@@ -49,6 +50,18 @@ class ParamInfo:
 
 
 @dataclass
+class Quantized:
+    """An int8 state of a live parameter: codes ``st[key]`` and scales ``st[key + "_scale"]``."""
+
+    fqn: str
+    key: str
+    layout: object
+    index: int
+    param: object
+    st: dict
+
+
+@dataclass
 class Live:
     model_targets: list = field(default_factory=list)
     optim_targets: list = field(default_factory=list)
@@ -61,6 +74,7 @@ class Live:
     optimizer_class: str | None = None
     refresh_master: list = field(default_factory=list)  # callables(fqn_set) run after a load
     ds_stage: int | None = None
+    quantized: list = field(default_factory=list)  # Quantized: the int8 states
 
     def targets(self):
         return self.model_targets + self.optim_targets
@@ -156,8 +170,14 @@ def dtensor_pieces(global_shape, mesh, placements, local: torch.Tensor):
     return pieces
 
 
-def state_pieces(layout, i: int, p, v: torch.Tensor, describe: str):
-    """This rank's pieces of state tensor ``v`` of parameter ``p`` (index ``i``) in flat coordinates."""
+def state_pieces(layout, i: int, p, v: torch.Tensor, describe: str, scale: bool = False):
+    """This rank's pieces of state tensor ``v`` of parameter ``p`` (index ``i``) in flat coordinates.
+
+    ``scale``: ``v`` holds the block scales of an int8 state (one per 256 elements of the flattened
+    parameter; every layout cuts such a parameter on block boundaries), in the coordinates of the
+    ``state_precision.scale_shape(p.shape)`` tensor."""
+    if scale:
+        return _scale_pieces(layout, i, p, v, describe)
     numel = p.numel()
     if _is_dtensor(v):
         return dtensor_pieces(v.shape, v.device_mesh, v.placements, v._local_tensor)
@@ -179,6 +199,24 @@ def state_pieces(layout, i: int, p, v: torch.Tensor, describe: str):
     if tuple(v.shape) != tuple(p.shape):
         raise ValueError(f"{describe}: state shape {tuple(v.shape)} differs from the parameter's {tuple(p.shape)}")
     return [(0, v.reshape(-1))] if numel else []
+
+
+def _scale_pieces(layout, i, p, v, describe):
+    if _is_dtensor(v):
+        return dtensor_pieces(v.shape, v.device_mesh, v.placements, v._local_tensor)
+    full = math.prod(state_precision.scale_shape(p.shape))
+    if getattr(layout, "name", "") == "zero1" and not layout.whole[i]:
+        r = layout.range[i]
+        if r is None:
+            return []
+        if r[0] % state_precision.BLOCK or v.numel() != state_precision.n_blocks(r[1] - r[0]):
+            raise ValueError(f"{describe}: ZeRO-1 block scales {tuple(v.shape)} do not match owned range {r}")
+        return [(r[0] // state_precision.BLOCK, v.reshape(-1))]
+    if v.numel() == 0:
+        return []
+    if v.numel() != full:
+        raise ValueError(f"{describe}: {v.numel()} block scales, expected {full}")
+    return [(0, v.reshape(-1))]
 
 
 # ---------------------------------------------------------------- collect
@@ -268,6 +306,14 @@ def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
         keys = [k for k, v in st.items() if k != "step" and torch.is_tensor(v)]
         describe = f"{fqn} (shape {tuple(p.shape)})"
         for k in keys:
+            base = k.removesuffix(state_precision.SCALE_SUFFIX)
+            if base != k and base in st:  # the block scales of int8 state `base`
+                shape = state_precision.scale_shape(p.shape)
+                pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'", scale=True)
+                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, shape, st[k].dtype,
+                                                 FlatPieces(math.prod(shape), st[k].dtype, pieces)))
+                live.quantized.append(Quantized(fqn, base, layout, i, p, st))
+                continue
             pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'")
             # stored in the state's own dtype (bf16 state as bf16); a load converts to the live one
             live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), st[k].dtype,

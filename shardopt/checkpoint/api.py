@@ -10,10 +10,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..kernels import state_precision
+from ..kernels.state_precision import SCALE_SUFFIX
 from ..optim import _steps
 from ..optim._state_dict import LIVE_KEYS
 from . import _storage as S
-from ._live import Live, collect
+from ._live import Live, collect, state_pieces
+from ._storage import FlatPieces
 from ._manifest import (
     EXTRA,
     FORMAT,
@@ -22,6 +25,7 @@ from ._manifest import (
     decode_group,
     dtype_str,
     legacy_scale,
+    optim_key,
     read_manifest,
     write_manifest,
 )
@@ -33,6 +37,7 @@ from .errors import (
     ShapeMismatchError,
 )
 
+INT8_CODES = frozenset({dtype_str(torch.int8), dtype_str(torch.uint8)})  # stored dtypes of int8 state codes
 _ERRORS = {c.__name__: c for c in (CheckpointError, CorruptCheckpointError, MissingEntryError, ShapeMismatchError,
                                    AlgorithmMismatchError)}
 _MAX_LISTED = 8
@@ -235,14 +240,14 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_gr
         live = collect(model, optimizer, weights=model_weights)
     except Exception as e:
         errors.append(_err(e))
-    state_dict = {}
+    state_dict, later = {}, []
     if not errors:
         try:
             errors += _check(directory, manifest, md, live, strict)
             if not errors and not keep_param_groups:
                 errors += _check_groups(directory, manifest, live)
             if not errors:
-                state_dict = _destinations(live, manifest)
+                state_dict, later = _destinations(live, manifest)
                 items = S.read_items(state_dict, md)
                 errors += [("CorruptCheckpointError", m) for m in
                            S.verify_chunks(directory, manifest, md, [it.storage_index for it in items])]
@@ -252,6 +257,7 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_gr
             errors.append(_err(e))
     _agree(errors, process_group)
     S.dcp_load(state_dict, directory, process_group=process_group)
+    _quantize_loaded(later, manifest)
     _upgrade_loaded(live, manifest)
     _after_load(live, manifest, keep_param_groups)
     extra = None
@@ -260,14 +266,41 @@ def load(path: str, model, optimizer=None, *, strict: bool = True, keep_param_gr
     return extra
 
 
-def _destinations(live: Live, manifest: dict) -> dict:
+def _destinations(live: Live, manifest: dict):
+    """(DCP state_dict to read into, [(Quantized, fp32 local tensor)] to quantize after the read)."""
     stored = manifest["tensors"]
     out = {}
     for t in live.targets():
         if t.key not in stored or _numel(t) == 0:
             continue  # e.g. master_param the checkpoint lacks: refreshed from the weights after the load
         out[t.key] = t.value
-    return out
+    later = []
+    for q in _from_float(live, stored):
+        # fp32/bf16 state saved, int8 here: read it into an fp32 copy of this rank's piece, quantize after
+        codes = q.layout.local_state(q.st[q.key])
+        tmp = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+        pieces = state_pieces(q.layout, q.index, q.param, tmp, f"{q.fqn} state '{q.key}'")
+        key = optim_key(q.fqn, q.key)
+        if key in out:
+            out[key] = FlatPieces(out[key].numel, torch.float32, pieces)
+        later.append((q, tmp))
+    return out, later
+
+
+def _from_float(live: Live, stored: dict) -> list:
+    """The live int8 states whose checkpoint entry is a plain (fp32/bf16) tensor."""
+    return [q for q in live.quantized
+            if optim_key(q.fqn, q.key) in stored and stored[optim_key(q.fqn, q.key)]["dtype"] not in INT8_CODES]
+
+
+def _quantize_loaded(later, manifest: dict) -> None:
+    params = manifest.get("params", {})
+    for q, tmp in later:
+        step = _steps.as_int(params.get(q.fqn, {}).get("step", 0.0))
+        codes, scale = state_precision.quantize(tmp, step, state_precision.int8_kind(q.key))
+        q.layout.local_state(q.st[q.key]).copy_(codes)
+        sc = q.layout.local_state(q.st[q.key + SCALE_SUFFIX])
+        sc.copy_(scale.view(sc.shape))
 
 
 def _check(directory, manifest, md, live: Live, strict: bool) -> list:
@@ -313,10 +346,19 @@ def _check(directory, manifest, md, live: Live, strict: bool) -> list:
             if fqn not in live_model and fqn not in live.aliases:
                 add(MissingEntryError,
                     f"{where} has model tensor '{fqn}' that the model does not have; pass strict=False to ignore it")
+    converting = {(q.fqn, q.key + SCALE_SUFFIX) for q in _from_float(live, stored)}
+    codes_of = {(q.fqn, q.key) for q in live.quantized}
     for t in live.targets():
         s = stored.get(t.key)
+        if s is not None and t.slot != "model" and (t.fqn, t.slot) not in codes_of and \
+                s["dtype"] in INT8_CODES and not t.slot.endswith(SCALE_SUFFIX):
+            add(ShapeMismatchError,
+                f"{where}: optimizer state '{t.slot}' of parameter '{t.fqn}' was saved as int8 blocks, but this "
+                f"optimizer keeps it as {dtype_str(t.dtype)}; load it with state_dtype='int8', or write fp32 "
+                "state with `shardopt ckpt consolidate` and load that with load_state_dict")
+            continue
         if s is None:
-            if t.slot == "master_param":
+            if t.slot == "master_param" or (t.fqn, t.slot) in converting:
                 continue
             if t.slot == "model" or t.fqn in params:
                 what = "model weight" if t.slot == "model" else f"optimizer state '{t.slot}'"

@@ -17,6 +17,8 @@ from collections import OrderedDict
 
 import torch
 
+from ..kernels import state_precision
+from ..kernels.state_precision import SCALE_SUFFIX
 from ..optim._report import format_bytes
 from . import _storage as S
 from ._manifest import (
@@ -105,8 +107,11 @@ def inspect(path: str) -> dict:
             t = tensors.get(optim_key(fqn, k))
             if t:
                 sbytes += math.prod(t["shape"]) * _elem(t["dtype"])
-                if k != "master_param" and t["dtype"] not in sdtypes:
-                    sdtypes.append(t["dtype"])
+                # int8 state: its codes (int8, or uint8 for AdamW's second moment) plus "<key>_scale" (fp32)
+                quantized = k + SCALE_SUFFIX in keys
+                shown = "int8" if quantized else t["dtype"]
+                if k != "master_param" and not _is_scale(k, keys) and shown not in sdtypes:
+                    sdtypes.append(shown)
         rows.append({
             "name": fqn, "shape": list(info["shape"]), "dtype": info["dtype"],
             "kind": (model.get(fqn) or {}).get("kind", "param"),
@@ -290,8 +295,14 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
         st = {"step": _fake((), torch.float32)}
         fills.append((("state", i, "step"), None, p.get("step", 0.0)))
         for k in p["state"]:
+            if _is_scale(k, p["state"]):
+                continue  # read with its codes, below
             key = optim_key(fqn, k)
             t = tensors[key]
+            if k + SCALE_SUFFIX in p["state"]:  # int8 blocks: dequantized to fp32
+                st[k] = _fake(p["shape"], torch.float32)
+                fills.append((("state", i, k), (key, optim_key(fqn, k + SCALE_SUFFIX), k), None))
+                continue
             st[k] = _fake(p["shape"], _torch_state_dtype(str_dtype(t["dtype"])))
             fills.append((("state", i, k), key, None))
         state[i] = st
@@ -321,6 +332,8 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
                     dest = dest[w]
                 if key is None:
                     dest.fill_(value)
+                elif isinstance(key, tuple):
+                    _read_int8(reader, directory, m, md, key, dest)
                 else:
                     _read_checked(reader, directory, m, md, key, dest)
                 bar.update()
@@ -334,6 +347,22 @@ def consolidate(path: str, out: str, progress: bool = False) -> dict:
 
     save_streaming(skeleton, out, fill)
     return meta
+
+
+def _is_scale(key: str, keys) -> bool:
+    """Whether state ``key`` holds the block scales of another key's int8 codes."""
+    return key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in keys
+
+
+def _read_int8(reader, directory, m, md, keys, dest):
+    """Read int8 codes and their block scales, and write their fp32 values into ``dest``."""
+    codes_key, scale_key, k = keys
+    tensors = m["tensors"]
+    codes = torch.empty(dest.shape, dtype=str_dtype(tensors[codes_key]["dtype"]))
+    scale = torch.empty(tuple(tensors[scale_key]["shape"]), dtype=torch.float32)
+    _read_checked(reader, directory, m, md, codes_key, codes)
+    _read_checked(reader, directory, m, md, scale_key, scale)
+    dest.copy_(state_precision.dequantize(codes, scale, state_precision.int8_kind(k)))
 
 
 def _torch_state_dtype(stored: torch.dtype) -> torch.dtype:
