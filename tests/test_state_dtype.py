@@ -143,8 +143,7 @@ def test_bad_state_dtype_names_the_valid_choices(cls):
     for bad in ("int4", "bfloat16", torch.bfloat16, None, 16):
         with pytest.raises(ValueError, match=r"state_dtype .*valid: 'fp32', 'bf16', 'int8'"):
             mk(state_dtype=bad)
-    with pytest.raises(NotImplementedError, match=r"state_dtype='int8' .* not available yet.*'fp32', 'bf16'"):
-        mk(state_dtype="int8")
+    assert mk(state_dtype="int8").defaults["state_dtype"] == "int8"  # int8: tests/test_state_int8.py
     # per group too, naming the group
     with pytest.raises(ValueError, match=r"param group 0 .*valid: 'fp32', 'bf16', 'int8'"):
         cls([{"params": ps[:1], "state_dtype": "int4"}])
