@@ -309,12 +309,18 @@ class Holder(torch.nn.Module):
 
 def _model(layout, world):
     m = Holder()
-    if layout == "fsdp2":
+    if layout in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        mesh = init_device_mesh("cpu", (world,)) if layout == "fsdp2" else \
+            init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        fully_shard(m, mesh=mesh)
     return m, list(m.parameters())
+
+
+def _layouts(world):
+    return ("zero1", "fsdp2", "hsdp") if world == 4 else ("zero1", "fsdp2")
 
 
 def _train(opt, ps, k0, k1):
@@ -347,7 +353,7 @@ def _layouts_job(rank, world, d, names, save):
 
     out = {}
     for name in names:
-        for layout in ("zero1", "fsdp2"):
+        for layout in _layouts(world):
             m, ps = _model(layout, world)
             opt = build(name, ps, sharding="zero1" if layout == "zero1" else "auto", state_dtype="int8")
             _train(opt, ps, 0, K)
@@ -355,7 +361,9 @@ def _layouts_job(rank, world, d, names, save):
                 C.save(f"{d}/{name}-{layout}-w{world}", m, opt)
             _train(opt, ps, K, 2 * K)
             out[(name, layout)] = dict(params=_full(ps), bytes=opt.state_bytes(), storage=_storage_bytes(opt),
-                                       layout=opt.layout.name)
+                                       layout=opt.layout.name,
+                                       placed=all(v.placements == p.placements for p in ps for k, v in
+                                                  opt.state[p].items() if k != "step") if layout != "zero1" else True)
     return out
 
 
@@ -376,15 +384,16 @@ def _resume_job(rank, world, d, names, src_world):
 def _check(res, names, world):
     for name in names:
         ref, ref_opt = run_single(name, 2 * K, state_dtype="int8")
-        for layout in ("zero1", "fsdp2"):
+        for layout in _layouts(world):
             total = 0
             for r in range(world):
                 row = res[r][(name, layout)]
-                assert row["layout"] == layout
+                assert row["layout"] == ("fsdp2" if layout == "hsdp" else layout)
                 _assert_same(row["params"], ref, name, (layout, world, r))
-                assert row["bytes"] == row["storage"]
+                assert row["bytes"] == row["storage"] and row["placed"]
                 total += row["bytes"]
-            # sharded: the ranks together hold the single process's state bytes (up to empty-piece overhead)
+            # the ranks of one shard group together hold the single process's state bytes (HSDP: 2 replicas)
+            total /= 2 if layout == "hsdp" else 1
             assert ref_opt.state_bytes() <= total <= ref_opt.state_bytes() * 1.01 + 4096 * world
 
 
@@ -424,7 +433,7 @@ def test_w2_layouts_equal_single_process_and_resume_2_to_2_and_1(tmp_path):
 
 
 @pytest.mark.slow
-def test_w4_layouts_and_resume_4_to_2(tmp_path):
+def test_w4_layouts_hsdp_and_resume_4_to_2(tmp_path):
     d = str(tmp_path)
     res = dist_utils.run(_layouts_job, 4, d, ["lion", "adamw"], True)
     _check(res, ["lion", "adamw"], 4)
