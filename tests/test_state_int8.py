@@ -435,10 +435,10 @@ def test_w2_layouts_equal_single_process_and_resume_2_to_2_and_1(tmp_path):
 @pytest.mark.slow
 def test_w4_layouts_hsdp_and_resume_4_to_2(tmp_path):
     d = str(tmp_path)
-    res = dist_utils.run(_layouts_job, 4, d, ["lion", "adamw"], True)
-    _check(res, ["lion", "adamw"], 4)
-    res2 = dist_utils.run(_resume_job, 2, d, ["lion", "adamw"], 4)
-    for name in ("lion", "adamw"):
+    res = dist_utils.run(_layouts_job, 4, d, ALGOS, True)
+    _check(res, ALGOS, 4)
+    res2 = dist_utils.run(_resume_job, 2, d, ALGOS, 4)
+    for name in ALGOS:
         want, _ = run_single(name, 2 * K, state_dtype="int8")
         for r in res2:
             for layout in ("zero1", "fsdp2"):
