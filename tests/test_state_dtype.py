@@ -365,12 +365,18 @@ class Holder(torch.nn.Module):
 
 def _model(layout, world):
     m = Holder()
-    if layout == "fsdp2":
+    if layout in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        mesh = init_device_mesh("cpu", (world,)) if layout == "fsdp2" else \
+            init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        fully_shard(m, mesh=mesh)
     return m, list(m.parameters())
+
+
+def _layouts(world):
+    return ("zero1", "fsdp2", "hsdp") if world == 4 else ("zero1", "fsdp2")
 
 
 def _train(opt, ps, k0, k1):
@@ -409,7 +415,7 @@ def _layouts_job(rank, world, d, names, ckpt):
 
     out = {}
     for name in names:
-        for layout in ("zero1", "fsdp2"):
+        for layout in _layouts(world):
             row = {}
             for sd in ("bf16", "fp32"):
                 m, ps = _model(layout, world)
@@ -421,7 +427,7 @@ def _layouts_job(rank, world, d, names, ckpt):
                                table=opt.summary(print_fn=None), layout=opt.layout.name,
                                dtypes={str(v.dtype) for v in tensors},
                                placed=all(v.placements == p.placements for p in ps for k, v in opt.state[p].items()
-                                          if k != "step") if layout == "fsdp2" else True)
+                                          if k != "step") if layout != "zero1" else True)
             out[(name, layout)] = row
             if not ckpt:
                 continue
@@ -450,11 +456,12 @@ def _check_layouts(res, names, world):
     for name in names:
         ref, ref_opt = run_single(name, STEPS, state_dtype="bf16")
         ref32, _ = run_single(name, STEPS)
-        for layout in ("zero1", "fsdp2"):
+        for layout in _layouts(world):
             for rank in range(world):
                 row = res[rank][(name, layout)]
                 bf, fp = row["bf16"], row["fp32"]
-                assert bf["layout"] == ({"zero1": "zero1" if world > 1 else "none", "fsdp2": "fsdp2"}[layout])
+                assert bf["layout"] == ({"zero1": "zero1" if world > 1 else "none", "fsdp2": "fsdp2",
+                                         "hsdp": "fsdp2"}[layout])
                 # the same parameters as the single process with the same state dtype (Lion: bitwise)
                 assert_close_params(bf["params"], ref, name)
                 assert_close_params(fp["params"], ref32, name)
@@ -463,16 +470,18 @@ def _check_layouts(res, names, world):
                 # real bytes: the storage behind the state, half the fp32 state's
                 assert bf["bytes"] == bf["storage"] and fp["bytes"] == fp["storage"]
                 assert 2 * bf["bytes"] == fp["bytes"], (name, layout, rank, bf["bytes"], fp["bytes"])
+                # the table lists the ranks of the shard group (HSDP: ranks 0, 1 and 2, 3 hold the same pieces)
                 assert [t["state_bytes"] for t in bf["table"]] == [res[r][(name, layout)]["bf16"]["bytes"]
-                                                                  for r in range(world)]
-            if name != "muon":  # shardopt plan counts the same bytes per rank (Muon: its own group split)
+                                                                  for r in range(world // (2 if layout == "hsdp" else 1))]
+            if name != "muon" and layout != "hsdp":  # shardopt plan counts the same bytes per rank (Muon: its own
+                # group split; HSDP: the planner has no replica dimension)
                 from shardopt.tools.plan import plan
 
                 for sd in ("bf16", "fp32"):
                     pl = plan(Holder(), world_sizes=[world], layout=layout, optimizer=name, param_dtype="fp32",
                               state_dtype=sd)
                     assert pl.worlds[0].state.tolist() == [res[r][(name, layout)][sd]["bytes"] for r in range(world)]
-            total = sum(res[r][(name, layout)]["bf16"]["bytes"] for r in range(world))
+            total = sum(res[r][(name, layout)]["bf16"]["bytes"] for r in range(world)) / (2 if layout == "hsdp" else 1)
             assert total >= ref_opt.state_bytes()
             assert {t["unsharded_state_bytes"] for t in res[0][(name, layout)]["bf16"]["table"]} == \
                 {ref_opt.state_bytes()}
@@ -556,19 +565,21 @@ def _resume_job(rank, world, d, name):
 
 
 @pytest.mark.slow
-def test_w4_lion_layouts_bitwise_and_resume_4_to_2(tmp_path):
+def test_w4_layouts_hsdp_and_resume_4_to_2(tmp_path):
     d = str(tmp_path)
-    res = dist_utils.run(_layouts_job, 4, d, ["lion"], True)
-    _check_layouts(res, ["lion"], 4)
-    # saved at W=4 after K steps, resumed at W=2 in the same layout: the uninterrupted single-process run, bitwise
-    want, _ = run_single("lion", 2 * K, state_dtype="bf16")
-    for r in res:
-        for layout in ("zero1", "fsdp2"):
-            assert all(torch.equal(a, b) for a, b in zip(*r[("lion", layout, "resume")])), layout  # 4 -> 4
-    res2 = dist_utils.run(_resume_job, 2, d, "lion")
-    for r in res2:
-        for layout in ("zero1", "fsdp2"):
-            assert all(torch.equal(a, b) for a, b in zip(r[layout], want)), layout
+    res = dist_utils.run(_layouts_job, 4, d, ALGOS, True)
+    _check_layouts(res, ALGOS, 4)
+    # saved at W=4 after K steps, resumed at W=2 in the same layout: the uninterrupted single-process run
+    # (Lion bitwise), and 4 -> 4 resumes on the uninterrupted run's bits
+    res2 = [dist_utils.run(_resume_job, 2, d, name) for name in ALGOS]
+    for name, rs in zip(ALGOS, res2):
+        want, _ = run_single(name, 2 * K, state_dtype="bf16")
+        for r in res:
+            for layout in _layouts(4):
+                assert all(torch.equal(a, b) for a, b in zip(*r[(name, layout, "resume")])), (name, layout)
+        for r in rs:
+            for layout in ("zero1", "fsdp2"):
+                assert_close_params(r[layout], want, name)
 
 
 # ---------------------------------------------------------------- DeepSpeed config entry
