@@ -248,12 +248,15 @@ def _round_flat(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.where(torch.isfinite(x), sr, x.to(torch.bfloat16))
 
 
+def _fp32_flat(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{what} takes fp32 values, got {x.dtype}")
+    return x.detach().contiguous().view(-1)
+
+
 def round_bf16(x: torch.Tensor, step: int) -> torch.Tensor:
     """``x`` (fp32) rounded to bf16 stochastically, keyed by each element's value and ``step``."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"round_bf16 takes fp32 values, got {x.dtype}")
-    s = salt(step)
-    flat = x.detach().contiguous().view(-1)
+    flat, s = _fp32_flat(x, "round_bf16"), salt(step)
     n = flat.numel()
     if n <= _CHUNK:
         return _round_flat(flat, s).view(x.shape)
@@ -333,10 +336,7 @@ def _quantize_flat(x: torch.Tensor, s: int, kind: str):
 def quantize(x: torch.Tensor, step: int, kind: str):
     """``(codes, scales)`` of the fp32 tensor ``x`` in int8 blocks (mapping ``kind``, salt ``step``):
     codes shaped like ``x``, scales 1-D, one per block of 256 in flat order."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"quantize takes fp32 values, got {x.dtype}")
-    s = salt(step)
-    flat = x.detach().contiguous().view(-1)
+    flat, s = _fp32_flat(x, "quantize"), salt(step)
     n = flat.numel()
     if n <= _CHUNK:
         c, sc = _quantize_flat(flat, s, kind)
