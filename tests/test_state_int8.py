@@ -361,7 +361,7 @@ def _layouts_job(rank, world, d, names, save):
                 C.save(f"{d}/{name}-{layout}-w{world}", m, opt)
             _train(opt, ps, K, 2 * K)
             out[(name, layout)] = dict(params=_full(ps), bytes=opt.state_bytes(), storage=_storage_bytes(opt),
-                                       layout=opt.layout.name,
+                                       layout=opt.layout.name, table=opt.summary(print_fn=None),
                                        placed=all(v.placements == p.placements for p in ps for k, v in
                                                   opt.state[p].items() if k != "step") if layout != "zero1" else True)
     return out
@@ -391,6 +391,7 @@ def _check(res, names, world):
                 assert row["layout"] == ("fsdp2" if layout == "hsdp" else layout)
                 _assert_same(row["params"], ref, name, (layout, world, r))
                 assert row["bytes"] == row["storage"] and row["placed"]
+                assert {t["unsharded_state_bytes"] for t in row["table"]} == {ref_opt.state_bytes()}
                 total += row["bytes"]
             # the ranks of one shard group together hold the single process's state bytes (HSDP: 2 replicas)
             total /= 2 if layout == "hsdp" else 1

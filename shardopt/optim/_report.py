@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..kernels import state_precision
+
 from ..sharding import comm
 from .base import ALGORITHMS, _device_of, _is_dtensor
 
@@ -75,9 +77,13 @@ def _unsharded_bytes(opt) -> int:
     total = 0
     for i, p in enumerate(params):
         numel = layout.unsharded_numel(i)
-        for k, v in opt.state[p].items():
+        st = opt.state[p]
+        for k, v in st.items():
             if k != "step" and torch.is_tensor(v):
-                total += numel * _local(v).element_size()
+                # an int8 state's block scales: one per 256 elements
+                n = state_precision.n_blocks(numel) if k.endswith(state_precision.SCALE_SUFFIX) and \
+                    k.removesuffix(state_precision.SCALE_SUFFIX) in st else numel
+                total += n * _local(v).element_size()
     return total
 
 
