@@ -191,8 +191,9 @@ if triton is not None:
         return (x == x) & (tl.abs(x) != float("inf"))
 
     def _row_max(a, valid):
-        """The largest of each row of the non-negative ``a`` ([ROWS, 1]), NaN when the row holds a NaN
-        (as ``torch.amax``; a GPU max may drop NaNs); lanes outside ``valid`` count as 0."""
+        """The largest of each row of the non-negative ``a`` ([ROWS, 1]), NaN when the row holds a NaN (as
+        ``torch.amax``; ``tl.max`` skips NaNs in the interpreter, and may on a GPU); lanes outside ``valid``
+        count as 0."""
         a = tl.where(valid, a, 0.0)
         mx = tl.max(a, axis=1, keep_dims=True)
         nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
