@@ -13,10 +13,10 @@ Bit-exactness notes
   not contract ``a*b + c`` into an FMA (torch evaluates them as separate ops).
 * Division and square root use ``tl.div_rn`` / ``tl.sqrt_rn`` (IEEE, correctly
   rounded) instead of Triton's default approximate fp32 ``/`` and ``tl.sqrt``.
-* Narrow (bf16) parameter stores round to nearest-even *explicitly* with integer ops
-  (:func:`_rne_bf16_bits`): Triton's interpreter truncates on a plain
-  ``.to(tl.bfloat16)``, whereas torch (and the GPU ``cvt.rn``) round to nearest
-  even.  Doing it by hand gives identical bits in both modes.
+* Narrow (bf16) parameter stores round to nearest-even *explicitly* with
+  integer ops (:func:`_rne_bf16_bits`): Triton's interpreter truncates on a
+  plain ``.to(tl.bfloat16)``, whereas torch (and the GPU ``cvt.rn``) round to
+  nearest even.  Doing it by hand gives identical bits in both modes.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) fp32 results therefore match the
 ``torch`` backend bit for bit, but for AdamW's parameters (an ulp: torch's CPU
@@ -44,8 +44,9 @@ The hash is ``mix32`` on ``tl.uint32`` (products wrap mod 2^32), the salt
 ``state_step`` is an int or one per tensor, AdamW's defaults to its ``step``.
 bf16 and int8 state without a salt are refused. The stores are bit for bit
 those of the reference (:func:`quantize`, :func:`dequantize` and
-:func:`round_bf16` run them alone), so given the same fp32 values the state
-bits agree everywhere; a set ``found_inf`` writes no code and no scale either.
+:func:`round_bf16` run them alone): given the same fp32 values the state bits
+agree (tested under the interpreter; the kernels have not run on a GPU yet). A
+set ``found_inf`` writes no code and no scale either.
 
 Gradient transform and skip flag
 --------------------------------
