@@ -11,10 +11,13 @@ is not importable.
 
 Expected agreement under the interpreter:
 * Lion: bitwise, for every param/grad/state dtype (same fp32 op order, no FMA,
-  bf16 stored with explicit round-to-nearest-even).
-* AdamW: fp32 within rtol 1e-6 / atol 1e-7, bf16 within one bf16 ulp.  The
-  kernel uses IEEE ``sqrt_rn``/``div_rn``; torch's vectorised CPU ``sqrt`` is
-  not always correctly rounded (1 ulp off on some inputs), hence not bitwise.
+  bf16 params stored with explicit round-to-nearest-even, bf16 state with the
+  value-keyed stochastic rounding of ``state_precision``).
+* AdamW: params in fp32 within rtol 1e-6 / atol 1e-7, bf16 within one bf16
+  ulp.  The kernel uses IEEE ``sqrt_rn``/``div_rn``; torch's vectorised CPU
+  ``sqrt`` is not always correctly rounded (1 ulp off on some inputs), hence not
+  bitwise.  The moments take no square root: bitwise.
+  (int8 state: tests/test_kernels_triton_state.py.)
 * The gradient transform (maximize, clip_value, grad_scale), the device skip
   flag found_inf and amsgrad, alone and together, to the same tolerances;
   gradients are never written and a set flag writes nothing.
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from shardopt.kernels import state_precision  # noqa: E402
 from shardopt.kernels import torch_ops  # noqa: E402
 from shardopt.kernels import triton_ops  # noqa: E402
 
@@ -107,28 +111,25 @@ def _run_and_compare(opt, pdtype, gdtype, sdtype, weight_decay, *, shapes=SHAPES
         grads = _make_grads(shapes, gdtype, seed=step)
         # Re-sync the reference from the triton state so every step is
         # compared on identical inputs (AdamW tolerances do not compound).
-        # The reference keeps its state in fp32 and rounds afterwards, which
-        # is exactly what the kernel does for bf16 state.
+        # bf16 state is stored by value-keyed stochastic rounding with the
+        # step as its salt (state_precision), the same in both.
         ref_p = [p.clone() for p in params]
-        ref_m = [m.to(torch.float32, copy=True) for m in exp_avgs]
-        ref_v = [v.to(torch.float32, copy=True) for v in exp_avg_sqs]
+        ref_m = [m.clone() for m in exp_avgs]
+        ref_v = [v.clone() for v in exp_avg_sqs]
         if adamw:
             hp = dict(ADAMW_HP, weight_decay=weight_decay, step=step)
             triton_ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, **hp)
             torch_ops.adamw_step(ref_p, grads, ref_m, ref_v, **hp)
         else:
-            hp = dict(LION_HP, weight_decay=weight_decay)
+            hp = dict(LION_HP, weight_decay=weight_decay, state_step=step)
             triton_ops.lion_step(params, grads, exp_avgs, **hp)
             torch_ops.lion_step(ref_p, grads, ref_m, **hp)
         for i in range(len(shapes)):
             _assert_close(f"step{step} params[{i}]", params[i], ref_p[i], bitwise=bitwise)
-            _assert_close(
-                f"step{step} exp_avgs[{i}]", exp_avgs[i], ref_m[i].to(sdtype), bitwise=bitwise
-            )
+            # the moments take no square root: bitwise for AdamW too
+            _assert_close(f"step{step} exp_avgs[{i}]", exp_avgs[i], ref_m[i], bitwise=True)
             if adamw:
-                _assert_close(
-                    f"step{step} exp_avg_sqs[{i}]", exp_avg_sqs[i], ref_v[i].to(sdtype), bitwise=False
-                )
+                _assert_close(f"step{step} exp_avg_sqs[{i}]", exp_avg_sqs[i], ref_v[i], bitwise=True)
 
 
 # ---------------------------------------------------------------------------
@@ -173,9 +174,10 @@ def test_lion_sign_of_zero_leaves_param():
     assert torch.equal(torch.signbit(p), torch.tensor([False, True, False, True]))
 
 
-def test_bf16_store_rounds_to_nearest_even():
-    # Lion with beta2 = 0 stores m = g exactly rounded: checks the explicit
-    # RNE path against torch's fp32 -> bf16 conversion, ties included.
+def test_bf16_state_store_is_value_keyed_stochastic_rounding():
+    # Lion with beta2 = 0 stores m = g: the bf16 state store against
+    # state_precision.round_bf16 bit for bit, on ties, the largest finite
+    # values (a carry to inf), subnormals and inf; NaN stays NaN.
     tie_bits = torch.tensor(
         [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F804000, 0xBF808000, 0xBF818000,
          0x7F7FFFFF, 0x7F7F8000, 0x00000001, 0x00018000],
@@ -183,14 +185,23 @@ def test_bf16_store_rounds_to_nearest_even():
     ).to(torch.int32)
     specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0, -3.25, 1e-40])
     g = torch.cat([tie_bits.view(torch.float32), specials, torch.randn(997)])
-    m = torch.zeros(g.numel(), dtype=torch.bfloat16)
-    p = torch.zeros(g.numel())
-    triton_ops.lion_step([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0)
-    want = g.to(torch.bfloat16)
-    # NaN payloads differ between torch's conversion paths: compare NaN-ness only
     nan = torch.isnan(g)
-    assert torch.equal(torch.isnan(m), nan)
-    assert torch.equal(m[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    for step in (1, 2, 3_000_000_001):
+        m = torch.zeros(g.numel(), dtype=torch.bfloat16)
+        p = torch.zeros(g.numel())
+        triton_ops.lion_step([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0, state_step=step)
+        want = state_precision.round_bf16(g, step)
+        # NaN payloads differ between torch's conversion paths: compare NaN-ness only
+        assert torch.equal(torch.isnan(m), nan)
+        assert torch.equal(m[~nan].view(torch.int16), want[~nan].view(torch.int16)), step
+        assert torch.equal(triton_ops.round_bf16(g, step)[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_bf16_state_needs_state_step():
+    p, g, m = torch.zeros(4), torch.ones(4), torch.zeros(4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="state_step"):
+        triton_ops.lion_step([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    assert not p.any()
 
 
 def test_empty_list_and_empty_tensor_are_noops():

@@ -14,12 +14,13 @@ call updates many tensors, the multi-tensor-apply shape):
   or bf16 ones (``state_dtype="bf16"``), which need ``state_step`` (the
   parameters' step count, the salt of the stochastic rounding defined in
   :mod:`.state_precision`; AdamW's is its ``step``). A backend that lists
-  ``"state_bf16"`` in its ``FEATURES`` takes them (``cpu`` does, bit for bit);
-  for the others (``triton``, ``cuda``) such calls go to the ``torch`` backend.
+  ``"state_bf16"`` in its ``FEATURES`` takes them (``cpu`` and ``triton`` do,
+  bit for bit); for the others (``cuda``) such calls go to the ``torch`` backend.
   int8 state (``state_dtype="int8"``) comes as :class:`~.state_precision.Q8`
   pairs (codes + one fp32 scale per 256 elements), in the same lists as plain
   fp32 state of the parameters too small to quantize; a backend listing
-  ``"state_int8"`` takes them.
+  ``"state_int8"`` takes them (``triton`` does), the others send the call to
+  the ``torch`` backend.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.
 * ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a

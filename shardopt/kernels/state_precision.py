@@ -74,7 +74,13 @@ Two mappings, both stochastically rounded with the value-keyed hash above
   keeps 2^18 of range in ``sqrt(v)`` (2^36 in ``v``) with 1/16 relative steps.
 
 Only IEEE-exact operations appear (division, product, floor, sqrt, bit
-operations), so every backend can match this reference to the last bit.
+operations), so every backend can match this reference to the last bit. The
+reference takes care to get them correctly rounded from torch itself: torch's
+fp32 ``sqrt`` on the CPU is not (an ulp off on about 0.7% of inputs in some
+builds), so the square root is taken in fp64 and rounded to fp32 (correctly
+rounded, fp64 holding more than twice fp32's bits); and ``absmax / 127`` divides
+by a tensor, since torch on a GPU turns a division by a Python number into a
+product with its rounded reciprocal.
 """
 from __future__ import annotations
 
@@ -313,13 +319,14 @@ def _quantize_flat(x: torch.Tensor, s: int, kind: str):
     n = x.numel()
     if kind == "signed":
         xb = _blocked(x)
-        scale = xb.abs().amax(dim=1) / 127.0
+        amax = xb.abs().amax(dim=1)
+        scale = amax / torch.full_like(amax, 127.0)  # a true division on every device (see above)
         q = (xb / scale[:, None]).view(-1)[:n]
         u = x.view(torch.int32).to(torch.int64) & MASK32
         code = torch.floor(q + _uniform(u, s)).clamp_(-127.0, 127.0)
         code = torch.where(torch.isfinite(q), code, torch.zeros_like(code))
         return code.to(torch.int8), scale
-    v = torch.sqrt(x)
+    v = torch.sqrt(x.double()).float()  # correctly rounded (see the module docstring)
     vb = _blocked(v)
     scale = vb.amax(dim=1)
     w = (vb / scale[:, None]).view(-1)[:n]

@@ -13,15 +13,40 @@ Bit-exactness notes
   not contract ``a*b + c`` into an FMA (torch evaluates them as separate ops).
 * Division and square root use ``tl.div_rn`` / ``tl.sqrt_rn`` (IEEE, correctly
   rounded) instead of Triton's default approximate fp32 ``/`` and ``tl.sqrt``.
-* Narrow (bf16) stores round to nearest-even *explicitly* with integer ops
-  (:func:`_rne_bf16_bits`): Triton's interpreter truncates on a plain
-  ``.to(tl.bfloat16)``, whereas torch (and the GPU ``cvt.rn``) round to nearest
-  even.  Doing it by hand gives identical bits in both modes.
+* Narrow (bf16) parameter stores round to nearest-even *explicitly* with
+  integer ops (:func:`_rne_bf16_bits`): Triton's interpreter truncates on a
+  plain ``.to(tl.bfloat16)``, whereas torch (and the GPU ``cvt.rn``) round to
+  nearest even.  Doing it by hand gives identical bits in both modes.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) fp32 results therefore match the
-``torch`` backend bit for bit.  On a GPU torch itself turns division by a
-scalar into multiplication by its reciprocal, so AdamW may differ there by an
-ulp; Lion stays bitwise.
+``torch`` backend bit for bit, but for AdamW's parameters (an ulp: torch's CPU
+fp32 ``sqrt`` is not always correctly rounded).  On a GPU torch itself turns
+division by a scalar into multiplication by its reciprocal, so AdamW may differ
+there by an ulp; Lion stays bitwise.
+
+Optimizer state formats
+-----------------------
+Each state list may mix, tensor by tensor, the formats of
+:mod:`.state_precision` (``FEATURES`` lists ``state_bf16`` and ``state_int8``):
+
+* fp32 (and fp16) tensors: loaded, stored as they are (fp16 rounded to nearest
+  even);
+* bf16 tensors: loaded exactly, stored by the value-keyed stochastic rounding
+  (``(u + (mix32(u ^ salt) & 0xFFFF)) >> 16``, inf/NaN to nearest);
+* :class:`~.state_precision.Q8` blocks (int8 codes, one fp32 scale per 256
+  elements), mappings ``"signed"`` and ``"sqrt"``: a program holds whole
+  blocks, one per row of its ``[ROWS, 256]`` tile, dequantizes them, updates
+  them and quantizes each row again from its ``tl.max`` (NaN-propagating, as
+  ``torch.amax``), codes and scale.
+
+The hash is ``mix32`` on ``tl.uint32`` (products wrap mod 2^32), the salt
+``state_precision.salt(step)`` passed as an int32 with the same bits; Lion's
+``state_step`` is an int or one per tensor, AdamW's defaults to its ``step``.
+bf16 and int8 state without a salt are refused. The stores are bit for bit
+those of the reference (:func:`quantize`, :func:`dequantize` and
+:func:`round_bf16` run them alone): given the same fp32 values the state bits
+agree (tested under the interpreter; the kernels have not run on a GPU yet). A
+set ``found_inf`` writes no code and no scale either.
 
 Gradient transform and skip flag
 --------------------------------
@@ -52,6 +77,8 @@ import struct
 
 import torch
 
+from . import state_precision
+from .state_precision import Q8
 from .torch_ops import adamw_scalars
 
 try:  # pragma: no branch - depends on the environment
@@ -73,11 +100,14 @@ _INTERPRET_MAX_BLOCK_SIZE = 4096
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # what the kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset(
-    {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats"})
+    {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats", "state_bf16", "state_int8"})
 PARAM_DTYPES = _PARAM_DTYPES
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_DTYPES = _GRAD_DTYPES  # what grad_stats takes (the dispatcher sends others to torch)
-_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # and Q8 blocks
+# the kernels' KIND of a state tensor (see _load_state / _store_state)
+_PLAIN, _BF16, _SIGNED, _SQRT = 0, 1, 2, 3
+_Q8_KINDS = {"signed": _SIGNED, "sqrt": _SQRT}
 
 
 def available() -> bool:
@@ -140,10 +170,103 @@ if triton is not None:
             mask = mask & (flag == 0.0)
         return mask
 
+    # ------------------------------------------------------------ optimizer state
+    # A state tensor's format is the constexpr KIND of its kernel argument:
+    # _PLAIN (fp32, fp16: loaded, stored by a plain cast), _BF16 (value-keyed
+    # stochastic rounding), _SIGNED / _SQRT (int8 blocks: codes + one fp32
+    # scale per row of 256).  See state_precision for the definitions.
+
+    def _mix32(x):
+        """state_precision.mix32 on uint32 (the products wrap mod 2^32)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    def _uniform(h):
+        """r = (h >> 8) * 2^-24 in [0, 1), exact in fp32."""
+        return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+    def _finite(x):
+        return (x == x) & (tl.abs(x) != float("inf"))
+
+    def _row_max(a, valid):
+        """The largest of each row of the non-negative ``a`` ([ROWS, 1]), NaN when the row holds a NaN (as
+        ``torch.amax``; ``tl.max`` skips NaNs in the interpreter, and may on a GPU); lanes outside ``valid``
+        count as 0."""
+        a = tl.where(valid, a, 0.0)
+        mx = tl.max(a, axis=1, keep_dims=True)
+        nan = tl.max((a != a).to(tl.int32), axis=1, keep_dims=True)
+        return tl.where(nan > 0, float("nan"), mx)
+
+    def _sr_bf16_bits(x, salt):
+        """state_precision.round_bf16: (u + (mix32(u ^ salt) & 0xFFFF)) >> 16 for finite values,
+        round to nearest even for inf/NaN; bf16 bits as uint16."""
+        u = x.to(tl.uint32, bitcast=True)
+        sr = ((u + (_mix32(u ^ salt) & 0xFFFF)) >> 16).to(tl.uint16)
+        return tl.where(_finite(x), sr, _rne_bf16_bits(x))
+
+    def _load_state(ptr, sc_ptr, offs, row, mask, rmask, KIND: tl.constexpr):
+        """fp32 values of a state block ([ROWS, COLS]); 0 outside ``mask``."""
+        if KIND == 2:  # signed: code * scale
+            c = tl.load(ptr + offs, mask=mask, other=0).to(tl.float32)
+            x = tl.where(mask, c * tl.load(sc_ptr + row, mask=rmask, other=0.0), 0.0)
+        elif KIND == 3:  # sqrt: (T[code] * scale)^2, T[c] = c * 2^-18 below 16, else fp32 bits (c + 1792) << 19
+            c = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+            t = tl.where(c >= 16, ((c + 1792) << 19).to(tl.float32, bitcast=True),
+                         c.to(tl.float32) * 3.814697265625e-06)
+            s = t * tl.load(sc_ptr + row, mask=rmask, other=0.0)
+            x = tl.where(mask, s * s, 0.0)
+        else:
+            x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return x
+
+    def _store_state(ptr, sc_ptr, offs, row, x, valid, mask, rmask, salt, KIND: tl.constexpr):
+        """Store the fp32 block ``x`` in format KIND: elements where ``mask``, block scales where ``rmask``
+        (``valid``: the lanes inside the tensor, those a block's largest value is taken over)."""
+        if KIND == 0:
+            tl.store(ptr + offs, x, mask=mask)  # fp32, or fp16 rounded to nearest even by the cast
+        elif KIND == 1:
+            tl.store(ptr + offs, _sr_bf16_bits(x, salt).to(tl.bfloat16, bitcast=True), mask=mask)
+        elif KIND == 2:
+            # scale = absmax / 127; code = clamp(floor(x / scale + r), -127, 127), 0 where x / scale is not finite
+            x = tl.where(valid, x, 0.0)
+            scale = tl.div_rn(_row_max(tl.abs(x), valid), 127.0)
+            q = tl.div_rn(x, scale)
+            code = tl.floor(q + _uniform(_mix32(x.to(tl.uint32, bitcast=True) ^ salt)))
+            code = tl.where(code < -127.0, -127.0, code)
+            code = tl.where(code > 127.0, 127.0, code)
+            code = tl.where(_finite(q), code, 0.0)
+            tl.store(ptr + offs, code.to(tl.int8), mask=mask)
+            tl.store(sc_ptr + row, scale, mask=rmask)
+        else:
+            # s = sqrt(v); scale = max s; w = s / scale; an unsigned e4m4 float of w, hash of bits(s)
+            x = tl.where(valid, x, 0.0)
+            s = tl.sqrt_rn(x)
+            scale = _row_max(s, valid)
+            w = tl.div_rn(s, scale)
+            h = _mix32(s.to(tl.uint32, bitcast=True) ^ salt)
+            normal = (((w.to(tl.uint32, bitcast=True) + (h & 0x7FFFF)) >> 19).to(tl.int32) - 1792).to(tl.float32)
+            sub = tl.floor(w * 262144.0 + _uniform(h))
+            code = tl.where(w >= 6.103515625e-05, normal, sub)
+            code = tl.where(_finite(w), code, 0.0)
+            tl.store(ptr + offs, code.to(tl.uint8), mask=mask)
+            tl.store(sc_ptr + row, scale, mask=rmask)
+
+    def _block_offsets(n_elements, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """This program's [ROWS, COLS] elements: row ``r`` is block ``row[r]`` of COLS elements (256 when
+        int8 state is stored), the masks of its elements and of its rows."""
+        pid = tl.program_id(0).to(tl.int64)
+        row = pid * ROWS + tl.arange(0, ROWS)[:, None]
+        offs = row * COLS + tl.arange(0, COLS)[None, :]
+        return row, offs, offs < n_elements, row * COLS < n_elements
+
     def _lion_kernel_src(
         p_ptr,
         g_ptr,
         m_ptr,
+        ms_ptr,
         scale_ptr,
         flag_ptr,
         n_elements,
@@ -154,21 +277,21 @@ if triton is not None:
         beta2,
         one_minus_beta2,
         weight_decay,
+        salt,
         HAS_WD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         HAS_CLIP: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         HAS_FLAG: tl.constexpr,
         P_BF16: tl.constexpr,
-        M_BF16: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
+        M_KIND: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n_elements
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = _load_state(m_ptr, ms_ptr, offs, row, mask, rmask, M_KIND)
         g = _effective_grad(g, clip_value, scale_ptr, MAXIMIZE, HAS_CLIP, HAS_SCALE)
         # c = beta1*m + (1-beta1)*g
         c = m * beta1 + g * one_minus_beta1
@@ -179,16 +302,21 @@ if triton is not None:
         p = p - u * lr
         # m = beta2*m + (1-beta2)*g
         m = m * beta2 + g * one_minus_beta2
-        mask = _store_mask(mask, flag_ptr, HAS_FLAG)
-        _store_f32(p_ptr + offs, p, mask, P_BF16)
-        _store_f32(m_ptr + offs, m, mask, M_BF16)
+        smask = _store_mask(mask, flag_ptr, HAS_FLAG)
+        srmask = _store_mask(rmask, flag_ptr, HAS_FLAG)
+        s = salt.to(tl.uint32, bitcast=True)
+        _store_f32(p_ptr + offs, p, smask, P_BF16)
+        _store_state(m_ptr, ms_ptr, offs, row, m, mask, smask, srmask, s, M_KIND)
 
     def _adamw_kernel_src(
         p_ptr,
         g_ptr,
         m_ptr,
+        ms_ptr,
         v_ptr,
+        vs_ptr,
         vmax_ptr,
+        vmaxs_ptr,
         scale_ptr,
         flag_ptr,
         n_elements,
@@ -201,6 +329,7 @@ if triton is not None:
         bc2_sqrt,
         eps,
         step_size,
+        salt,
         HAS_WD: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         HAS_CLIP: tl.constexpr,
@@ -208,18 +337,17 @@ if triton is not None:
         HAS_FLAG: tl.constexpr,
         AMSGRAD: tl.constexpr,
         P_BF16: tl.constexpr,
-        M_BF16: tl.constexpr,
-        V_BF16: tl.constexpr,
-        VMAX_BF16: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
+        M_KIND: tl.constexpr,
+        V_KIND: tl.constexpr,
+        VMAX_KIND: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n_elements
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = _load_state(m_ptr, ms_ptr, offs, row, mask, rmask, M_KIND)
+        v = _load_state(v_ptr, vs_ptr, offs, row, mask, rmask, V_KIND)
         g = _effective_grad(g, clip_value, scale_ptr, MAXIMIZE, HAS_CLIP, HAS_SCALE)
         if HAS_WD:
             p = p * decay
@@ -228,19 +356,40 @@ if triton is not None:
         # masked-off lanes hold v = 0 -> denom = eps; eps may be 0, giving
         # 0/0 there, but those lanes are never stored.
         if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            vmax = _load_state(vmax_ptr, vmaxs_ptr, offs, row, mask, rmask, VMAX_KIND)
             # torch.maximum: a NaN in either operand wins
             vmax = tl.where((v > vmax) | (v != v), v, vmax)
             denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
         else:
             denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - tl.div_rn(m, denom) * step_size
-        mask = _store_mask(mask, flag_ptr, HAS_FLAG)
-        _store_f32(p_ptr + offs, p, mask, P_BF16)
-        _store_f32(m_ptr + offs, m, mask, M_BF16)
-        _store_f32(v_ptr + offs, v, mask, V_BF16)
+        smask = _store_mask(mask, flag_ptr, HAS_FLAG)
+        srmask = _store_mask(rmask, flag_ptr, HAS_FLAG)
+        s = salt.to(tl.uint32, bitcast=True)
+        _store_f32(p_ptr + offs, p, smask, P_BF16)
+        _store_state(m_ptr, ms_ptr, offs, row, m, mask, smask, srmask, s, M_KIND)
+        _store_state(v_ptr, vs_ptr, offs, row, v, mask, smask, srmask, s, V_KIND)
         if AMSGRAD:
-            _store_f32(vmax_ptr + offs, vmax, mask, VMAX_BF16)
+            _store_state(vmax_ptr, vmaxs_ptr, offs, row, vmax, mask, smask, srmask, s, VMAX_KIND)
+
+    def _state_kernel_src(
+        src_ptr,
+        src_s_ptr,
+        dst_ptr,
+        dst_s_ptr,
+        n_elements,
+        salt,
+        SRC_KIND: tl.constexpr,
+        DST_KIND: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        """Load a state in SRC_KIND and store it in DST_KIND: the steps' load and store alone
+        (:func:`quantize`, :func:`dequantize`, :func:`round_bf16`)."""
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
+        x = _load_state(src_ptr, src_s_ptr, offs, row, mask, rmask, SRC_KIND)
+        _store_state(dst_ptr, dst_s_ptr, offs, row, x, mask, mask, rmask, salt.to(tl.uint32, bitcast=True),
+                     DST_KIND)
 
     def _grad_stats_kernel_src(
         g_ptr,
@@ -287,8 +436,13 @@ def _kernels():
         g["_store_f32"] = triton.jit(_store_f32)
         g["_effective_grad"] = triton.jit(_effective_grad)
         g["_store_mask"] = triton.jit(_store_mask)
-        _built["lion"] = triton.jit(_lion_kernel_src)
-        _built["adamw"] = triton.jit(_adamw_kernel_src)
+        for name in ("_mix32", "_uniform", "_finite", "_row_max", "_sr_bf16_bits", "_load_state",
+                     "_store_state", "_block_offsets"):
+            g[name] = triton.jit(g[name])
+        # the salt changes every step: one compiled kernel for all its values
+        _built["lion"] = triton.jit(_lion_kernel_src, do_not_specialize=["salt"])
+        _built["adamw"] = triton.jit(_adamw_kernel_src, do_not_specialize=["salt"])
+        _built["state"] = triton.jit(_state_kernel_src, do_not_specialize=["salt"])
         _built["grad_stats"] = triton.jit(_grad_stats_kernel_src)
         _built["interpret"] = bool(triton.knobs.runtime.interpret)
     return _built
@@ -303,7 +457,29 @@ def _f32(x) -> float:
         return math.copysign(math.inf, x)
 
 
+def _where(name, i):
+    return f"triton backend: {name}[{i}] (list index {i})"
+
+
+def _check_q8(name, i, q):
+    """A Q8 state entry: codes of the parameter's size in the dtype of its mapping, fp32 scales, both
+    contiguous and on the parameter's device."""
+    want = state_precision.code_dtype(q.kind)
+    if q.codes.dtype != want:
+        raise ValueError(f"{_where(name, i)} is int8 state of mapping {q.kind!r} with {q.codes.dtype} codes; "
+                         f"that mapping stores {want}")
+    if q.scale.dtype != torch.float32:
+        raise ValueError(f"{_where(name, i)} has {q.scale.dtype} block scales; int8 state keeps them in fp32")
+    if not (q.codes.is_contiguous() and q.scale.is_contiguous()):
+        raise ValueError(f"{_where(name, i)} is not contiguous")
+    if q.scale.device != q.codes.device:
+        raise ValueError(f"{_where(name, i)} has its scales on {q.scale.device} and its codes on "
+                         f"{q.codes.device}")
+
+
 def _validate(names, lists, allowed_dtypes, interpret: bool):
+    """Every list as long as the first, every entry a contiguous tensor of an allowed dtype (or, in the
+    state lists, from the third on, a :class:`~.state_precision.Q8`) of its parameter's size and device."""
     n = len(lists[0])
     for name, lst in zip(names[1:], lists[1:]):
         if len(lst) != n:
@@ -312,25 +488,27 @@ def _validate(names, lists, allowed_dtypes, interpret: bool):
             )
     for i in range(n):
         p = lists[0][i]
-        for name, lst, dtypes in zip(names, lists, allowed_dtypes):
+        for li, (name, lst, dtypes) in enumerate(zip(names, lists, allowed_dtypes)):
             t = lst[i]
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"triton backend: {name}[{i}] (list index {i}) is not a tensor")
-            if t.dtype not in dtypes:
+            if li >= 2 and isinstance(t, Q8):
+                _check_q8(name, i, t)
+            elif not isinstance(t, torch.Tensor):
+                raise ValueError(f"{_where(name, i)} is not a tensor")
+            elif t.dtype not in dtypes:
                 raise ValueError(
-                    f"triton backend: {name}[{i}] (list index {i}) has dtype {t.dtype}; "
+                    f"{_where(name, i)} has dtype {t.dtype}; "
                     f"supported: {', '.join(str(d) for d in dtypes)}"
                 )
-            if not t.is_contiguous():
-                raise ValueError(f"triton backend: {name}[{i}] (list index {i}) is not contiguous")
+            elif not t.is_contiguous():
+                raise ValueError(f"{_where(name, i)} is not contiguous")
             if t.numel() != p.numel():
                 raise ValueError(
-                    f"triton backend: {name}[{i}] (list index {i}) has {t.numel()} elements "
+                    f"{_where(name, i)} has {t.numel()} elements "
                     f"but {names[0]}[{i}] has {p.numel()}"
                 )
             if t.device != p.device:
                 raise ValueError(
-                    f"triton backend: {name}[{i}] (list index {i}) is on {t.device} "
+                    f"{_where(name, i)} is on {t.device} "
                     f"but {names[0]}[{i}] is on {p.device}"
                 )
         if p.device.type == "cpu" and not interpret:
@@ -347,6 +525,40 @@ def _launch_config(numel: int, interpret: bool):
     else:
         block = _GPU_BLOCK_SIZE
     return (triton.cdiv(numel, block),), block
+
+
+def _step_config(numel: int, interpret: bool, blocked: bool):
+    """(grid, ROWS, COLS) of a step: programs of ``ROWS x COLS`` elements, rows of one int8 block
+    (``state_precision.BLOCK``) when ``blocked``. A tensor of one short block is one row."""
+    grid, block = _launch_config(numel, interpret)
+    cols = min(block, state_precision.BLOCK) if blocked else block
+    return grid, block // cols, cols
+
+
+def _state_arg(t):
+    """(kind, element pointer, scale pointer) of a state entry; the scale pointer of a tensor is itself
+    (never read)."""
+    if isinstance(t, Q8):
+        return _Q8_KINDS[t.kind], t.codes, t.scale
+    return (_BF16 if t.dtype == torch.bfloat16 else _PLAIN), t, t
+
+
+def _salts(state_step, n, states_lists, what):
+    """One salt per tensor (``state_precision.salt`` of its step, as the int32 of the same bits), from
+    ``state_step`` (an int, or one per tensor); 0 for a call whose state needs none."""
+    if state_step is None:
+        if any(state_precision.needs_step(lst) for lst in states_lists):
+            raise ValueError(f"triton backend: {what} with low-precision optimizer state (bf16 or int8) needs "
+                             "state_step (the parameters' step count, the salt of its stochastic rounding)")
+        return [0] * n
+    steps = state_step if isinstance(state_step, (list, tuple)) else [state_step] * n
+    if len(steps) != n:
+        raise ValueError(f"triton backend: state_step has {len(steps)} entries for {n} tensors")
+    out = []
+    for s in steps:
+        u = state_precision.salt(int(s))
+        out.append(u - (1 << 32) if u >= 1 << 31 else u)
+    return out
 
 
 # NOTE: the wrappers launch one kernel per tensor.  That is simple and correct;
@@ -388,7 +600,9 @@ def _grad_args(params, maximize, clip_value, grad_scale, found_inf):
 
 
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
-              grad_scale=None, found_inf=None):
+              grad_scale=None, found_inf=None, state_step=None):
+    """One Lion step. ``exp_avgs`` may mix fp32/fp16 tensors, bf16 ones and :class:`~.state_precision.Q8`
+    blocks; bf16 and int8 state need ``state_step`` (an int, or one per tensor: the salt of its rounding)."""
     k = _kernels()
     interpret = k["interpret"]
     _validate(
@@ -397,6 +611,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
         (_PARAM_DTYPES, _GRAD_DTYPES, _STATE_DTYPES),
         interpret,
     )
+    salts = _salts(state_step, len(params), (exp_avgs,), "lion_step")
     skip, gargs = _grad_args(params, maximize, clip_value, grad_scale, found_inf)
     if skip:
         return
@@ -405,30 +620,35 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
     s_b2, s_omb2 = _f32(beta2), _f32(1.0 - beta2)
     s_wd = _f32(weight_decay)
     has_wd = weight_decay != 0
-    for p, g, m in zip(params, grads, exp_avgs):
+    for p, g, m, salt in zip(params, grads, exp_avgs, salts):
         numel = p.numel()
         if numel == 0:
             continue
-        grid, block = _launch_config(numel, interpret)
+        mk, m_t, m_s = _state_arg(m)
+        grid, rows, cols = _step_config(numel, interpret, mk >= _SIGNED)
         k["lion"][grid](
-            p, g, m, gargs["scale_ptr"], gargs["flag_ptr"], numel, gargs["clip_value"],
-            s_lr, s_b1, s_omb1, s_b2, s_omb2, s_wd,
+            p, g, m_t, m_s, gargs["scale_ptr"], gargs["flag_ptr"], numel, gargs["clip_value"],
+            s_lr, s_b1, s_omb1, s_b2, s_omb2, s_wd, salt,
             HAS_WD=has_wd,
             MAXIMIZE=gargs["MAXIMIZE"],
             HAS_CLIP=gargs["HAS_CLIP"],
             HAS_SCALE=gargs["HAS_SCALE"],
             HAS_FLAG=gargs["HAS_FLAG"],
             P_BF16=p.dtype == torch.bfloat16,
-            M_BF16=m.dtype == torch.bfloat16,
-            BLOCK_SIZE=block,
+            M_KIND=mk,
+            ROWS=rows,
+            COLS=cols,
             num_warps=_GPU_NUM_WARPS,
             enable_fp_fusion=False,
         )
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
-               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None):
-    """One AdamW step; ``max_exp_avg_sqs`` given means amsgrad."""
+               weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None,
+               state_step=None):
+    """One AdamW step; ``max_exp_avg_sqs`` given means amsgrad. The state lists may mix fp32/fp16 tensors,
+    bf16 ones and :class:`~.state_precision.Q8` blocks, which round with ``state_step`` as their salt
+    (default: ``step``)."""
     k = _kernels()
     interpret = k["interpret"]
     names = ("params", "grads", "exp_avgs", "exp_avg_sqs")
@@ -438,6 +658,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
     if amsgrad:
         names, lists, dtypes = names + ("max_exp_avg_sqs",), lists + (max_exp_avg_sqs,), dtypes + (_STATE_DTYPES,)
     _validate(names, lists, dtypes, interpret)
+    salts = _salts(step if state_step is None else state_step, len(params), lists[2:], "adamw_step")
     skip, gargs = _grad_args(params, maximize, clip_value, grad_scale, found_inf)
     if skip:
         return
@@ -450,14 +671,15 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
     s_eps = _f32(eps)
     has_wd = weight_decay != 0
     vmaxs = max_exp_avg_sqs if amsgrad else exp_avg_sqs  # not read without amsgrad
-    for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, vmaxs):
+    for p, g, m, v, vmax, salt in zip(params, grads, exp_avgs, exp_avg_sqs, vmaxs, salts):
         numel = p.numel()
         if numel == 0:
             continue
-        grid, block = _launch_config(numel, interpret)
+        (mk, m_t, m_s), (vk, v_t, v_s), (xk, x_t, x_s) = _state_arg(m), _state_arg(v), _state_arg(vmax)
+        grid, rows, cols = _step_config(numel, interpret, max(mk, vk, xk if amsgrad else 0) >= _SIGNED)
         k["adamw"][grid](
-            p, g, m, v, vmax, gargs["scale_ptr"], gargs["flag_ptr"], numel, gargs["clip_value"],
-            s_decay, s_b1, s_omb1, s_b2, s_omb2, s_bc2_sqrt, s_eps, s_step_size,
+            p, g, m_t, m_s, v_t, v_s, x_t, x_s, gargs["scale_ptr"], gargs["flag_ptr"], numel,
+            gargs["clip_value"], s_decay, s_b1, s_omb1, s_b2, s_omb2, s_bc2_sqrt, s_eps, s_step_size, salt,
             HAS_WD=has_wd,
             MAXIMIZE=gargs["MAXIMIZE"],
             HAS_CLIP=gargs["HAS_CLIP"],
@@ -465,13 +687,64 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
             HAS_FLAG=gargs["HAS_FLAG"],
             AMSGRAD=amsgrad,
             P_BF16=p.dtype == torch.bfloat16,
-            M_BF16=m.dtype == torch.bfloat16,
-            V_BF16=v.dtype == torch.bfloat16,
-            VMAX_BF16=vmax.dtype == torch.bfloat16,
-            BLOCK_SIZE=block,
+            M_KIND=mk,
+            V_KIND=vk,
+            VMAX_KIND=xk,
+            ROWS=rows,
+            COLS=cols,
             num_warps=_GPU_NUM_WARPS,
             enable_fp_fusion=False,
         )
+
+
+# ---------------------------------------------------------------- the state load / store alone
+def _state_copy(src, dst, step):
+    """Run the steps' load of ``src`` and store into ``dst`` (tensors or Q8 of one size and device)."""
+    k = _kernels()
+    interpret = k["interpret"]
+    sk, s_t, s_s = _state_arg(src)
+    dk, d_t, d_s = _state_arg(dst)
+    numel = s_t.numel()
+    if numel == 0:
+        return
+    if s_t.device.type == "cpu" and not interpret:
+        raise ValueError("triton backend: CPU tensors need TRITON_INTERPRET=1 set before the first call")
+    grid, rows, cols = _step_config(numel, interpret, max(sk, dk) >= _SIGNED)
+    k["state"][grid](s_t, s_s, d_t, d_s, numel, _salts(step, 1, (), "")[0],
+                     SRC_KIND=sk, DST_KIND=dk, ROWS=rows, COLS=cols, num_warps=_GPU_NUM_WARPS,
+                     enable_fp_fusion=False)
+
+
+def _fp32_contiguous(x, what):
+    if x.dtype != torch.float32:
+        raise TypeError(f"{what} takes fp32 values, got {x.dtype}")
+    return x.detach().contiguous()
+
+
+def quantize(x: torch.Tensor, step: int, kind: str):
+    """``(codes, scales)`` of fp32 ``x`` in int8 blocks, by the store of the step kernels: bit for bit
+    :func:`state_precision.quantize <shardopt.kernels.state_precision.quantize>`."""
+    x = _fp32_contiguous(x, "quantize")
+    q = Q8(torch.empty(x.shape, dtype=state_precision.code_dtype(kind), device=x.device),
+           torch.empty(state_precision.n_blocks(x.numel()), dtype=torch.float32, device=x.device), kind)
+    _state_copy(x, q, step)
+    return q.codes, q.scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """fp32 values of int8 blocks, by the load of the step kernels (as ``state_precision.dequantize``)."""
+    q = Q8(codes.contiguous(), scale.contiguous().to(torch.float32), kind)
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    _state_copy(q, out, 1)
+    return out
+
+
+def round_bf16(x: torch.Tensor, step: int) -> torch.Tensor:
+    """bf16 of fp32 ``x`` by the store of the step kernels (as ``state_precision.round_bf16``)."""
+    x = _fp32_contiguous(x, "round_bf16")
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    _state_copy(x, out, step)
+    return out
 
 
 def grad_stats(grads, *, clip_value=None) -> torch.Tensor:
