@@ -412,9 +412,10 @@ def test_dispatcher_hands_low_precision_state_to_triton(monkeypatch):
             _assert_state(f"adamw {i} state {k}", got[i], ref_a[k + 1][i])
 
 
-def test_cuda_without_state_int8_routes_to_the_reference(monkeypatch):
-    """The CUDA kernels take no int8 state: the dispatcher sends such calls, mixed lists included, to the
-    torch reference whole (checked here on CPU tensors, the CUDA and Triton entry points refusing)."""
+def test_cuda_without_state_int8_routes_to_triton_or_the_reference(monkeypatch):
+    """The CUDA kernels take no int8 state: the dispatcher sends such calls, mixed lists included, whole to
+    the Triton kernels where they are there, else to the torch reference (checked on CPU tensors, the
+    backends that must not serve them refusing)."""
     from shardopt.kernels import cuda
 
     assert "state_int8" not in cuda.FEATURES
@@ -435,6 +436,7 @@ def test_cuda_without_state_int8_routes_to_the_reference(monkeypatch):
     torch_ops.adamw_step(want_a[0], ag, *want_a[1:], step=2, **ADAMW_HP)
 
     monkeypatch.setattr(kernels, "resolve_backend", lambda backend, device: "cuda")
+    monkeypatch.setattr(triton_ops, "available", lambda: False)  # below: with Triton, it serves them
     for mod in (cuda, triton_ops):
         for name in ("lion_step", "adamw_step"):
             monkeypatch.setattr(mod, name, _refuse)
@@ -455,6 +457,15 @@ def test_cuda_without_state_int8_routes_to_the_reference(monkeypatch):
         _assert_state(f"lion {i}", m[i], want_l[1][i])
         for k, got in enumerate((am, av, ax)):
             _assert_state(f"adamw {i} state {k}", got[i], want_a[k + 1][i])
+    # where Triton is there and takes the state formats, the CUDA backend's gaps go to it, not the reference
+    monkeypatch.setattr(triton_ops, "available", lambda: True)
+    via = []
+    for name in ("lion_step", "adamw_step"):
+        monkeypatch.setattr(torch_ops, name, _refuse)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _n=name, **kw: via.append(_n))
+    kernels.lion_step(params, grads, m, state_step=3, backend="cuda", **LION_HP)
+    kernels.adamw_step(ap, ag, am, av, ax, step=3, backend="cuda", **ADAMW_HP)
+    assert via == ["lion_step", "adamw_step"]
 
 
 @needs_triton

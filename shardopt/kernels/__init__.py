@@ -253,7 +253,7 @@ def _run(name, lists, needs, backend, kwargs):
         needs = needs | {"strided"}
     by_backend: dict[str, list[int]] = {}
     for k, p in enumerate(params):
-        by_backend.setdefault(b if serves(b, p.dtype, needs) else "torch", []).append(k)
+        by_backend.setdefault(b if serves(b, p.dtype, needs) else _fallback(b, p.dtype, needs), []).append(k)
     for bk, idx in by_backend.items():
         sub = [[lst[k] for k in idx] if lst is not None else None for lst in lists]
         fn = getattr(_module(bk), name)
@@ -265,6 +265,17 @@ def _run(name, lists, needs, backend, kwargs):
             _with_contiguous(call, sub)
         else:
             call(sub)
+
+
+def _fallback(backend: str, dtype: torch.dtype, needs) -> str:
+    """Who serves what ``backend`` cannot: on a CUDA device the Triton kernels when they can (bf16 and int8
+    state, which the CUDA kernels do not take), else the ``torch`` reference."""
+    if backend == "cuda":
+        from . import triton_ops
+
+        if triton_ops.available() and serves("triton", dtype, needs):
+            return "triton"
+    return "torch"
 
 
 def _state_needs(states, state_step):
