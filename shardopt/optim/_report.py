@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import state_precision
 from ..sharding import comm
 from .base import ALGORITHMS, _device_of, _is_dtensor
 
@@ -75,8 +76,13 @@ def _unsharded_bytes(opt) -> int:
     total = 0
     for i, p in enumerate(params):
         numel = layout.unsharded_numel(i)
-        for k, v in opt.state[p].items():
-            if k != "step" and torch.is_tensor(v):
+        st = opt.state[p]
+        for k, v in st.items():
+            if k == "step" or not torch.is_tensor(v):
+                continue
+            if k.endswith(state_precision.SCALE_SUFFIX) and k[:-len(state_precision.SCALE_SUFFIX)] in st:
+                total += state_precision.n_blocks(numel) * _local(v).element_size()  # one scale per block
+            else:
                 total += numel * _local(v).element_size()
     return total
 
