@@ -68,6 +68,9 @@ CKPT = [dataclasses.replace(BY_NAME["adamw-z2-int8"], name="ckpt-adamw-z2-int8")
         dataclasses.replace(BY_NAME["muon-z1-int8"], name="ckpt-muon-z1-int8")]
 # optimizer offload: the partitions and their int8 state on the CPU, the default backend
 OFFLOAD = T.Case("lion-z2-int8-offload", "shardopt.Lion", 2, dict(T.LION, backend="auto", **INT8), offload=True)
+# what the ZeRO-3 refusal offers instead: bf16 state at ZeRO-3, equal to the single process with bf16 state
+BF16_Z3 = [T.Case(f"{a}-z3-bf16", f"shardopt.{n}", 3, dict(kw, state_dtype="bf16"))
+           for a, n, kw in (("lion", "Lion", T.LION), ("muon", "Muon", T.MUON))]
 SO_CKPT = BY_NAME["adamw-z2-int8"]  # shardopt.checkpoint and a universal checkpoint
 K = 2  # steps before a save
 
@@ -127,7 +130,7 @@ def _job(rank, world, root):
 
     out = {}
     with sized():
-        for case in [c for base in CASES for c in (base, fp32_twin(base))] + [OFFLOAD]:
+        for case in [c for base in CASES for c in (base, fp32_twin(base))] + [OFFLOAD, *BF16_Z3]:
             engine = _init(case)
             T._train(engine, rank, range(T.STEPS), False)
             opt = engine.basic_optimizer
@@ -204,7 +207,7 @@ def run(tmp_path_factory):
 def refs():
     """Single-process (initial, final) parameters per case and state dtype."""
     with sized():
-        return {c.name: T.reference_params(c) for base in CASES for c in (base, fp32_twin(base))}
+        return {c.name: T.reference_params(c) for c in [c for base in CASES for c in (base, fp32_twin(base))] + BF16_Z3}
 
 
 def _delta_rel(got, ref, initial) -> float:
@@ -409,6 +412,17 @@ def test_zero3_and_elastic_checkpoints_are_refused(run):
         msg = res[rank]["refused"]
         assert msg["client-z3"] and "ZeRO-3" in msg["client-z3"] and "state_dtype='bf16'" in msg["client-z3"]
         assert msg["elastic"] and "elastic_checkpoint" in msg["elastic"] and "false" in msg["elastic"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c.name for c in BF16_Z3])
+def test_zero3_takes_bf16_state(run, refs, name):
+    _, res = run
+    r = res[0][name]
+    assert {v.dtype for st in r["state"] for v in st.values()} == {torch.bfloat16}
+    assert r["state_bytes"] == r["storage"]
+    _, ref = refs[name]
+    assert all(torch.equal(r["params"][k], ref[k]) for k in ref), f"{name}: not the single process with bf16 state"
 
 
 def test_zero3_int8_config_is_refused_at_parse_time():
