@@ -5,7 +5,10 @@ device, ZeRO-1, FSDP2, or inside a DeepSpeed ZeRO-1/2 engine) and returns
 :class:`Target` s: for every model tensor and every optimizer state tensor,
 the DCP key, the logical shape and dtype, and this rank's piece(s) of it as
 views of the live memory. Saving writes from those views; loading reads into
-them, so the same description serves both directions.
+them, so the same description serves both directions. The one exception is
+int8 state of a DeepSpeed partition, whose blocks do not line up with the
+parameters: its targets view an fp32 copy, quantized back after a load
+(:func:`_partition_values`).
 """
 from __future__ import annotations
 
@@ -73,6 +76,8 @@ class Live:
     world_size: int = 1
     optimizer_class: str | None = None
     refresh_master: list = field(default_factory=list)  # callables(fqn_set) run after a load
+    # callables run after a load, once the steps are set: int8 state read as fp32 is quantized back
+    requantize: list = field(default_factory=list)
     ds_stage: int | None = None
     quantized: list = field(default_factory=list)  # Quantized: the int8 states
 
@@ -334,6 +339,35 @@ def _master_refresher(layout, i, st):
     return refresh
 
 
+def _partition_values(st: dict, keys: list, live: Live) -> tuple[list, dict]:
+    """The state keys of a DeepSpeed flat partition and the tensors its targets view.
+
+    int8 state (codes + ``<key>_scale``, blocks counted from the partition's start) does not cut at parameter
+    boundaries: it is saved dequantized, as fp32 per parameter, from a buffer made here; after a load the
+    buffer is quantized back into the codes and scales in place (salt: the loaded step), so a resume is within
+    one quantization step of the saved state, not bit for bit."""
+    scale_of = {k: k + state_precision.SCALE_SUFFIX for k in keys if k + state_precision.SCALE_SUFFIX in st}
+    keys = [k for k in keys if k not in set(scale_of.values())]
+    values = {}
+    for k in keys:
+        if k not in scale_of:
+            values[k] = st[k]
+            continue
+        kind = state_precision.int8_kind(k)
+        buf = state_precision.Q8(st[k], st[scale_of[k]], kind).dequantize()
+        values[k] = buf
+        live.requantize.append(_requantizer(st, k, scale_of[k], buf, kind))
+    return keys, values
+
+
+def _requantizer(st, key, scale_key, buf, kind):
+    def requantize():
+        codes, scale = state_precision.quantize(buf, _steps.get(st), kind)
+        st[key].copy_(codes.view(st[key].shape))
+        st[scale_key].copy_(scale.view(st[scale_key].shape))
+    return requantize
+
+
 def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
     inner = zo.optimizer
     if not isinstance(inner, ShardedOptimizer):
@@ -350,7 +384,7 @@ def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
         group = inner.param_groups[g]
         flat = group["params"][0]
         st = inner.state[flat]
-        keys = [k for k, v in st.items() if k != "step" and torch.is_tensor(v)]
+        keys, values = _partition_values(st, [k for k, v in st.items() if k != "step" and torch.is_tensor(v)], live)
         fp32 = zo.single_partition_of_fp32_groups[g]
         P = zo.partition_size[g]
         rank = dist.get_rank(group=zo.real_dp_process_group[g])
@@ -364,9 +398,10 @@ def _collect_deepspeed(live: Live, zo, name_of: dict) -> None:
             lo, hi = max(off, base), min(off + n, base + P)
             rng = [(lo - off, slice(lo - base, hi - base))] if lo < hi else []
             for k in keys:
-                pieces = [(o, st[k][s]) for o, s in rng]
-                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), st[k].dtype,
-                                                 FlatPieces(n, st[k].dtype, pieces)))
+                v = values[k]
+                pieces = [(o, v[s]) for o, s in rng]
+                live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, tuple(p.shape), v.dtype,
+                                                 FlatPieces(n, v.dtype, pieces)))
             low = p.dtype in LOW_PRECISION
             if low:
                 pieces = [(o, fp32.data[s]) for o, s in rng]

@@ -447,6 +447,8 @@ def _after_load(live: Live, manifest: dict, keep_param_groups: bool = False) -> 
         elif f"optim.{fqn}.master_param" not in stored:
             refresh()
             rebuilt.append(fqn)
+    for requantize in live.requantize:  # int8 state of DeepSpeed partitions, read as fp32 (see _live)
+        requantize()
     if rebuilt:
         warnings.warn(f"shardopt: the checkpoint has no fp32 master copy of {len(rebuilt)} low-precision "
                       f"parameter(s) (e.g. '{rebuilt[0]}'); rebuilt from the weights", RuntimeWarning, stacklevel=3)

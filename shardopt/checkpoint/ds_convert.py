@@ -15,7 +15,10 @@ and ``dp_world_size``.
 
 Reading: each parameter's state is the slice ``[offset, offset+numel)`` of
 the concatenated partitions; files are opened memory-mapped, so one
-parameter at a time is materialized. Writing: for a new world size M the same
+parameter at a time is materialized. int8 state (``state_dtype="int8"``:
+codes plus ``<key>_scale``, one scale per 256 elements counted from each
+partition's start) is dequantized slice by slice, so the converted checkpoint
+holds fp32 state per parameter. Writing: for a new world size M the same
 arithmetic lays the groups out for M ranks; each rank file is written with
 empty storages and filled in place (see ``offline.save_streaming``).
 """
@@ -29,6 +32,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..kernels import state_precision
 from ..optim.base import ALGORITHMS
 from ..sharding.plan import contiguous_pieces, per_item_pieces
 
@@ -244,6 +248,7 @@ def from_deepspeed(ds_dir: str, path: str, *, tag: str | None = None, algorithm:
         where = f"{d}: param group {g}"
         states, hyper_raw = fg["states"], fg["hyper"]
         st_keys = [k for k, v in states[0].items() if k != "step" and torch.is_tensor(v) and v.dim() == 1]
+        states, st_keys = _dequantized(states, st_keys, where)  # int8 state: fp32 per parameter
         algo, keymap = _algorithm_of(hyper_raw, st_keys, algorithm, where, str(opt_cfg.get("type", "")).lower())
         st_keys = [k for k in st_keys if k in keymap]
         hyper = _hyper(hyper_raw, algo)
@@ -372,6 +377,55 @@ def _merge_subgroups(subs: list[dict]) -> list[dict]:
         raise CheckpointError(f"a ZeRO-3 param group split into {len(parts)} sub-groups (sub_group_size) is not "
                               "supported by the converter yet; save with a larger zero_optimization.sub_group_size")
     return out
+
+
+class _Int8Partition:
+    """One rank's int8 state partition (codes, and one fp32 scale per block of 256 counted from the partition's
+    first element), read as fp32 one slice at a time, as the memory-mapped fp32 partitions are."""
+
+    def __init__(self, codes, scale, kind):
+        self.codes, self.scale, self.kind = codes.reshape(-1), scale.reshape(-1), kind
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        a, b, stride = sl.indices(self.numel())
+        if stride != 1 or b <= a:
+            return state_precision.dequantize(self.codes, self.scale, self.kind)[sl]
+        lo = a - a % state_precision.BLOCK
+        hi = min(self.numel(), b + (-b) % state_precision.BLOCK)
+        first = lo // state_precision.BLOCK
+        vals = state_precision.dequantize(self.codes[lo:hi],
+                                          self.scale[first:first + state_precision.n_blocks(hi - lo)], self.kind)
+        return vals[a - lo:b - lo]
+
+
+def _dequantized(states: list, keys: list, where: str) -> tuple[list, list]:
+    """(states, keys) with int8 state (``<key>`` codes + ``<key>_scale``, a shardopt optimizer with
+    ``state_dtype="int8"`` on DeepSpeed's partitions) read as fp32 values and the scale keys dropped: the
+    converted checkpoint holds fp32 state per parameter."""
+    suffix = state_precision.SCALE_SUFFIX
+    q8 = [k for k in keys if k + suffix in keys and
+          states[0][k].dtype == state_precision.code_dtype(state_precision.int8_kind(k))]
+    if not q8:
+        return states, keys
+    out = []
+    for r, st in enumerate(states):
+        st = dict(st)
+        for k in q8:
+            codes, scale = st.get(k), st.get(k + suffix)
+            if not (torch.is_tensor(codes) and torch.is_tensor(scale)):
+                raise CorruptCheckpointError(f"{where}: rank {r}'s optimizer file lacks the int8 state '{k}' or "
+                                             f"its '{k + suffix}', which rank 0's has")
+            if scale.numel() != state_precision.n_blocks(codes.numel()):
+                raise CorruptCheckpointError(f"{where}: the int8 state '{k}' of rank {r} has {scale.numel()} block "
+                                             f"scales for {codes.numel()} codes (one per 256 expected)")
+            st[k] = _Int8Partition(codes, scale, state_precision.int8_kind(k))
+            st.pop(k + suffix)
+        out.append(st)
+    scale_keys = {k + suffix for k in q8}
+    return out, [k for k in keys if k not in scale_keys]
 
 
 def _whole_momentum(fg, j, states, name):

@@ -31,6 +31,14 @@ What the engine then does:
 * **bf16 at stage 0.** The engine calls the shardopt optimizer directly (not
   DeepSpeed's bf16 wrapper): shardopt keeps the fp32 master copy, sharded the
   way its state is, and applies DeepSpeed's ``gradient_clipping``.
+* **state_dtype.** bf16 state at every stage. int8 at ZeRO-1/2: every flat
+  partition of at least 4096 elements keeps codes and ``<key>_scale`` in
+  blocks of 256 counted from the partition's own start
+  (:class:`shardopt.sharding.flat.PartitionLayout` for Lion/AdamW,
+  :class:`~shardopt.sharding.flat.FlatPartitionLayout` for Muon); refused at
+  ZeRO-3 and with DeepSpeed's ``elastic_checkpoint``. A universal checkpoint
+  read at ZeRO-1/2 is stored in the groups' ``state_dtype`` again
+  (:func:`restore_state_formats`).
 * **Optimizer offload** (``"offload_optimizer": {"device": "cpu"}``): the
   partitions live on the CPU and shardopt's C++ CPU kernels update them.
   DeepSpeed refuses client optimizers there unless
@@ -185,6 +193,8 @@ def resolve(type_name: str, params, zero_stage: int) -> Resolved:
                 "one parameter group at a time; use DeepSpeed's top-level \"gradient_clipping\" instead"
             )
         kwargs["sharding"] = "none"
+        if zero_stage >= 3 and kwargs.get("state_dtype") == "int8":
+            raise ValueError(_int8_zero3_message(entry.name))
     else:
         kwargs.setdefault("sharding", "auto" if entry.cls is Muon else "none")
     if entry.cls is Muon:
@@ -197,6 +207,15 @@ def resolve(type_name: str, params, zero_stage: int) -> Resolved:
                 raise ValueError(f"shardopt.Muon: {k!r} must be a list of parameter-name substrings, got {v!r}")
     _check_values(entry, kwargs, aux)
     return Resolved(entry, kwargs, aux, zero_stage, zero_stage)
+
+
+def _int8_zero3_message(what: str) -> str:
+    return (f"{what}: state_dtype='int8' is not supported under DeepSpeed ZeRO-3; int8 state runs at ZeRO "
+            "stage 0, 1 and 2 (use one of those), or keep ZeRO-3 with state_dtype='bf16'")
+
+
+def _int8_groups(opt: ShardedOptimizer) -> bool:
+    return any(g.get("state_dtype") == "int8" for g in opt.param_groups)
 
 
 def _check_values(entry: OptimizerEntry, kwargs: dict, aux: dict) -> None:
@@ -332,6 +351,16 @@ def _check_fits_zero(engine, opt: ShardedOptimizer) -> None:
     if not engine.zero_optimization():
         return
     stage = engine.zero_optimization_stage()
+    if _int8_groups(opt):
+        if stage >= 3:
+            raise ValueError(_int8_zero3_message(f"{type(opt).__name__}"))
+        if engine.zero_elastic_checkpoint():
+            raise ValueError(
+                f"{type(opt).__name__}: state_dtype='int8' cannot be used with DeepSpeed's "
+                "zero_optimization.elastic_checkpoint, which cuts every state tensor of a partition to the "
+                "partition's length (the int8 block scales are shorter); set \"elastic_checkpoint\": false (the "
+                "default) and change world sizes with `shardopt ckpt convert --from deepspeed` or shardopt.checkpoint"
+            )
     if opt.grad_clip_norm is not None:
         raise ValueError(
             f"{type(opt).__name__}(grad_clip_norm=...) cannot be used with DeepSpeed ZeRO-{stage}, which steps one "
@@ -590,6 +619,55 @@ def _load_universal_stage3(zo, opt: ShardedOptimizer) -> None:
     zo.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load
 
 
+def restore_state_formats(opt: ShardedOptimizer) -> bool:
+    """Store every state tensor of ``opt`` in its group's ``state_dtype`` again, after a loader (DeepSpeed's
+    universal checkpoint reader) replaced some with fp32 tensors: int8 ones are quantized (salt: the step),
+    bf16 ones rounded to nearest, as :meth:`~shardopt.ShardedOptimizer.load_state_dict` converts. Returns
+    whether anything changed."""
+    from ..kernels import state_precision as sp
+    from ..optim import _steps
+
+    opt._ensure_layout()
+    params, _, gidx = opt._flat_params()
+    changed = False
+    for i, p in enumerate(params):
+        group = opt.param_groups[gidx[i]]
+        st = opt.state.get(p)
+        if not st:
+            continue
+        q8 = opt._int8_param(i, p, group)
+        for k in ALGORITHMS[group["algorithm"]].state_keys(group):
+            v = st.get(k)
+            if not torch.is_tensor(v):
+                continue
+            if q8:
+                kind = sp.int8_kind(k)
+                if v.dtype == sp.code_dtype(kind) and k + sp.SCALE_SUFFIX in st:
+                    continue
+                codes, scale = sp.quantize(v.detach().float().contiguous(), _steps.get(st), kind)
+                st[k] = codes.view(v.shape)
+                st[k + sp.SCALE_SUFFIX] = scale.reshape(opt._layout.local_scale_shape(i))
+                changed = True
+            elif v.dtype != state_dtype(p, group):
+                st[k] = v.detach().to(state_dtype(p, group))
+                changed = True
+    return changed
+
+
+def _load_universal_stage12(zo, opt: ShardedOptimizer) -> None:
+    """ZeRO-1/2 read a universal checkpoint into fresh fp32 state tensors (one per key and partition): store
+    them in the groups' state_dtype again (int8: quantized in the partition's own blocks) and relink
+    DeepSpeed's per-parameter views of the state."""
+    orig = zo.load_hp_checkpoint_state_from_checkpoint_dir
+
+    def load(lp_groups_name, checkpoint_dir):
+        orig(lp_groups_name, checkpoint_dir)
+        if restore_state_formats(opt):
+            zo._link_all_hp_params()
+
+    zo.load_hp_checkpoint_state_from_checkpoint_dir = load
+
+
 def _after_configure_optimizer(engine) -> None:
     opt = engine.basic_optimizer
     if not isinstance(opt, ShardedOptimizer):
@@ -602,6 +680,9 @@ def _after_configure_optimizer(engine) -> None:
             how = (f"on DeepSpeed ZeRO-{engine.zero_optimization_stage()}'s flat fp32 partitions; each Muon matrix "
                    "is assembled on its owner rank and orthogonalized once")
         else:
+            from ..sharding.flat import partition_layout
+
+            opt._layout_factory = partition_layout  # int8 state in blocks of each partition's own
             opt.layout  # DeepSpeed swapped the params for its flat fp32 partitions: build the state now
             _install_group_reductions(engine, opt)
             stage = engine.zero_optimization_stage()
@@ -614,6 +695,8 @@ def _after_configure_optimizer(engine) -> None:
             )
         if engine.zero_optimization_stage() == 3:
             _load_universal_stage3(engine.optimizer, opt)
+        else:
+            _load_universal_stage12(engine.optimizer, opt)
         if engine.zero_cpu_offload():
             how += " (offloaded to the CPU: C++ CPU kernels)"
     else:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from ..kernels import state_precision
-
 from ..sharding import comm
 from .base import ALGORITHMS, _device_of, _is_dtensor
 
@@ -79,11 +78,12 @@ def _unsharded_bytes(opt) -> int:
         numel = layout.unsharded_numel(i)
         st = opt.state[p]
         for k, v in st.items():
-            if k != "step" and torch.is_tensor(v):
-                # an int8 state's block scales: one per 256 elements
-                n = state_precision.n_blocks(numel) if k.endswith(state_precision.SCALE_SUFFIX) and \
-                    k.removesuffix(state_precision.SCALE_SUFFIX) in st else numel
-                total += n * _local(v).element_size()
+            if k == "step" or not torch.is_tensor(v):
+                continue
+            if k.endswith(state_precision.SCALE_SUFFIX) and k[:-len(state_precision.SCALE_SUFFIX)] in st:
+                total += state_precision.n_blocks(numel) * _local(v).element_size()  # one scale per block
+            else:
+                total += numel * _local(v).element_size()
     return total
 
 

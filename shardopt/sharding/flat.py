@@ -34,8 +34,29 @@ import torch
 
 from ..kernels import state_precision
 from . import comm
-from .layout import Layout, WholeParams, batched_by_shape
+from .layout import Layout, LocalLayout, WholeParams, batched_by_shape
 from .plan import FlatPiece, lpt_assign
+
+
+def partition_int8_ok(p) -> bool:
+    """int8 state for a flat partition someone else cut (DeepSpeed): any partition of at least
+    :data:`~shardopt.kernels.state_precision.INT8_MIN_NUMEL` elements. Its blocks are its own, counted from
+    its first element, so they need not line up with the parameters inside it or with another world size's
+    partitions."""
+    return p.numel() >= state_precision.INT8_MIN_NUMEL
+
+
+class PartitionLayout(LocalLayout):
+    """Lion/AdamW on DeepSpeed's flat partitions: the local layout (each rank steps its partition whole,
+    ``name`` stays ``"none"``), with int8 state for every partition :func:`partition_int8_ok` accepts."""
+
+    def int8_ok(self, i):
+        return partition_int8_ok(self.params[i])
+
+
+def partition_layout(params, names, whole, *_args, **_kwargs) -> PartitionLayout:
+    """``ShardedOptimizer``'s layout factory for :class:`PartitionLayout` (make_layout's arguments)."""
+    return PartitionLayout(params, names)
 
 
 @dataclass
@@ -156,7 +177,7 @@ class FlatPartitionLayout(WholeParams, Layout):
     # -- shapes and views: the flat partitions themselves (WholeParams) -----
     def int8_ok(self, i):
         # DeepSpeed cuts its flat groups where it likes: int8 blocks are the partition's own, from its start
-        return self.params[i].numel() >= state_precision.INT8_MIN_NUMEL
+        return partition_int8_ok(self.params[i])
 
     def unsharded_numel(self, i):
         return sum(math.prod(it.shape) for it in self.plan.groups[self.keys[i]].items)  # the whole flat group
