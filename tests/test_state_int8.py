@@ -20,9 +20,11 @@ from cases import CASE_BY_NAME, TOL, build, make_grads, make_params
 from shardopt.kernels import state_precision as sp
 
 ALGOS = ["lion", "adamw", "muon"]
-# eligible: (32, 256), (24, 512), (13, 768) (13 rows: FSDP2 cuts 4/4/4/1 at W=4); fp32 state: the rest
-SHAPES = [(32, 256), (7, 5), (24, 512), (5000,), (40, 300), (13, 768), (3,)]
-ELIGIBLE = [True, False, True, False, False, True, False]
+# int8 in blocks of 256: (32, 256), (24, 512), (13, 768) (13 rows: FSDP2 cuts 4/4/4/1 at W=4); of 150: (40, 300);
+# of 96: (64, 96); fp32 state: the rest (too small, 1-D, or rows no block in [64, 256] divides)
+SHAPES = [(32, 256), (7, 5), (24, 512), (5000,), (40, 300), (13, 768), (3,), (64, 96), (100, 61)]
+BLOCKS = [256, 0, 256, 0, 150, 256, 0, 96, 0]
+ELIGIBLE = [b > 0 for b in BLOCKS]
 STEPS = 4
 K = 3
 
@@ -77,21 +79,27 @@ def _py_quantize(xs: list[float], step: int, kind: str):
     return codes, scale
 
 
+@pytest.mark.parametrize("block", [256, 96])
 @pytest.mark.parametrize("kind", ["signed", "sqrt"])
-def test_quantize_matches_the_documented_formula(kind):
+def test_quantize_matches_the_documented_formula(kind, block):
     g = torch.Generator().manual_seed(3)
-    n = 2 * sp.BLOCK + 37  # a short last block
+    n = 2 * block + 37  # a short last block
     x = torch.randn(n, generator=g) * torch.logspace(-6, 1, n)
     x[5] = 0.0
     if kind == "sqrt":
         x = x * x
-    codes, scale = sp.quantize(x, 7, kind)
+    codes, scale = sp.quantize(x, 7, kind, block)
     assert codes.dtype == sp.code_dtype(kind) and scale.shape == (3,)
     for b in range(3):
-        blk = x[b * sp.BLOCK:(b + 1) * sp.BLOCK].tolist()
+        blk = x[b * block:(b + 1) * block].tolist()
         want_c, want_s = _py_quantize(blk, 7, kind)
         assert scale[b].item() == want_s
-        assert codes[b * sp.BLOCK:(b + 1) * sp.BLOCK].tolist() == want_c, (kind, b)
+        assert codes[b * block:(b + 1) * block].tolist() == want_c, (kind, b)
+    # and back: code * scale (signed), (table[code] * scale)^2 (sqrt), per block
+    back = sp.dequantize(codes, scale, kind, block)
+    sc = scale.repeat_interleave(block)[:n]
+    want = codes.float() * sc if kind == "signed" else (sp.SQRT_TABLE[codes.long()] * sc) ** 2
+    assert torch.equal(back, want)
 
 
 def test_sqrt_table_is_the_documented_float():
@@ -178,11 +186,11 @@ def run_single(name, steps, **extra):
 
 def _expected_bytes(name, shapes=SHAPES):
     total = 0
-    for s, ok in zip(shapes, ELIGIBLE):
+    for s, b in zip(shapes, BLOCKS):
         # Muon's auxiliary group (the non-matrices) runs AdamW
         n_state = {"lion": 1, "adamw": 2, "muon": 1 if len(s) == 2 else 2}[name]
         n = math.prod(s)
-        total += n_state * ((n + 4 * sp.n_blocks(n)) if ok else 4 * n)
+        total += n_state * ((n + 4 * sp.n_blocks(n, b)) if b else 4 * n)
     return total
 
 
@@ -197,7 +205,7 @@ def test_int8_state_keys_dtypes_bytes_and_fp32_tracking(name):
             if ok:
                 assert st[k].dtype == sp.code_dtype(sp.int8_kind(k)) and st[k].shape == p.shape
                 assert st[k + "_scale"].dtype == torch.float32
-                assert st[k + "_scale"].shape == sp.scale_shape(p.shape)
+                assert st[k + "_scale"].shape == sp.scale_shape(p.shape, sp.int8_block(p.shape))
             else:
                 assert st[k].dtype == torch.float32 and k + "_scale" not in st
     storage = sum(v.untyped_storage().nbytes() for st in opt.state.values() for k, v in st.items() if k != "step")
@@ -219,6 +227,12 @@ def test_int8_memory_ratio_on_eligible_params():
 
         qa, qb = nbytes(a), nbytes(b)
         assert qa <= 0.27 * qb, (name, qa / qb)
+
+
+def test_block_size_follows_the_rows():
+    assert [sp.int8_block(s) for s in SHAPES] == BLOCKS
+    assert sp.int8_block((4096,)) == 0 and sp.int8_block((20, 255)) == 255 and sp.int8_block((100, 63)) == 0
+    assert sp.int8_block((1, 8192)) == 256 and sp.int8_block((50, 2, 48)) == 96  # rows are numel / shape[0]
 
 
 def test_bad_state_dtype_names_the_choices():
@@ -256,16 +270,17 @@ def test_state_dict_resume_is_bitwise_and_converts(name):
     for i, st in sd["state"].items():
         for k, v in st.items():
             if k + "_scale" in st:
-                mine = o3.state[o3._flat_params()[0][i]][k]
+                q = o3._flat_params()[0][i]
+                mine = o3.state[q][k]
                 assert mine.dtype == torch.float32 and torch.equal(
-                    mine, sp.dequantize(v, st[k + "_scale"], sp.int8_kind(k)))
+                    mine, sp.dequantize(v, st[k + "_scale"], sp.int8_kind(k), sp.int8_block(q.shape)))
     # and back: fp32 state quantized on load (salt: the step) equals quantizing it directly
     o4 = build(name, [torch.nn.Parameter(s.clone()) for s in saved], sharding="none", state_dtype="int8")
     sd3 = o3.state_dict()
     o4.load_state_dict(sd3)
     p0 = o4._flat_params()[0][0]
     k0 = next(k for k in o4.state[p0] if k.endswith("_scale")).removesuffix("_scale")
-    c, s = sp.quantize(sd3["state"][0][k0], K, sp.int8_kind(k0))
+    c, s = sp.quantize(sd3["state"][0][k0], K, sp.int8_kind(k0), sp.int8_block(p0.shape))
     assert torch.equal(o4.state[p0][k0], c) and torch.equal(o4.state[p0][k0 + "_scale"].view(-1), s)
 
 

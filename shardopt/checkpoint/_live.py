@@ -209,14 +209,15 @@ def state_pieces(layout, i: int, p, v: torch.Tensor, describe: str, scale: bool 
 def _scale_pieces(layout, i, p, v, describe):
     if _is_dtensor(v):
         return dtensor_pieces(v.shape, v.device_mesh, v.placements, v._local_tensor)
-    full = math.prod(state_precision.scale_shape(p.shape))
+    b = layout.int8_block(i)
+    full = math.prod(state_precision.scale_shape(p.shape, b))
     if getattr(layout, "name", "") == "zero1" and not layout.whole[i]:
         r = layout.range[i]
         if r is None:
             return []
-        if r[0] % state_precision.BLOCK or v.numel() != state_precision.n_blocks(r[1] - r[0]):
+        if r[0] % b or v.numel() != state_precision.n_blocks(r[1] - r[0], b):
             raise ValueError(f"{describe}: ZeRO-1 block scales {tuple(v.shape)} do not match owned range {r}")
-        return [(r[0] // state_precision.BLOCK, v.reshape(-1))]
+        return [(r[0] // b, v.reshape(-1))]
     if v.numel() == 0:
         return []
     if v.numel() != full:
@@ -313,7 +314,7 @@ def _collect_sharded(live: Live, opt: ShardedOptimizer, name_of: dict) -> None:
         for k in keys:
             base = k.removesuffix(state_precision.SCALE_SUFFIX)
             if base != k and base in st:  # the block scales of int8 state `base`
-                shape = state_precision.scale_shape(p.shape)
+                shape = state_precision.scale_shape(p.shape, layout.int8_block(i))
                 pieces = state_pieces(layout, i, p, st[k], f"{describe} state '{k}'", scale=True)
                 live.optim_targets.append(Target(optim_key(fqn, k), fqn, k, shape, st[k].dtype,
                                                  FlatPieces(math.prod(shape), st[k].dtype, pieces)))

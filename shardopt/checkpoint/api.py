@@ -297,7 +297,8 @@ def _quantize_loaded(later, manifest: dict) -> None:
     params = manifest.get("params", {})
     for q, tmp in later:
         step = _steps.as_int(params.get(q.fqn, {}).get("step", 0.0))
-        codes, scale = state_precision.quantize(tmp, step, state_precision.int8_kind(q.key))
+        codes, scale = state_precision.quantize(tmp, step, state_precision.int8_kind(q.key),
+                                                q.layout.int8_block(q.index))
         q.layout.local_state(q.st[q.key]).copy_(codes)
         sc = q.layout.local_state(q.st[q.key + SCALE_SUFFIX])
         sc.copy_(scale.view(sc.shape))

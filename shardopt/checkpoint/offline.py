@@ -362,7 +362,10 @@ def _read_int8(reader, directory, m, md, keys, dest):
     scale = torch.empty(tuple(tensors[scale_key]["shape"]), dtype=torch.float32)
     _read_checked(reader, directory, m, md, codes_key, codes)
     _read_checked(reader, directory, m, md, scale_key, scale)
-    dest.copy_(state_precision.dequantize(codes, scale, state_precision.int8_kind(k)))
+    # the block: the parameter's own (shardopt's layouts), or 256 (scales that are not a row shape)
+    block = codes.numel() // scale.numel() if scale.dim() == 2 and codes.numel() % scale.numel() == 0 else \
+        state_precision.BLOCK
+    dest.copy_(state_precision.dequantize(codes, scale, state_precision.int8_kind(k), block))
 
 
 def _torch_state_dtype(stored: torch.dtype) -> torch.dtype:

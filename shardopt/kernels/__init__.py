@@ -50,7 +50,8 @@ import torch
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # what a step call may need beyond plain fp32/bf16 contiguous tensors
-FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided", "state_bf16", "state_int8")
+FEATURES = ("maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "strided", "state_bf16", "state_int8",
+            "state_int8_block")
 
 _warned: set[str] = set()
 
@@ -288,6 +289,8 @@ def _state_needs(states, state_step):
     if state_step is None:
         raise ValueError("a step with low-precision optimizer state needs state_step (the parameters' step count)")
     out = {"state_int8"} if state_precision.has_int8(states) else set()
+    if any(isinstance(t, state_precision.Q8) and t.block != state_precision.BLOCK for t in states):
+        out.add("state_int8_block")  # blocks of fewer than 256 (narrow rows): no compiled kernel takes them
     if any(not isinstance(t, state_precision.Q8) and t.dtype in state_precision.LOW_SET for t in states):
         out.add("state_bf16")
     return out

@@ -45,12 +45,16 @@ second multiplier is split in 16-bit halves so no product leaves int64.
 
 **int8 blocks.** A quantized state tensor is a :class:`Q8`: ``codes`` (one
 byte per element, the state's shape) and ``scale`` (fp32, one per block). A
-block is 256 consecutive elements of the local tensor in flat order (the last
-one may be short). The optimizers give int8 state only to parameters with at
-least 2 dimensions, at least 4096 elements and rows (``numel / shape[0]``) a
-multiple of 256, so an FSDP2 ``Shard(0)`` piece holds whole blocks, and ZeRO-1
-cuts such parameters at multiples of 256: every layout then sees the same
-blocks as one process, and a sharded run is bitwise the single process.
+block is ``B`` consecutive elements of the local tensor in flat order (the last
+one may be short), ``B = 256`` unless the parameter's rows ask for less. The
+optimizers give int8 state to parameters with at least 2 dimensions and 4096
+elements whose rows (``numel / shape[0]``) a block size ``B`` in [64, 256]
+divides (:func:`int8_block`: 256 where it divides them, else the largest
+divisor in range, e.g. 96 or 192), so an FSDP2 ``Shard(0)`` piece holds whole
+blocks, and ZeRO-1 cuts such parameters at multiples of ``B``: every layout then
+sees the same blocks as one process, and a sharded run is bitwise the single
+process. DeepSpeed's flat partitions use ``B = 256`` from their own start.
+The compiled kernels take ``B = 256``; other block sizes run on the reference.
 Two mappings, both stochastically rounded with the value-keyed hash above
 (``h = mix32(bits(x) ^ salt(step))`` of the fp32 value ``x`` being stored):
 
@@ -118,7 +122,8 @@ STATE_DTYPES = tuple(FORMATS)  # the valid values, in the order errors list them
 DEFAULT = "fp32"
 LOW = (torch.bfloat16,)  # storage dtypes the reference loads/stores through this module
 LOW_SET = frozenset(LOW)
-BLOCK = 256  # int8 elements per fp32 scale
+BLOCK = 256  # int8 elements per fp32 scale (fewer where a parameter's rows ask: int8_block)
+MIN_BLOCK = 64  # the smallest block int8_block picks (4 bytes of scale per 64 elements: 1.06 bytes each)
 INT8_MIN_NUMEL = 4096  # smaller parameters keep fp32 state under state_dtype="int8"
 SQRT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})  # state keys stored with the "sqrt" int8 mapping
 SCALE_SUFFIX = "_scale"  # optimizer.state key of a quantized state tensor's scales: f"{key}{SCALE_SUFFIX}"
@@ -144,17 +149,30 @@ def is_low(t) -> bool:
     return isinstance(t, Q8) or t.dtype in LOW
 
 
-def int8_eligible(shape) -> bool:
-    """Whether a parameter of global ``shape`` gets int8 state under ``state_dtype="int8"``: at least 2
-    dimensions, :data:`INT8_MIN_NUMEL` elements, and rows of a multiple of :data:`BLOCK` (so no layout's
-    cut, by rows or at multiples of 256, splits a block). Others keep fp32 state."""
+def int8_block(shape) -> int:
+    """The int8 block size of a parameter of global ``shape`` under ``state_dtype="int8"``, 0 when it keeps
+    fp32 state. It needs at least 2 dimensions and :data:`INT8_MIN_NUMEL` elements; its blocks must divide
+    its rows (``numel / shape[0]``), so that no layout's cut, by rows or at multiples of the block, splits
+    one: :data:`BLOCK` (256) when it divides them, else the largest divisor of the row length between
+    :data:`MIN_BLOCK` and 256 (a row of 96 is one block of 96, a row of 384 two of 192), else 0."""
     shape = tuple(shape)
     if len(shape) < 2 or shape[0] == 0:
-        return False
+        return 0
     n = 1
     for d in shape:
         n *= d
-    return n >= INT8_MIN_NUMEL and (n // shape[0]) % BLOCK == 0
+    if n < INT8_MIN_NUMEL:
+        return 0
+    row = n // shape[0]
+    for b in range(BLOCK, MIN_BLOCK - 1, -1):
+        if row % b == 0:
+            return b
+    return 0
+
+
+def int8_eligible(shape) -> bool:
+    """Whether a parameter of global ``shape`` gets int8 state (:func:`int8_block`); others keep fp32 state."""
+    return int8_block(shape) > 0
 
 
 def int8_kind(key: str) -> str:
@@ -166,35 +184,36 @@ def code_dtype(kind: str) -> torch.dtype:
     return torch.uint8 if kind == "sqrt" else torch.int8
 
 
-def n_blocks(numel: int) -> int:
-    return -(-numel // BLOCK)
+def n_blocks(numel: int, block: int = BLOCK) -> int:
+    return -(-numel // block)
 
 
-def scale_shape(shape) -> tuple:
-    """Shape of the scales of a quantized state of ``shape``: ``(rows, row/256)`` for an eligible
-    parameter (so its scales shard by rows with it), ``(blocks,)`` for a 1-D piece."""
+def scale_shape(shape, block: int = BLOCK) -> tuple:
+    """Shape of the scales of a quantized state of ``shape`` in blocks of ``block``: ``(rows, row/block)``
+    for an eligible parameter (so its scales shard by rows with it), ``(blocks,)`` for a 1-D piece."""
     shape = tuple(shape)
     if len(shape) >= 2:
         n = 1
         for d in shape[1:]:
             n *= d
-        return (shape[0], n_blocks(n))
-    return (n_blocks(shape[0] if shape else 1),)
+        return (shape[0], n_blocks(n, block))
+    return (n_blocks(shape[0] if shape else 1, block),)
 
 
 class Q8:
     """A block-quantized state tensor as the kernels take it: ``codes`` (int8/uint8, the state's shape,
-    contiguous) and ``scale`` (fp32, one per block of 256 in flat order), mapping ``kind``."""
+    contiguous) and ``scale`` (fp32, one per ``block`` elements in flat order, 256 unless the parameter's
+    rows ask for fewer: :func:`int8_block`), mapping ``kind``."""
 
-    __slots__ = ("codes", "scale", "kind")
+    __slots__ = ("codes", "scale", "kind", "block")
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, kind: str):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, kind: str, block: int = BLOCK):
         if kind not in ("signed", "sqrt"):
             raise ValueError(f"unknown int8 mapping {kind!r}")
-        if scale.numel() != n_blocks(codes.numel()):
-            raise ValueError(f"int8 state of {codes.numel()} elements needs {n_blocks(codes.numel())} scales, "
-                             f"got {scale.numel()}")
-        self.codes, self.scale, self.kind = codes, scale, kind
+        if scale.numel() != n_blocks(codes.numel(), block):
+            raise ValueError(f"int8 state of {codes.numel()} elements needs {n_blocks(codes.numel(), block)} "
+                             f"scales, got {scale.numel()}")
+        self.codes, self.scale, self.kind, self.block = codes, scale, kind, block
 
     # what the dispatcher asks of a state tensor
     shape = property(lambda self: self.codes.shape)
@@ -211,10 +230,11 @@ class Q8:
         return self.codes.is_contiguous() and self.scale.is_contiguous()
 
     def contiguous(self):
-        return self if self.is_contiguous() else Q8(self.codes.contiguous(), self.scale.contiguous(), self.kind)
+        return self if self.is_contiguous() else Q8(self.codes.contiguous(), self.scale.contiguous(), self.kind,
+                                                    self.block)
 
     def clone(self) -> "Q8":
-        return Q8(self.codes.clone(), self.scale.clone(), self.kind)
+        return Q8(self.codes.clone(), self.scale.clone(), self.kind, self.block)
 
     def copy_(self, other: "Q8"):
         self.codes.copy_(other.codes)
@@ -222,10 +242,10 @@ class Q8:
         return self
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.kind)
+        return dequantize(self.codes, self.scale, self.kind, self.block)
 
     def __repr__(self):
-        return f"Q8({self.kind}, shape={tuple(self.codes.shape)}, blocks={self.scale.numel()})"
+        return f"Q8({self.kind}, shape={tuple(self.codes.shape)}, blocks={self.scale.numel()} of {self.block})"
 
 
 # ---------------------------------------------------------------- the hash and the rounding
@@ -300,13 +320,13 @@ def _table(device) -> torch.Tensor:
     return t
 
 
-def _blocked(x: torch.Tensor, fill=0.0) -> torch.Tensor:
-    """A 1-D tensor as (blocks, 256), the short last block padded with ``fill``."""
+def _blocked(x: torch.Tensor, block: int, fill=0.0) -> torch.Tensor:
+    """A 1-D tensor as (blocks, block), the short last block padded with ``fill``."""
     n = x.numel()
-    nb = n_blocks(n)
-    if nb * BLOCK != n:
-        x = torch.cat([x, x.new_full((nb * BLOCK - n,), fill)])
-    return x.view(nb, BLOCK)
+    nb = n_blocks(n, block)
+    if nb * block != n:
+        x = torch.cat([x, x.new_full((nb * block - n,), fill)])
+    return x.view(nb, block)
 
 
 def _uniform(u: torch.Tensor, s: int) -> torch.Tensor:
@@ -314,11 +334,11 @@ def _uniform(u: torch.Tensor, s: int) -> torch.Tensor:
     return (mix32(u ^ s) >> 8).to(torch.float32) * _TWO_M24
 
 
-def _quantize_flat(x: torch.Tensor, s: int, kind: str):
-    """(codes, scales) of the 1-D fp32 ``x`` (a multiple of 256 long, or the whole tensor)."""
+def _quantize_flat(x: torch.Tensor, s: int, kind: str, block: int):
+    """(codes, scales) of the 1-D fp32 ``x`` (a multiple of ``block`` long, or the whole tensor)."""
     n = x.numel()
     if kind == "signed":
-        xb = _blocked(x)
+        xb = _blocked(x, block)
         amax = xb.abs().amax(dim=1)
         scale = amax / torch.full_like(amax, 127.0)  # a true division on every device (see above)
         q = (xb / scale[:, None]).view(-1)[:n]
@@ -327,7 +347,7 @@ def _quantize_flat(x: torch.Tensor, s: int, kind: str):
         code = torch.where(torch.isfinite(q), code, torch.zeros_like(code))
         return code.to(torch.int8), scale
     v = torch.sqrt(x.double()).float()  # correctly rounded (see the module docstring)
-    vb = _blocked(v)
+    vb = _blocked(v, block)
     scale = vb.amax(dim=1)
     w = (vb / scale[:, None]).view(-1)[:n]
     u = v.view(torch.int32).to(torch.int64) & MASK32
@@ -340,32 +360,33 @@ def _quantize_flat(x: torch.Tensor, s: int, kind: str):
     return code.to(torch.uint8), scale
 
 
-def quantize(x: torch.Tensor, step: int, kind: str):
-    """``(codes, scales)`` of the fp32 tensor ``x`` in int8 blocks (mapping ``kind``, salt ``step``):
-    codes shaped like ``x``, scales 1-D, one per block of 256 in flat order."""
+def quantize(x: torch.Tensor, step: int, kind: str, block: int = BLOCK):
+    """``(codes, scales)`` of the fp32 tensor ``x`` in int8 blocks of ``block`` (mapping ``kind``, salt
+    ``step``): codes shaped like ``x``, scales 1-D, one per block in flat order."""
     flat, s = _fp32_flat(x, "quantize"), salt(step)
     n = flat.numel()
-    if n <= _CHUNK:
-        c, sc = _quantize_flat(flat, s, kind)
+    chunk = max(1, _CHUNK // block) * block  # whole blocks per pass
+    if n <= chunk:
+        c, sc = _quantize_flat(flat, s, kind, block)
         return c.view(x.shape), sc
     codes = torch.empty(n, dtype=code_dtype(kind), device=x.device)
-    scales = torch.empty(n_blocks(n), dtype=torch.float32, device=x.device)
-    for a in range(0, n, _CHUNK):  # _CHUNK is a multiple of 256: chunks hold whole blocks
-        c, sc = _quantize_flat(flat[a:a + _CHUNK], s, kind)
+    scales = torch.empty(n_blocks(n, block), dtype=torch.float32, device=x.device)
+    for a in range(0, n, chunk):
+        c, sc = _quantize_flat(flat[a:a + chunk], s, kind, block)
         codes[a:a + c.numel()] = c
-        scales[a // BLOCK:a // BLOCK + sc.numel()] = sc
+        scales[a // block:a // block + sc.numel()] = sc
     return codes.view(x.shape), scales
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
-    """fp32 values of int8 blocks (the inverse of :func:`quantize` up to its rounding)."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str, block: int = BLOCK) -> torch.Tensor:
+    """fp32 values of int8 blocks of ``block`` (the inverse of :func:`quantize` up to its rounding)."""
     n = codes.numel()
     sc = scale.reshape(-1).to(torch.float32)
     if kind == "signed":
-        vals = _blocked(codes.reshape(-1).to(torch.float32)) * sc[:, None]
+        vals = _blocked(codes.reshape(-1).to(torch.float32), block) * sc[:, None]
         return vals.view(-1)[:n].view(codes.shape)
     t = _table(codes.device)[codes.reshape(-1).to(torch.int64)]
-    s = _blocked(t) * sc[:, None]
+    s = _blocked(t, block) * sc[:, None]
     return (s * s).view(-1)[:n].view(codes.shape)
 
 
@@ -387,7 +408,7 @@ def store(targets, works, *, step, found_inf=None) -> None:
         if is_low(t) and s is None:
             raise ValueError("storing low-precision optimizer state needs the step (the rounding's salt)")
         if isinstance(t, Q8):
-            codes, scale = quantize(w, s, t.kind)
+            codes, scale = quantize(w, s, t.kind, t.block)
             if keep is not None:
                 codes, scale = torch.where(keep, t.codes, codes), torch.where(keep, t.scale.view(-1), scale)
             t.codes.copy_(codes.view(t.codes.shape))

@@ -81,7 +81,9 @@ def _unsharded_bytes(opt) -> int:
             if k == "step" or not torch.is_tensor(v):
                 continue
             if k.endswith(state_precision.SCALE_SUFFIX) and k[:-len(state_precision.SCALE_SUFFIX)] in st:
-                total += state_precision.n_blocks(numel) * _local(v).element_size()  # one scale per block
+                # one scale per block
+                total += state_precision.n_blocks(numel, layout.int8_block(i) or state_precision.BLOCK) * \
+                    _local(v).element_size()
             else:
                 total += numel * _local(v).element_size()
     return total

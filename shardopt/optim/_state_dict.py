@@ -205,14 +205,16 @@ def load(opt, state_dict: dict) -> None:
                             f"{layout.name} layout (expected block scales of shape {layout.local_scale_shape(i)}); "
                             "load it with shardopt.checkpoint.load, which reshards")
                     saved_q8 = state_precision.Q8(loc.detach().to(_dev(p)), _local(src[sk]).detach().to(_dev(p)),
-                                                  state_precision.int8_kind(k))
+                                                  state_precision.int8_kind(k),
+                                                  layout.int8_block(i) or state_precision.BLOCK)
                 if q8:
                     kind = state_precision.int8_kind(k)
                     if saved_q8 is not None and saved_q8.codes.dtype == state_precision.code_dtype(kind):
                         codes, scale = saved_q8.codes.clone(), saved_q8.scale.clone()  # bit for bit
                     else:
                         val = saved_q8.dequantize() if saved_q8 is not None else loc.detach().to(_dev(p), torch.float32)
-                        codes, scale = state_precision.quantize(val.float().contiguous(), step, kind)
+                        codes, scale = state_precision.quantize(val.float().contiguous(), step, kind,
+                                                                layout.int8_block(i))
                     st[k] = layout.wrap_state(i, codes.view(want))
                     st[sk] = layout.wrap_scale(i, scale.reshape(layout.local_scale_shape(i)))
                     continue

@@ -337,8 +337,8 @@ class ShardedOptimizer(Optimizer):
             copies_now=[self.master_weights and p.dtype in LOW_PRECISION for p in params],
             overlap=self.overlap_comm,
             # int8 state: ZeRO-1 cuts such parameters on its quantization blocks
-            blocks=[state_precision.BLOCK if self._int8_group(self.param_groups[g]) and
-                    state_precision.int8_eligible(p.shape) else 1 for g, p in zip(gidx, params)],
+            blocks=[max(1, state_precision.int8_block(p.shape)) if self._int8_group(self.param_groups[g]) else 1
+                    for g, p in zip(gidx, params)],
         )
         if self.overlap_param_gather and layout.name not in ("zero1", "none"):
             raise ValueError(
@@ -410,17 +410,18 @@ class ShardedOptimizer(Optimizer):
         return (self._int8_group(group) and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and self._layout.int8_ok(i))
 
-    def _state_views(self, group, keys, sts):
-        """This rank's state tensors of ``sts`` per key, as the kernels take them: a quantized one as a
-        :class:`~shardopt.kernels.state_precision.Q8` of its codes and scales."""
+    def _state_views(self, group, keys, idx, sts):
+        """This rank's state tensors of ``sts`` (parameters ``idx``) per key, as the kernels take them: a
+        quantized one as a :class:`~shardopt.kernels.state_precision.Q8` of its codes and scales."""
         layout = self._layout
         sv = {k: layout.local_states([st[k] for st in sts]) for k in keys}
         if self._int8_group(group):
+            blocks = [layout.int8_block(i) for i in idx]
             for k in keys:
                 sk, kind, lst = k + state_precision.SCALE_SUFFIX, state_precision.int8_kind(k), sv[k]
                 for j, st in enumerate(sts):
                     if sk in st:
-                        lst[j] = state_precision.Q8(lst[j], layout.local_state(st[sk]), kind)
+                        lst[j] = state_precision.Q8(lst[j], layout.local_state(st[sk]), kind, blocks[j])
         return sv
 
     @property
@@ -632,7 +633,7 @@ class ShardedOptimizer(Optimizer):
             work[k] = sts[k]["master_param"]
         pv = layout.local_states(work)
         gv = [grads[i] if grads[i] is not None else torch.zeros_like(pv[k]) for k, i in enumerate(idx)]
-        sv = self._state_views(group, algo.state_keys(group), sts)
+        sv = self._state_views(group, algo.state_keys(group), idx, sts)
         algo.step(self, group, idx, pv, gv, sv, [st["step"] for st in sts], gt)
         if masters:
             torch._foreach_copy_([views[k] for k in masters],

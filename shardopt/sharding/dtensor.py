@@ -106,16 +106,17 @@ class DTensorLayout(Layout):
     def local_state(self, value):
         return value._local_tensor if isinstance(value, DTensor) else value
 
-    def int8_ok(self, i):
+    def int8_block(self, i):
         # FSDP2's Shard(0) cuts by rows, which hold whole blocks; another placement could cut one
         p = self.params[i]
-        return super().int8_ok(i) and all(type(pl) in (Shard, Replicate) and (not isinstance(pl, Shard) or pl.dim == 0)
-                                          for pl in p.placements)
+        rows_only = all(type(pl) in (Shard, Replicate) and (not isinstance(pl, Shard) or pl.dim == 0)
+                        for pl in p.placements)
+        return super().int8_block(i) if rows_only else 0
 
     def wrap_scale(self, i, local):
-        # the scales are (rows, row/256): they shard by rows with the parameter
+        # the scales are (rows, row/block): they shard by rows with the parameter
         p = self.params[i]
-        shape = state_precision.scale_shape(p.shape)
+        shape = state_precision.scale_shape(p.shape, self.int8_block(i))
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
                                   stride=(shape[1], 1))
 

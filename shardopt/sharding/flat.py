@@ -38,20 +38,20 @@ from .layout import Layout, LocalLayout, WholeParams, batched_by_shape
 from .plan import FlatPiece, lpt_assign
 
 
-def partition_int8_ok(p) -> bool:
-    """int8 state for a flat partition someone else cut (DeepSpeed): any partition of at least
-    :data:`~shardopt.kernels.state_precision.INT8_MIN_NUMEL` elements. Its blocks are its own, counted from
-    its first element, so they need not line up with the parameters inside it or with another world size's
-    partitions."""
-    return p.numel() >= state_precision.INT8_MIN_NUMEL
+def partition_int8_block(p) -> int:
+    """int8 state for a flat partition someone else cut (DeepSpeed): blocks of 256 for any partition of at
+    least :data:`~shardopt.kernels.state_precision.INT8_MIN_NUMEL` elements, else 0 (fp32 state). Its blocks
+    are its own, counted from its first element, so they need not line up with the parameters inside it or
+    with another world size's partitions."""
+    return state_precision.BLOCK if p.numel() >= state_precision.INT8_MIN_NUMEL else 0
 
 
 class PartitionLayout(LocalLayout):
     """Lion/AdamW on DeepSpeed's flat partitions: the local layout (each rank steps its partition whole,
-    ``name`` stays ``"none"``), with int8 state for every partition :func:`partition_int8_ok` accepts."""
+    ``name`` stays ``"none"``), with int8 state for every partition :func:`partition_int8_block` accepts."""
 
-    def int8_ok(self, i):
-        return partition_int8_ok(self.params[i])
+    def int8_block(self, i):
+        return partition_int8_block(self.params[i])
 
 
 def partition_layout(params, names, whole, *_args, **_kwargs) -> PartitionLayout:
@@ -175,9 +175,9 @@ class FlatPartitionLayout(WholeParams, Layout):
             self.keys.append(key)
 
     # -- shapes and views: the flat partitions themselves (WholeParams) -----
-    def int8_ok(self, i):
+    def int8_block(self, i):
         # DeepSpeed cuts its flat groups where it likes: int8 blocks are the partition's own, from its start
-        return partition_int8_ok(self.params[i])
+        return partition_int8_block(self.params[i])
 
     def unsharded_numel(self, i):
         return sum(math.prod(it.shape) for it in self.plan.groups[self.keys[i]].items)  # the whole flat group

@@ -90,14 +90,18 @@ class Layout:
         return value
 
     # -- int8 state ---------------------------------------------------------
+    def int8_block(self, i: int) -> int:
+        """The int8 block size of parameter ``i`` here, 0 when it keeps fp32 state under ``state_dtype="int8"``:
+        its global shape must hold whole blocks in every layout (:func:`~shardopt.kernels.state_precision.int8_block`)."""
+        return state_precision.int8_block(self.params[i].shape)
+
     def int8_ok(self, i: int) -> bool:
-        """Whether parameter ``i`` gets int8 state under ``state_dtype="int8"`` (else fp32): its global shape
-        must hold whole blocks in every layout (:func:`~shardopt.kernels.state_precision.int8_eligible`)."""
-        return state_precision.int8_eligible(self.params[i].shape)
+        """Whether parameter ``i`` gets int8 state under ``state_dtype="int8"`` (else fp32)."""
+        return self.int8_block(i) > 0
 
     def local_scale_shape(self, i: int) -> tuple:
         """Shape of this rank's block scales of a quantized state of parameter ``i``."""
-        return state_precision.scale_shape(self.local_shape(i))
+        return state_precision.scale_shape(self.local_shape(i), self.int8_block(i) or state_precision.BLOCK)
 
     def wrap_scale(self, i: int, local: torch.Tensor):
         return local
