@@ -88,6 +88,9 @@ constexpr int64_t kChunk = SHARDOPT_CHUNK_ELEMS;
 constexpr int64_t kMinPerThread = SHARDOPT_MIN_PER_THREAD;
 // fp16 grads are widened into a stack buffer of this many floats at a time.
 constexpr int64_t kHalfBlock = 2048;
+// Elements per fp32 scale of int8 state (state_precision.BLOCK).
+constexpr int64_t kQBlock = 256;
+static_assert(kChunk % kQBlock == 0, "int8 units hold whole blocks");
 
 // ---------------------------------------------------------------- storage
 
@@ -387,20 +390,206 @@ void adamw_range(PT* p, const at::Half* g, MT* m, MT* v, MT* vmax, int64_t n,
   }
 }
 
+// ------------------------------------------------------- int8 state blocks
+//
+// state_dtype="int8" (state_precision's int8 blocks): one code per element
+// (int8 for the "signed" mapping of the momenta, uint8 for the "sqrt" mapping
+// of AdamW's second moments) and one fp32 scale per kQBlock consecutive
+// elements in flat order.  A step handles one block at a time: the old codes
+// are dequantized into registers as state_precision.dequantize does, the fp32
+// math of the fp32-state loops runs unchanged, the new fp32 values go to a
+// small stack buffer (L1), and the block is requantized from it exactly as
+// state_precision._quantize_flat does: new absmax (max sqrt), then the codes
+// with the value-keyed stochastic rounding (mix32 of the new value's bits, or
+// of its square root's, xor the salt).  Every loop is branch-free and
+// vectorizes; the units of a call start at block boundaries.
+
+// state_precision.quantize's r = (h >> 8) * 2^-24 and the "sqrt" mapping's constants.
+constexpr float kTwoM24 = 0x1p-24f;
+constexpr float kSqrtSubLimit = 0x1p-14f;  // smallest normal "sqrt" code value (code 16)
+constexpr float kSqrtSubStep = 0x1p18f;    // 1 / the step of the codes below 16
+
+// state_precision.SQRT_TABLE[c], exactly: c * 2^-18 for c < 16, else the fp32
+// with bits (c + 1792) << 19, i.e. (1 + (c & 15)/16) * 2^((c >> 4) - 15).
+inline float sqrt_code_value(uint32_t c) {
+  const float sub = static_cast<float>(static_cast<int32_t>(c)) * 0x1p-18f;
+  const float normal = bits_to_float((c + 1792u) << 19);
+  return c < 16u ? sub : normal;
+}
+
+// Dequantized state (state_precision.dequantize): code * scale, or (T[code] * scale)^2.
+inline float load_q8(const int8_t* c, int64_t i, float scale) {
+  return static_cast<float>(c[i]) * scale;
+}
+inline float load_q8(const uint8_t* c, int64_t i, float scale) {
+  const float s = sqrt_code_value(c[i]) * scale;
+  return s * s;
+}
+
+// torch.amax of a block (of |x| with ABS): NaN if any element is NaN.  At
+// least +0, like the reference's amax over a block padded with zeros.
+template <bool ABS>
+inline float block_max(const float* __restrict x, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = 0.0f;
+  const int64_t full = n / kLanes * kLanes;
+  for (int64_t i = 0; i < full; i += kLanes) {
+    SHARDOPT_SIMD
+    for (int j = 0; j < kLanes; ++j) {
+      const float a = ABS ? std::fabs(x[i + j]) : x[i + j];
+      acc[j] = (a > acc[j] || a != a) ? a : acc[j];  // a NaN lane stays NaN
+    }
+  }
+  float m = 0.0f;
+  for (int64_t i = full; i < n; ++i) {
+    const float a = ABS ? std::fabs(x[i]) : x[i];
+    m = (a > m || a != a) ? a : m;
+  }
+  for (int j = 0; j < kLanes; ++j) m = (acc[j] > m || acc[j] != acc[j]) ? acc[j] : m;
+  return m;
+}
+
+// r in [0, 1): the top 24 bits of the hash (exact in fp32).
+inline float uniform24(uint32_t h) {
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * kTwoM24;
+}
+
+// The "signed" mapping of one block of new values x (state_precision._quantize_flat):
+// scale = absmax / 127, q = x / scale, code = clamp(floor(q + r), -127, 127), 0 where q is
+// not finite; r from mix32(bits(x) ^ salt).
+inline void quantize_signed(const float* __restrict x, int64_t n, uint32_t salt,
+                            int8_t* __restrict codes, float* __restrict scale_out) {
+  const float scale = block_max<true>(x, n) / 127.0f;
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float q = v / scale;
+    const float r = uniform24(mix32(float_to_bits(v) ^ salt));
+    float c = std::floor(q + r);
+    c = c < -127.0f ? -127.0f : c;
+    c = c > 127.0f ? 127.0f : c;
+    c = (q - q == 0.0f) ? c : 0.0f;  // q inf or NaN (an all-zero block, an inf/NaN value): 0
+    codes[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+  }
+  *scale_out = scale;
+}
+
+// The "sqrt" mapping of one block, given the square roots s of the new values
+// (the caller has them already: AdamW's denominator is the same sqrt): scale =
+// max(s), w = s / scale; w >= 2^-14: ((bits(w) + (h & 0x7FFFF)) >> 19) - 1792,
+// below: floor(w * 2^18 + r); 0 where w is not finite; h = mix32(bits(s) ^ salt).
+inline void quantize_sqrt_roots(const float* __restrict s, int64_t n, uint32_t salt,
+                                uint8_t* __restrict codes, float* __restrict scale_out) {
+  const float scale = block_max<false>(s, n);
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float si = s[i];
+    const float w = si / scale;
+    const uint32_t h = mix32(float_to_bits(si) ^ salt);
+    // w in [2^-14, 1] here: no carry past bit 31 (the other lanes are not selected)
+    const uint32_t normal = ((float_to_bits(w) + (h & 0x7FFFFu)) >> 19) - 1792u;
+    const float sub = std::floor(w * kSqrtSubStep + uniform24(h));
+    const float subc = w < kSqrtSubLimit ? sub : 0.0f;  // in [0, 16]; NaN lanes: 0
+    uint32_t c = w >= kSqrtSubLimit ? normal : static_cast<uint32_t>(static_cast<int32_t>(subc));
+    c = (w - w == 0.0f) ? c : 0u;
+    codes[i] = static_cast<uint8_t>(c);
+  }
+  *scale_out = scale;
+}
+
+template <bool WD, bool XF, typename PT, typename GT>
+void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
+                   float* __restrict ms, int64_t n, const LionScalars& s, const GradXform& x,
+                   uint32_t salt) {
+  const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
+  const float sc = *ms;
+  alignas(64) float nm[kQBlock];
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float pf = load_f32(p, i);
+    const float gf = xform<XF>(load_f32(g, i), x);
+    const float mf = load_q8(mc, i, sc);
+    const float c = mf * b1 + gf * omb1;
+    float u = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
+    if (WD) u = u + pf * wd;
+    store_f32(p, i, pf - u * lr);
+    nm[i] = mf * b2 + gf * omb2;
+  }
+  quantize_signed(nm, n, salt, mc, ms);
+}
+
+template <bool WD, bool XF, bool AMS, typename PT, typename GT>
+void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
+                    float* __restrict ms, uint8_t* __restrict vc, float* __restrict vs,
+                    uint8_t* __restrict xc, float* __restrict xs, int64_t n, const AdamWScalars& s,
+                    const GradXform& x, uint32_t salt) {
+  const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
+  const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
+  constexpr int64_t kMax = AMS ? kQBlock : 1;
+  alignas(64) float mw[kQBlock];
+  alignas(64) float vw[kQBlock];
+  alignas(64) float vroot[kQBlock];
+  alignas(64) float xw[kMax];
+  alignas(64) float xroot[kMax];
+  const float msc = *ms, vsc = *vs, xsc = AMS ? *xs : 0.0f;
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float gf = xform<XF>(load_f32(g, i), x);
+    const float mf = load_q8(mc, i, msc) * b1 + gf * omb1;
+    const float vf = load_q8(vc, i, vsc) * b2 + (gf * gf) * omb2;
+    mw[i] = mf;
+    vw[i] = vf;
+    if (AMS) xw[i] = nan_max(load_q8(xc, i, xsc), vf);
+  }
+  sqrt_block(vw, vroot, n);
+  if (AMS) sqrt_block(xw, xroot, n);
+  const float* __restrict root = AMS ? xroot : vroot;
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = load_f32(p, i);
+    if (WD) pf = pf * decay;
+    const float denom = root[i] / bc2_sqrt + eps;
+    store_f32(p, i, pf - (mw[i] / denom) * step_size);
+  }
+  quantize_signed(mw, n, salt, mc, ms);
+  quantize_sqrt_roots(vroot, n, salt, vc, vs);
+  if (AMS) quantize_sqrt_roots(xroot, n, salt, xc, xs);
+}
+
+// fp16 grads are widened per block; the other grad types are read in place.
+template <typename GT, typename F>
+inline void with_block_grads(const GT* g, int64_t n, const F& f) {
+  for (int64_t off = 0; off < n; off += kQBlock) {
+    const int64_t len = std::min(kQBlock, n - off);
+    if constexpr (std::is_same_v<GT, at::Half>) {
+      alignas(64) float buf[kQBlock];
+      half_block_to_float(g + off, buf, len);
+      f(static_cast<const float*>(buf), off, len);
+    } else {
+      f(g + off, off, len);
+    }
+  }
+}
+
 // ------------------------------------------------------- validation, units
 
 enum class PKind : uint8_t { F32, BF16 };
 enum class GKind : uint8_t { F32, BF16, F16, F64 };
-enum class SKind : uint8_t { F32, BF16 };  // the state tensors of one param share it
+// the state tensors of one param share it; INT8 state runs the *_q8 kernels
+enum class SKind : uint8_t { F32, BF16, INT8 };
 
 struct TensorRef {
   void* p;
   const void* g;
-  void* m;
+  void* m;     // int8 state: the codes
   void* v;     // AdamW only
   void* vmax;  // AdamW with amsgrad only
+  float* ms;   // int8 state only: the block scales of m, v, vmax
+  float* vs;
+  float* vmaxs;
   int64_t numel;
-  uint32_t salt;  // bf16 state's rounding salt (state_salt of the param's step)
+  uint32_t salt;  // low-precision state's rounding salt (state_salt of the param's step)
   PKind pk;
   GKind gk;
   SKind sk;
@@ -453,6 +642,24 @@ void check_state(const char* fn, const char* list, int64_t i, const at::Tensor& 
               "; a parameter's optimizer state must be all float32 or all bfloat16");
 }
 
+// The param / grad half of a TensorRef (checked; pointers are set by the caller).
+TensorRef param_ref(const char* fn, int64_t i, const at::Tensor& p, const at::Tensor& g) {
+  TORCH_CHECK(p.defined(), fn, ": params[", i, "] is undefined (None)");
+  check_tensor(fn, "params", i, p, p);
+  check_tensor(fn, "grads", i, g, p);
+  TensorRef r{};
+  r.numel = p.numel();
+  switch (p.scalar_type()) {
+    case at::kFloat: r.pk = PKind::F32; break;
+    case at::kBFloat16: r.pk = PKind::BF16; break;
+    default:
+      TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
+                  "; only float32 and bfloat16 params are supported");
+  }
+  r.gk = grad_kind(fn, i, g);
+  return r;
+}
+
 std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& exp_avgs,
@@ -475,20 +682,8 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& p = params[k];
-    TORCH_CHECK(p.defined(), fn, ": params[", i, "] is undefined (None)");
-    check_tensor(fn, "params", i, p, p);
-    check_tensor(fn, "grads", i, grads[k], p);
+    TensorRef r = param_ref(fn, i, p, grads[k]);
     check_tensor(fn, "exp_avgs", i, exp_avgs[k], p);
-    TensorRef r{};
-    r.numel = p.numel();
-    switch (p.scalar_type()) {
-      case at::kFloat: r.pk = PKind::F32; break;
-      case at::kBFloat16: r.pk = PKind::BF16; break;
-      default:
-        TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
-                    "; only float32 and bfloat16 params are supported");
-    }
-    r.gk = grad_kind(fn, i, grads[k]);
     const at::Tensor& m = exp_avgs[k];
     switch (m.scalar_type()) {
       case at::kFloat: r.sk = SKind::F32; break;
@@ -514,6 +709,69 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
   return refs;
 }
 
+// One int8 state list of a call: codes (int8 "signed" or uint8 "sqrt") and
+// their fp32 block scales (state_precision.Q8's codes / scale).
+struct Q8List {
+  const char* codes_name;  // e.g. "exp_avg_codes"
+  const char* scales_name;
+  const std::vector<at::Tensor>* codes;
+  const std::vector<at::Tensor>* scales;
+  bool sqrt;
+};
+
+std::vector<TensorRef> collect_int8(const char* fn, const std::vector<at::Tensor>& params,
+                                    const std::vector<at::Tensor>& grads,
+                                    const std::vector<Q8List>& lists,
+                                    const std::vector<int64_t>& state_steps) {
+  const size_t n = params.size();
+  std::ostringstream lens;
+  bool equal = grads.size() == n && state_steps.size() == n;
+  for (const Q8List& l : lists) {
+    equal = equal && l.codes->size() == n && l.scales->size() == n;
+    lens << ", " << l.codes_name << "=" << l.codes->size() << ", " << l.scales_name << "="
+         << l.scales->size();
+  }
+  TORCH_CHECK(equal, fn, ": tensor lists must have equal lengths, got params=", n,
+              ", grads=", grads.size(), lens.str(), ", state_step=", state_steps.size());
+  std::vector<TensorRef> refs;
+  refs.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const at::Tensor& p = params[k];
+    TensorRef r = param_ref(fn, i, p, grads[k]);
+    r.sk = SKind::INT8;
+    void** code_ptrs[3] = {&r.m, &r.v, &r.vmax};
+    float** scale_ptrs[3] = {&r.ms, &r.vs, &r.vmaxs};
+    const int64_t blocks = (r.numel + kQBlock - 1) / kQBlock;
+    for (size_t l = 0; l < lists.size(); ++l) {
+      const Q8List& q = lists[l];
+      const at::Tensor& c = (*q.codes)[k];
+      const at::Tensor& sc = (*q.scales)[k];
+      check_tensor(fn, q.codes_name, i, c, p);
+      const auto want = q.sqrt ? at::kByte : at::kChar;
+      TORCH_CHECK(c.scalar_type() == want, fn, ": ", q.codes_name, "[", i, "] has dtype ",
+                  c.scalar_type(), "; the ", q.sqrt ? "\"sqrt\"" : "\"signed\"",
+                  " int8 mapping's codes are ", q.sqrt ? "uint8" : "int8");
+      TORCH_CHECK(sc.defined() && sc.device().is_cpu() && sc.layout() == at::kStrided &&
+                      sc.scalar_type() == at::kFloat && sc.is_contiguous(),
+                  fn, ": ", q.scales_name, "[", i, "] must be a contiguous float32 CPU tensor, got ",
+                  sc.defined() ? shape_str(sc) : std::string("undefined"));
+      TORCH_CHECK(sc.numel() == blocks, fn, ": ", q.scales_name, "[", i, "] has ", sc.numel(),
+                  " scales but params[", i, "] has ", r.numel, " elements: ", blocks,
+                  " blocks of ", kQBlock);
+      if (r.numel == 0) continue;
+      *code_ptrs[l] = c.data_ptr();
+      *scale_ptrs[l] = sc.data_ptr<float>();
+    }
+    r.salt = state_salt(state_steps[k]);
+    if (r.numel == 0) continue;
+    r.p = p.data_ptr();
+    r.g = grads[k].data_ptr();
+    refs.push_back(r);
+  }
+  return refs;
+}
+
 // The kernels write through raw pointers; bump the version counters like an
 // in-place ATen op would, so autograd can detect a stale saved tensor.
 void bump_versions(const std::vector<at::Tensor>& ts) {
@@ -521,8 +779,10 @@ void bump_versions(const std::vector<at::Tensor>& ts) {
 }
 
 // Splits every tensor into units of at most kChunk elements.  Tensors are
-// cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail.
-std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total) {
+// cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail; with align
+// (int8 state: kQBlock) every unit but a tensor's last is a multiple of it.
+std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total,
+                             int64_t align = 1) {
   std::vector<Unit> units;
   int64_t sum = 0;
   for (const auto& r : refs) sum += (r.numel + kChunk - 1) / kChunk;
@@ -532,11 +792,12 @@ std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total)
     const int64_t n = refs[t].numel;
     *total += n;
     const int64_t pieces = (n + kChunk - 1) / kChunk;
-    const int64_t base = n / pieces, extra = n % pieces;
-    int64_t begin = 0;
+    const int64_t nb = (n + align - 1) / align;  // pieces <= nb: kChunk >= align
+    const int64_t base = nb / pieces, extra = nb % pieces;
+    int64_t begin = 0;  // in units of align
     for (int64_t k = 0; k < pieces; ++k) {
       const int64_t len = base + (k < extra ? 1 : 0);
-      units.push_back(Unit{static_cast<int64_t>(t), begin, begin + len});
+      units.push_back(Unit{static_cast<int64_t>(t), begin * align, std::min(n, (begin + len) * align)});
       begin += len;
     }
   }
@@ -649,6 +910,37 @@ void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const 
   });
 }
 
+// int8 state: the unit starts at a block boundary (make_units with kQBlock).
+template <bool WD, bool XF>
+void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    int8_t* mc = static_cast<int8_t*>(r.m) + b;
+    float* ms = r.ms + b / kQBlock;
+    with_block_grads(g, n, [&](auto* gb, int64_t off, int64_t len) {
+      lion_q8_block<WD, XF>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+    });
+  });
+}
+
+template <typename C>
+void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    const int64_t sb = b / kQBlock;
+    int8_t* mc = static_cast<int8_t*>(r.m) + b;
+    uint8_t* vc = static_cast<uint8_t*>(r.v) + b;
+    uint8_t* xc = C::AMS ? static_cast<uint8_t*>(r.vmax) + b : nullptr;
+    float* ms = r.ms + sb;
+    float* vs = r.vs + sb;
+    float* xs = C::AMS ? r.vmaxs + sb : nullptr;
+    with_block_grads(g, n, [&](auto* gb, int64_t off, int64_t len) {
+      const int64_t k = off / kQBlock;
+      adamw_q8_block<C::WD, C::XF, C::AMS>(p + off, gb, mc + off, ms + k, vc + off, vs + k,
+                                           C::AMS ? xc + off : nullptr, C::AMS ? xs + k : nullptr,
+                                           len, s, x, r.salt);
+    });
+  });
+}
+
 // A 0-d (or one-element) CPU flag / scale tensor, read on the host.
 float host_scalar(const char* fn, const char* what, const at::Tensor& t) {
   TORCH_CHECK(t.defined() && t.numel() == 1, fn, ": ", what, " must be a one-element tensor, got ",
@@ -686,6 +978,45 @@ bool read_options(const char* fn, bool maximize, c10::optional<double> clip_valu
 
 // ------------------------------------------------------------ entry points
 
+LionScalars lion_scalars(double lr, double beta1, double beta2, double weight_decay) {
+  LionScalars s;
+  s.lr = static_cast<float>(lr);
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.wd = static_cast<float>(weight_decay);
+  return s;
+}
+
+// Same double-precision formulas as torch_ops.adamw_scalars.
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
+                           int64_t step) {
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  AdamWScalars s;
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.step_size = static_cast<float>(lr / bc1);
+  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  return s;
+}
+
+// Runs f(wd, xf) with the two option flags as std::true_type / std::false_type.
+template <typename F>
+inline void with_flags(bool wd, bool xf, const F& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (wd)
+    xf ? f(T{}, T{}) : f(T{}, N{});
+  else
+    xf ? f(N{}, T{}) : f(N{}, N{});
+}
+
 void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
                double weight_decay, bool maximize, c10::optional<double> clip_value,
@@ -700,28 +1031,48 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   if (refs.empty()) return;
   bump_versions(params);
   bump_versions(exp_avgs);
-  LionScalars s;
-  s.lr = static_cast<float>(lr);
-  s.b1 = static_cast<float>(beta1);
-  s.omb1 = static_cast<float>(1.0 - beta1);
-  s.b2 = static_cast<float>(beta2);
-  s.omb2 = static_cast<float>(1.0 - beta2);
-  s.wd = static_cast<float>(weight_decay);
+  const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
   int64_t total = 0;
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
-  auto run = [&](auto wd, auto xfc) {
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
     run_units(units, nt, [&](const Unit& u) {
       lion_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
     });
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  if (weight_decay != 0.0)
-    xf ? run(T{}, T{}) : run(T{}, F{});
-  else
-    xf ? run(F{}, T{}) : run(F{}, F{});
+  });
+}
+
+// Lion with int8 momenta ("signed" codes + block scales, state_precision.Q8);
+// state_step: one salt per tensor.
+void lion_step_int8(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                    const std::vector<at::Tensor>& exp_avg_codes,
+                    const std::vector<at::Tensor>& exp_avg_scales, double lr, double beta1,
+                    double beta2, double weight_decay, const std::vector<int64_t>& state_step,
+                    bool maximize, c10::optional<double> clip_value,
+                    const c10::optional<at::Tensor>& grad_scale,
+                    const c10::optional<at::Tensor>& found_inf) {
+  const char* fn = "lion_step_int8";
+  const auto refs = collect_int8(
+      fn, params, grads, {Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false}},
+      state_step);
+  GradXform x;
+  bool xf = false;
+  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
+  if (refs.empty()) return;
+  bump_versions(params);
+  bump_versions(exp_avg_codes);
+  bump_versions(exp_avg_scales);
+  const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total, kQBlock);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    run_units(units, nt, [&](const Unit& u) {
+      lion_q8_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
+    });
+  });
 }
 
 template <bool SPLIT>
@@ -749,18 +1100,7 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
   bump_versions(exp_avgs);
   bump_versions(exp_avg_sqs);
   if (ams) bump_versions(*max_exp_avg_sqs);
-  // Same double-precision formulas as torch_ops.adamw_scalars.
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  AdamWScalars s;
-  s.b1 = static_cast<float>(beta1);
-  s.omb1 = static_cast<float>(1.0 - beta1);
-  s.b2 = static_cast<float>(beta2);
-  s.omb2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.step_size = static_cast<float>(lr / bc1);
-  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   int64_t total = 0;
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
@@ -769,13 +1109,9 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
     using C = AdamWCfg<decltype(wd)::value, SPLIT, decltype(xfc)::value, decltype(amsc)::value>;
     run_units(units, nt, [&](const Unit& u) { adamw_unit<C>(refs[u.tensor], u, s, x); });
   };
-  using T = std::true_type;
-  using F = std::false_type;
-  auto run_ams = [&](auto wd, auto xfc) { ams ? run(wd, xfc, T{}) : run(wd, xfc, F{}); };
-  if (weight_decay != 0.0)
-    xf ? run_ams(T{}, T{}) : run_ams(T{}, F{});
-  else
-    xf ? run_ams(F{}, T{}) : run_ams(F{}, F{});
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
+  });
 }
 
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -804,6 +1140,106 @@ void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<a
   adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
                         state_step);
+}
+
+// AdamW with int8 state: exp_avg "signed" codes, exp_avg_sq (and amsgrad's
+// max_exp_avg_sq) "sqrt" codes, each with its block scales.  The salt is
+// state_step per tensor, by default the call's step (as torch_ops).
+void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avg_codes,
+                     const std::vector<at::Tensor>& exp_avg_scales,
+                     const std::vector<at::Tensor>& exp_avg_sq_codes,
+                     const std::vector<at::Tensor>& exp_avg_sq_scales, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int64_t step,
+                     const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sq_codes,
+                     const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sq_scales,
+                     bool maximize, c10::optional<double> clip_value,
+                     const c10::optional<at::Tensor>& grad_scale,
+                     const c10::optional<at::Tensor>& found_inf,
+                     const c10::optional<std::vector<int64_t>>& state_step) {
+  const char* fn = "adamw_step_int8";
+  TORCH_CHECK(step >= 1, fn, ": step must be >= 1 (already incremented), got ", step);
+  TORCH_CHECK(max_exp_avg_sq_codes.has_value() == max_exp_avg_sq_scales.has_value(), fn,
+              ": amsgrad needs both max_exp_avg_sq_codes and max_exp_avg_sq_scales");
+  const bool ams = max_exp_avg_sq_codes.has_value();
+  const std::vector<int64_t> salts =
+      state_step.has_value() ? *state_step : std::vector<int64_t>(params.size(), step);
+  std::vector<Q8List> lists = {
+      Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false},
+      Q8List{"exp_avg_sq_codes", "exp_avg_sq_scales", &exp_avg_sq_codes, &exp_avg_sq_scales, true}};
+  if (ams)
+    lists.push_back(Q8List{"max_exp_avg_sq_codes", "max_exp_avg_sq_scales", &*max_exp_avg_sq_codes,
+                           &*max_exp_avg_sq_scales, true});
+  const auto refs = collect_int8(fn, params, grads, lists, salts);
+  GradXform x;
+  bool xf = false;
+  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
+  if (refs.empty()) return;
+  bump_versions(params);
+  for (const Q8List& l : lists) {
+    bump_versions(*l.codes);
+    bump_versions(*l.scales);
+  }
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total, kQBlock);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  auto run = [&](auto wd, auto xfc, auto amsc) {
+    // SPLIT is unused: the int8 block always takes its sqrt in a pass of its own
+    using C = AdamWCfg<decltype(wd)::value, false, decltype(xfc)::value, decltype(amsc)::value>;
+    run_units(units, nt, [&](const Unit& u) { adamw_q8_unit<C>(refs[u.tensor], u, s, x); });
+  };
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
+  });
+}
+
+// state_precision.quantize / dequantize by the kernels' own block code (for
+// the tests: the kernels' quantization is the reference's, bit for bit).
+// sqrt selects the "sqrt" mapping (uint8 codes), else "signed" (int8).
+std::vector<at::Tensor> quantize_int8(const at::Tensor& x, int64_t step, bool sqrt) {
+  const char* fn = "quantize_int8";
+  TORCH_CHECK(x.defined() && x.device().is_cpu() && x.scalar_type() == at::kFloat, fn,
+              ": takes a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel(), nb = (n + kQBlock - 1) / kQBlock;
+  at::Tensor codes = at::empty(xc.sizes(), xc.options().dtype(sqrt ? at::kByte : at::kChar));
+  at::Tensor scales = at::empty({nb}, xc.options());
+  const float* src = xc.data_ptr<float>();
+  float* sc = scales.data_ptr<float>();
+  const uint32_t salt = state_salt(step);
+  alignas(64) float root[kQBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t off = b * kQBlock, len = std::min(kQBlock, n - off);
+    if (sqrt) {
+      sqrt_block(src + off, root, len);
+      quantize_sqrt_roots(root, len, salt, codes.data_ptr<uint8_t>() + off, sc + b);
+    } else {
+      quantize_signed(src + off, len, salt, codes.data_ptr<int8_t>() + off, sc + b);
+    }
+  }
+  return {codes, scales};
+}
+
+at::Tensor dequantize_int8(const at::Tensor& codes, const at::Tensor& scales) {
+  const char* fn = "dequantize_int8";
+  TORCH_CHECK(codes.defined() && codes.device().is_cpu() && codes.is_contiguous() &&
+                  (codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte),
+              fn, ": codes must be a contiguous int8 or uint8 CPU tensor");
+  const int64_t n = codes.numel(), nb = (n + kQBlock - 1) / kQBlock;
+  TORCH_CHECK(scales.defined() && scales.device().is_cpu() && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == nb,
+              fn, ": scales must be ", nb, " contiguous float32 values");
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const float* sc = scales.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = codes.scalar_type() == at::kChar
+                 ? load_q8(codes.data_ptr<int8_t>(), i, sc[i / kQBlock])
+                 : load_q8(codes.data_ptr<uint8_t>(), i, sc[i / kQBlock]);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------ grad_stats
@@ -1103,6 +1539,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
           py::arg("state_step") = py::none());
   }
+  m.def("lion_step_int8", &lion_step_int8,
+        "Fused multi-tensor Lion step with int8 momenta (codes + block scales, in place)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
+        py::arg("state_step"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  m.def("adamw_step_int8", &adamw_step_int8,
+        "Fused multi-tensor AdamW step with int8 state (codes + block scales, in place)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
+        py::arg("exp_avg_sq_codes"), py::arg("exp_avg_sq_scales"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+        py::arg("max_exp_avg_sq_codes") = py::none(), py::arg("max_exp_avg_sq_scales") = py::none(),
+        py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("state_step") = py::none());
+  m.def("_quantize_int8", &quantize_int8,
+        "(codes, scales) of a float32 tensor in int8 blocks by the kernels' code; for tests",
+        py::arg("x"), py::arg("step"), py::arg("sqrt"));
+  m.def("_dequantize_int8", &dequantize_int8,
+        "float32 values of int8 blocks (int8: signed, uint8: sqrt) by the kernels' code; for tests",
+        py::arg("codes"), py::arg("scales"));
   m.def("grad_stats", &grad_stats,
         "float64 [sum of squares of the value-clipped grads, 0 or NaN if any raw grad is not finite]",
         py::arg("grads"), py::arg("clip_value") = py::none());
