@@ -23,6 +23,15 @@
 //     bits are a hash of the element's new fp32 value and a per-tensor salt
 //     (step * 0x9E3779B9 mod 2^32).  The state type is a template parameter,
 //     so the fp32-state loops are the code they always were;
+//   * int8 optimizer state (state_dtype="int8", lion_step_int8 /
+//     adamw_step_int8): codes (int8 "signed" for the momenta, uint8 "sqrt"
+//     for AdamW's second moments) plus one fp32 scale per block of 256
+//     elements.  Each block is dequantized exactly as state_precision.dequantize
+//     does, the same fp32 math as the fp32-state loops runs, and the block is
+//     requantized from a stack buffer with its new absmax (max square root)
+//     and the value-keyed stochastic rounding of state_precision.quantize, bit
+//     for bit (the same hash and salt as bf16 state, of the new value or of its
+//     square root).  Work units start at block boundaries;
 //   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float());
 //     the steps read them as torch_ops.effective_grads does:
 //       g = float(g); g = -g if maximize; g = clamp(g, -v, v); g = g * grad_scale
@@ -65,12 +74,17 @@
 
 #if defined(_OPENMP)
 #define SHARDOPT_SIMD _Pragma("omp simd")
+// a loop that also takes the max of the uint32 variable `bmax` (int8 blocks)
+#define SHARDOPT_SIMD_BMAX _Pragma("omp simd reduction(max : bmax)")
 #elif defined(__clang__)
 #define SHARDOPT_SIMD _Pragma("clang loop vectorize(enable)")
+#define SHARDOPT_SIMD_BMAX SHARDOPT_SIMD
 #elif defined(__GNUC__)
 #define SHARDOPT_SIMD _Pragma("GCC ivdep")
+#define SHARDOPT_SIMD_BMAX SHARDOPT_SIMD
 #else
 #define SHARDOPT_SIMD
+#define SHARDOPT_SIMD_BMAX
 #endif
 
 namespace {
@@ -411,10 +425,11 @@ constexpr float kSqrtSubStep = 0x1p18f;    // 1 / the step of the codes below 16
 
 // state_precision.SQRT_TABLE[c], exactly: c * 2^-18 for c < 16, else the fp32
 // with bits (c + 1792) << 19, i.e. (1 + (c & 15)/16) * 2^((c >> 4) - 15).
+// (The select tests sub itself, c * 2^-18 < 2^-14, not c: see floor_split.)
 inline float sqrt_code_value(uint32_t c) {
   const float sub = static_cast<float>(static_cast<int32_t>(c)) * 0x1p-18f;
   const float normal = bits_to_float((c + 1792u) << 19);
-  return c < 16u ? sub : normal;
+  return sub < kSqrtSubLimit ? sub : normal;
 }
 
 // Dequantized state (state_precision.dequantize): code * scale, or (T[code] * scale)^2.
@@ -426,28 +441,19 @@ inline float load_q8(const uint8_t* c, int64_t i, float scale) {
   return s * s;
 }
 
-// torch.amax of a block (of |x| with ABS): NaN if any element is NaN.  At
-// least +0, like the reference's amax over a block padded with zeros.
-template <bool ABS>
-inline float block_max(const float* __restrict x, int64_t n) {
-  constexpr int kLanes = 16;
-  float acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = 0.0f;
-  const int64_t full = n / kLanes * kLanes;
-  for (int64_t i = 0; i < full; i += kLanes) {
-    SHARDOPT_SIMD
-    for (int j = 0; j < kLanes; ++j) {
-      const float a = ABS ? std::fabs(x[i + j]) : x[i + j];
-      acc[j] = (a > acc[j] || a != a) ? a : acc[j];  // a NaN lane stays NaN
-    }
-  }
-  float m = 0.0f;
-  for (int64_t i = full; i < n; ++i) {
-    const float a = ABS ? std::fabs(x[i]) : x[i];
-    m = (a > m || a != a) ? a : m;
-  }
-  for (int j = 0; j < kLanes; ++j) m = (acc[j] > m || acc[j] != acc[j]) ? acc[j] : m;
-  return m;
+// torch.amax of a block's |x| as fp32 bits: |x|'s bits order like its value,
+// and every NaN's lie above inf's, so the integer max is the absmax, or a NaN
+// if any element is NaN (what amax gives), and at least +0 (the reference
+// pads a short block with zeros).  The steps fold it into the loop that
+// computes the new values (abs_bits, a uint32 max reduction: no float
+// compare, so it vectorizes without any NaN caveat).
+inline uint32_t abs_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
+
+inline uint32_t block_absmax_bits(const float* __restrict x, int64_t n) {
+  uint32_t bmax = 0;
+  SHARDOPT_SIMD_BMAX
+  for (int64_t i = 0; i < n; ++i) bmax = std::max(bmax, abs_bits(x[i]));
+  return bmax;
 }
 
 // r in [0, 1): the top 24 bits of the hash (exact in fp32).
@@ -455,45 +461,96 @@ inline float uniform24(uint32_t h) {
   return static_cast<float>(static_cast<int32_t>(h >> 8)) * kTwoM24;
 }
 
+// floor(y) for |y| < 2^22 without a float -> int conversion: t = y + 1.5*2^23
+// rounds y to the nearest integer k (ulp 1 there) and bits(t) - bits(1.5*2^23)
+// is k; d = (t - 1.5*2^23) - y = k - y is exact, and k - 1 is the floor where
+// d > 0.  Both steps' callers know |y| < 2^22 wherever y is finite, and d is
+// not finite exactly where y is not (its bits are returned for that test).
+//
+// Why not std::floor and a select on isfinite(q): under GCC's default
+// -ftrapping-math a float op (or conversion) whose result only one side of a
+// select needs is moved under a branch, where it may not be executed
+// speculatively, and the loop does not vectorize.  Here every float op feeds
+// d, which decides the select, and what follows is integer arithmetic.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+struct SplitFloor {
+  int32_t value;  // floor(y) where y is finite
+  uint32_t d_bits;
+};
+
+inline SplitFloor floor_split(float y) {
+  const float t = y + kRoundMagic;
+  const float d = (t - kRoundMagic) - y;
+  const uint32_t bd = float_to_bits(d);
+  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kRoundMagic));
+  return SplitFloor{k - (static_cast<int32_t>(bd) > 0 ? 1 : 0), bd};  // d > 0: a positive float's bits
+}
+
+inline bool finite_bits(uint32_t b) { return (b & 0x7F800000u) != 0x7F800000u; }
+
 // The "signed" mapping of one block of new values x (state_precision._quantize_flat):
 // scale = absmax / 127, q = x / scale, code = clamp(floor(q + r), -127, 127), 0 where q is
-// not finite; r from mix32(bits(x) ^ salt).
-inline void quantize_signed(const float* __restrict x, int64_t n, uint32_t salt,
-                            int8_t* __restrict codes, float* __restrict scale_out) {
-  const float scale = block_max<true>(x, n) / 127.0f;
+// not finite; r from mix32(bits(x) ^ salt).  absmax_bits: block_absmax_bits(x, n).
+inline void quantize_signed(const float* __restrict x, int64_t n, uint32_t absmax_bits,
+                            uint32_t salt, int8_t* __restrict codes, float* __restrict scale_out) {
+  const float scale = bits_to_float(absmax_bits) / 127.0f;
+  *scale_out = scale;
+  if (scale > 0.0f && scale < INFINITY) {
+    // the usual block: every q is finite, |q| <= 127 * 1.5 (a subnormal scale rounds
+    // by at most half of itself), and floor_split needs no finiteness test
+    SHARDOPT_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i];
+      const float y = v / scale + uniform24(mix32(float_to_bits(v) ^ salt));
+      const float t = y + kRoundMagic;
+      int32_t c = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kRoundMagic)) -
+                  ((t - kRoundMagic) > y ? 1 : 0);
+      c = c < -127 ? -127 : c;
+      c = c > 127 ? 127 : c;
+      codes[i] = static_cast<int8_t>(c);
+    }
+    return;
+  }
+  // scale 0 (an all-zero block, or one that underflows), inf or NaN: q may be inf or NaN
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const float q = v / scale;
-    const float r = uniform24(mix32(float_to_bits(v) ^ salt));
-    float c = std::floor(q + r);
-    c = c < -127.0f ? -127.0f : c;
-    c = c > 127.0f ? 127.0f : c;
-    c = (q - q == 0.0f) ? c : 0.0f;  // q inf or NaN (an all-zero block, an inf/NaN value): 0
-    codes[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+    // |q| <= 127 * 1.5 where finite (a subnormal scale rounds by at most half of itself)
+    const SplitFloor f = floor_split(q + uniform24(mix32(float_to_bits(v) ^ salt)));
+    int32_t c = f.value;
+    c = c < -127 ? -127 : c;
+    c = c > 127 ? 127 : c;
+    // q (so q + r) inf or NaN: an all-zero block (0 / 0), an inf or NaN value: code 0
+    codes[i] = static_cast<int8_t>(finite_bits(f.d_bits) ? c : 0);
   }
-  *scale_out = scale;
 }
 
 // The "sqrt" mapping of one block, given the square roots s of the new values
 // (the caller has them already: AdamW's denominator is the same sqrt): scale =
 // max(s), w = s / scale; w >= 2^-14: ((bits(w) + (h & 0x7FFFF)) >> 19) - 1792,
 // below: floor(w * 2^18 + r); 0 where w is not finite; h = mix32(bits(s) ^ salt).
-inline void quantize_sqrt_roots(const float* __restrict s, int64_t n, uint32_t salt,
-                                uint8_t* __restrict codes, float* __restrict scale_out) {
-  const float scale = block_max<false>(s, n);
+// max_bits: block_absmax_bits(s, n) (s >= 0 or NaN; a root -0 counts as +0).
+inline void quantize_sqrt_roots(const float* __restrict s, int64_t n, uint32_t max_bits,
+                                uint32_t salt, uint8_t* __restrict codes,
+                                float* __restrict scale_out) {
+  const float scale = bits_to_float(max_bits);
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const float si = s[i];
     const float w = si / scale;
     const uint32_t h = mix32(float_to_bits(si) ^ salt);
-    // w in [2^-14, 1] here: no carry past bit 31 (the other lanes are not selected)
-    const uint32_t normal = ((float_to_bits(w) + (h & 0x7FFFFu)) >> 19) - 1792u;
-    const float sub = std::floor(w * kSqrtSubStep + uniform24(h));
-    const float subc = w < kSqrtSubLimit ? sub : 0.0f;  // in [0, 16]; NaN lanes: 0
-    uint32_t c = w >= kSqrtSubLimit ? normal : static_cast<uint32_t>(static_cast<int32_t>(subc));
-    c = (w - w == 0.0f) ? c : 0u;
-    codes[i] = static_cast<uint8_t>(c);
+    const uint32_t bw = float_to_bits(w);
+    // w in [2^-14, 1] where selected: no carry past bit 31
+    const uint32_t normal = ((bw + (h & 0x7FFFFu)) >> 19) - 1792u;
+    // w <= 1 where finite: y <= 2^18 + 1 (below 2^-14, y in [0, 17))
+    const SplitFloor sub = floor_split(w * kSqrtSubStep + uniform24(h));
+    // w >= 2^-14 by the bits (w >= +0 or -0 where finite: the integer order is the value order)
+    const uint32_t c = static_cast<int32_t>(bw) >= static_cast<int32_t>(float_to_bits(kSqrtSubLimit))
+                           ? normal
+                           : static_cast<uint32_t>(sub.value);
+    codes[i] = static_cast<uint8_t>(finite_bits(sub.d_bits) ? c : 0u);  // w inf or NaN: 0
   }
   *scale_out = scale;
 }
@@ -505,7 +562,8 @@ void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict 
   const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
   const float sc = *ms;
   alignas(64) float nm[kQBlock];
-  SHARDOPT_SIMD
+  uint32_t bmax = 0;
+  SHARDOPT_SIMD_BMAX
   for (int64_t i = 0; i < n; ++i) {
     const float pf = load_f32(p, i);
     const float gf = xform<XF>(load_f32(g, i), x);
@@ -514,9 +572,11 @@ void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict 
     float u = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
     if (WD) u = u + pf * wd;
     store_f32(p, i, pf - u * lr);
-    nm[i] = mf * b2 + gf * omb2;
+    const float mn = mf * b2 + gf * omb2;
+    nm[i] = mn;
+    bmax = std::max(bmax, abs_bits(mn));
   }
-  quantize_signed(nm, n, salt, mc, ms);
+  quantize_signed(nm, n, bmax, salt, mc, ms);
 }
 
 template <bool WD, bool XF, bool AMS, typename PT, typename GT>
@@ -533,7 +593,8 @@ void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict
   alignas(64) float xw[kMax];
   alignas(64) float xroot[kMax];
   const float msc = *ms, vsc = *vs, xsc = AMS ? *xs : 0.0f;
-  SHARDOPT_SIMD
+  uint32_t bmax = 0;  // of the new exp_avg
+  SHARDOPT_SIMD_BMAX
   for (int64_t i = 0; i < n; ++i) {
     const float gf = xform<XF>(load_f32(g, i), x);
     const float mf = load_q8(mc, i, msc) * b1 + gf * omb1;
@@ -541,27 +602,66 @@ void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict
     mw[i] = mf;
     vw[i] = vf;
     if (AMS) xw[i] = nan_max(load_q8(xc, i, xsc), vf);
+    bmax = std::max(bmax, abs_bits(mf));
   }
+  const uint32_t m_max = bmax;
   sqrt_block(vw, vroot, n);
   if (AMS) sqrt_block(xw, xroot, n);
   const float* __restrict root = AMS ? xroot : vroot;
-  SHARDOPT_SIMD
+  bmax = 0;  // of the denominator's roots (exp_avg_sq's, or the amsgrad maxima's)
+  SHARDOPT_SIMD_BMAX
   for (int64_t i = 0; i < n; ++i) {
     float pf = load_f32(p, i);
     if (WD) pf = pf * decay;
     const float denom = root[i] / bc2_sqrt + eps;
     store_f32(p, i, pf - (mw[i] / denom) * step_size);
+    bmax = std::max(bmax, abs_bits(root[i]));
   }
-  quantize_signed(mw, n, salt, mc, ms);
-  quantize_sqrt_roots(vroot, n, salt, vc, vs);
-  if (AMS) quantize_sqrt_roots(xroot, n, salt, xc, xs);
+  quantize_signed(mw, n, m_max, salt, mc, ms);
+  if (AMS) {
+    quantize_sqrt_roots(xroot, n, bmax, salt, xc, xs);
+    quantize_sqrt_roots(vroot, n, block_absmax_bits(vroot, n), salt, vc, vs);
+  } else {
+    quantize_sqrt_roots(vroot, n, bmax, salt, vc, vs);
+  }
 }
 
-// fp16 grads are widened per block; the other grad types are read in place.
-template <typename GT, typename F>
-inline void with_block_grads(const GT* g, int64_t n, const F& f) {
+// Blocks ahead whose lines a step prefetches.  A block is mostly arithmetic
+// (the hash, the division, the rounding) on L1-resident data, and the hardware
+// prefetcher alone does not keep enough lines in flight across it; two blocks
+// ahead measured best (about 12% faster, one thread streaming from memory).
+constexpr int64_t kQPrefetch = 2 * kQBlock;
+
+template <typename T>
+inline void prefetch_span(const T* ptr, int64_t n, bool write) {
+  const char* c = reinterpret_cast<const char*>(ptr);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t k = 0; k < bytes; k += 64) {
+    if (write)
+      __builtin_prefetch(c + k, 1);
+    else
+      __builtin_prefetch(c + k, 0);
+  }
+#else
+  (void)c;
+  (void)bytes;
+  (void)write;
+#endif
+}
+
+// Runs f(g block, offset, length) over the blocks of n elements, prefetching
+// the block kQPrefetch ahead through pre(offset, length).  fp16 grads are
+// widened per block; the other grad types are read in place.
+template <typename GT, typename P, typename F>
+inline void with_block_grads(const GT* g, int64_t n, const P& pre, const F& f) {
   for (int64_t off = 0; off < n; off += kQBlock) {
     const int64_t len = std::min(kQBlock, n - off);
+    if (off + kQPrefetch < n) {
+      const int64_t ahead = off + kQPrefetch;
+      prefetch_span(g + ahead, std::min(kQBlock, n - ahead), false);
+      pre(ahead, std::min(kQBlock, n - ahead));
+    }
     if constexpr (std::is_same_v<GT, at::Half>) {
       alignas(64) float buf[kQBlock];
       half_block_to_float(g + off, buf, len);
@@ -916,7 +1016,11 @@ void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const
   with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
     int8_t* mc = static_cast<int8_t*>(r.m) + b;
     float* ms = r.ms + b / kQBlock;
-    with_block_grads(g, n, [&](auto* gb, int64_t off, int64_t len) {
+    auto pre = [&](int64_t off, int64_t len) {
+      prefetch_span(p + off, len, true);
+      prefetch_span(mc + off, len, true);
+    };
+    with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
       lion_q8_block<WD, XF>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
     });
   });
@@ -932,7 +1036,13 @@ void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, con
     float* ms = r.ms + sb;
     float* vs = r.vs + sb;
     float* xs = C::AMS ? r.vmaxs + sb : nullptr;
-    with_block_grads(g, n, [&](auto* gb, int64_t off, int64_t len) {
+    auto pre = [&](int64_t off, int64_t len) {
+      prefetch_span(p + off, len, true);
+      prefetch_span(mc + off, len, true);
+      prefetch_span(vc + off, len, true);
+      if (C::AMS) prefetch_span(xc + off, len, true);
+    };
+    with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
       const int64_t k = off / kQBlock;
       adamw_q8_block<C::WD, C::XF, C::AMS>(p + off, gb, mc + off, ms + k, vc + off, vs + k,
                                            C::AMS ? xc + off : nullptr, C::AMS ? xs + k : nullptr,
@@ -1214,9 +1324,11 @@ std::vector<at::Tensor> quantize_int8(const at::Tensor& x, int64_t step, bool sq
     const int64_t off = b * kQBlock, len = std::min(kQBlock, n - off);
     if (sqrt) {
       sqrt_block(src + off, root, len);
-      quantize_sqrt_roots(root, len, salt, codes.data_ptr<uint8_t>() + off, sc + b);
+      quantize_sqrt_roots(root, len, block_absmax_bits(root, len), salt,
+                          codes.data_ptr<uint8_t>() + off, sc + b);
     } else {
-      quantize_signed(src + off, len, salt, codes.data_ptr<int8_t>() + off, sc + b);
+      quantize_signed(src + off, len, block_absmax_bits(src + off, len), salt,
+                      codes.data_ptr<int8_t>() + off, sc + b);
     }
   }
   return {codes, scales};

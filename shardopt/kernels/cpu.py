@@ -28,11 +28,14 @@ state of the parameters too small to quantize: :func:`lion_step` and
 Per block the kernels dequantize the old codes, run the same fp32 math as the
 fp32-state loops and requantize with the new block absmax (max square root)
 and the value-keyed stochastic rounding of :func:`.state_precision.quantize`,
-bit for bit (AdamW's own fp32 math is within its usual ~1 ulp of the
-reference, so its second-moment codes are within one code of it). Lion's
-momenta must use the ``"signed"`` mapping, AdamW's ``exp_avg`` ``"signed"``
-and its second moments ``"sqrt"`` (what the optimizers store); a parameter
-whose state mixes formats otherwise is updated by the ``torch`` backend.
+bit for bit. Their square roots (AdamW's denominator, the ``"sqrt"`` mapping)
+are the correctly rounded IEEE ones the format is defined with; torch's own
+CPU sqrt can be 1 ulp off (MKL builds), so against the ``torch`` backend there
+AdamW's params agree within its usual fp32 tolerance and its ``"sqrt"`` codes
+within one code. Lion's momenta must use the ``"signed"`` mapping, AdamW's
+``exp_avg`` ``"signed"`` and its second moments ``"sqrt"`` (what the
+optimizers store); a parameter whose state mixes formats otherwise is updated
+by the ``torch`` backend.
 
 :func:`stream_update` and :func:`stream_read` are the memory-roofline kernels
 of ``shardopt bench`` (threaded like the steps).
