@@ -449,12 +449,35 @@ inline float load_q8(const uint8_t* c, int64_t i, float scale) {
 // compare, so it vectorizes without any NaN caveat).
 inline uint32_t abs_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
 
-inline uint32_t block_absmax_bits(const float* __restrict x, int64_t n) {
+// A block's length: N when the caller instantiates a full block (the loops
+// then have a constant trip count, measurably faster), else the argument.
+template <int64_t N>
+constexpr int64_t block_len(int64_t n) {
+  return N > 0 ? N : n;
+}
+
+template <int64_t N = 0>
+inline uint32_t block_absmax_bits(const float* __restrict x, int64_t n_) {
+  const int64_t n = block_len<N>(n_);
   uint32_t bmax = 0;
   SHARDOPT_SIMD_BMAX
   for (int64_t i = 0; i < n; ++i) bmax = std::max(bmax, abs_bits(x[i]));
   return bmax;
 }
+
+// GCC tuned for AVX-512 x86 vectorizes with 256-bit vectors by default; the int8
+// blocks are arithmetic-heavy enough that 512-bit ones are faster (about 15%
+// per block from L1, 8% streaming from memory, measured on Sapphire Rapids), so
+// the block kernels below ask for them, and stay out of line (one call per
+// block) so that no caller compiles them with its own preference.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#define SHARDOPT_Q8_WIDE 1
+#define SHARDOPT_Q8_BLOCK __attribute__((noinline))
+#else
+#define SHARDOPT_Q8_BLOCK
+#endif
 
 // r in [0, 1): the top 24 bits of the hash (exact in fp32).
 inline float uniform24(uint32_t h) {
@@ -492,8 +515,10 @@ inline bool finite_bits(uint32_t b) { return (b & 0x7F800000u) != 0x7F800000u; }
 // The "signed" mapping of one block of new values x (state_precision._quantize_flat):
 // scale = absmax / 127, q = x / scale, code = clamp(floor(q + r), -127, 127), 0 where q is
 // not finite; r from mix32(bits(x) ^ salt).  absmax_bits: block_absmax_bits(x, n).
-inline void quantize_signed(const float* __restrict x, int64_t n, uint32_t absmax_bits,
+template <int64_t N = 0>
+inline void quantize_signed(const float* __restrict x, int64_t n_, uint32_t absmax_bits,
                             uint32_t salt, int8_t* __restrict codes, float* __restrict scale_out) {
+  const int64_t n = block_len<N>(n_);
   const float scale = bits_to_float(absmax_bits) / 127.0f;
   *scale_out = scale;
   if (scale > 0.0f && scale < INFINITY) {
@@ -532,9 +557,11 @@ inline void quantize_signed(const float* __restrict x, int64_t n, uint32_t absma
 // max(s), w = s / scale; w >= 2^-14: ((bits(w) + (h & 0x7FFFF)) >> 19) - 1792,
 // below: floor(w * 2^18 + r); 0 where w is not finite; h = mix32(bits(s) ^ salt).
 // max_bits: block_absmax_bits(s, n) (s >= 0 or NaN; a root -0 counts as +0).
-inline void quantize_sqrt_roots(const float* __restrict s, int64_t n, uint32_t max_bits,
+template <int64_t N = 0>
+inline void quantize_sqrt_roots(const float* __restrict s, int64_t n_, uint32_t max_bits,
                                 uint32_t salt, uint8_t* __restrict codes,
                                 float* __restrict scale_out) {
+  const int64_t n = block_len<N>(n_);
   const float scale = bits_to_float(max_bits);
   SHARDOPT_SIMD
   for (int64_t i = 0; i < n; ++i) {
@@ -555,10 +582,11 @@ inline void quantize_sqrt_roots(const float* __restrict s, int64_t n, uint32_t m
   *scale_out = scale;
 }
 
-template <bool WD, bool XF, typename PT, typename GT>
-void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
-                   float* __restrict ms, int64_t n, const LionScalars& s, const GradXform& x,
+template <bool WD, bool XF, int64_t N, typename PT, typename GT>
+SHARDOPT_Q8_BLOCK void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
+                   float* __restrict ms, int64_t n_, const LionScalars& s, const GradXform& x,
                    uint32_t salt) {
+  const int64_t n = block_len<N>(n_);
   const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
   const float sc = *ms;
   alignas(64) float nm[kQBlock];
@@ -576,14 +604,15 @@ void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict 
     nm[i] = mn;
     bmax = std::max(bmax, abs_bits(mn));
   }
-  quantize_signed(nm, n, bmax, salt, mc, ms);
+  quantize_signed<N>(nm, n, bmax, salt, mc, ms);
 }
 
-template <bool WD, bool XF, bool AMS, typename PT, typename GT>
-void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
+template <bool WD, bool XF, bool AMS, int64_t N, typename PT, typename GT>
+SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
                     float* __restrict ms, uint8_t* __restrict vc, float* __restrict vs,
-                    uint8_t* __restrict xc, float* __restrict xs, int64_t n, const AdamWScalars& s,
-                    const GradXform& x, uint32_t salt) {
+                    uint8_t* __restrict xc, float* __restrict xs, int64_t n_,
+                    const AdamWScalars& s, const GradXform& x, uint32_t salt) {
+  const int64_t n = block_len<N>(n_);
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
   const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
   constexpr int64_t kMax = AMS ? kQBlock : 1;
@@ -617,14 +646,18 @@ void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict
     store_f32(p, i, pf - (mw[i] / denom) * step_size);
     bmax = std::max(bmax, abs_bits(root[i]));
   }
-  quantize_signed(mw, n, m_max, salt, mc, ms);
+  quantize_signed<N>(mw, n, m_max, salt, mc, ms);
   if (AMS) {
-    quantize_sqrt_roots(xroot, n, bmax, salt, xc, xs);
-    quantize_sqrt_roots(vroot, n, block_absmax_bits(vroot, n), salt, vc, vs);
+    quantize_sqrt_roots<N>(xroot, n, bmax, salt, xc, xs);
+    quantize_sqrt_roots<N>(vroot, n, block_absmax_bits<N>(vroot, n), salt, vc, vs);
   } else {
-    quantize_sqrt_roots(vroot, n, bmax, salt, vc, vs);
+    quantize_sqrt_roots<N>(vroot, n, bmax, salt, vc, vs);
   }
 }
+
+#if defined(SHARDOPT_Q8_WIDE)
+#pragma GCC pop_options
+#endif
 
 // Blocks ahead whose lines a step prefetches.  A block is mostly arithmetic
 // (the hash, the division, the rounding) on L1-resident data, and the hardware
@@ -1021,7 +1054,10 @@ void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const
       prefetch_span(mc + off, len, true);
     };
     with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
-      lion_q8_block<WD, XF>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+      if (len == kQBlock)
+        lion_q8_block<WD, XF, kQBlock>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+      else
+        lion_q8_block<WD, XF, 0>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
     });
   });
 }
@@ -1044,9 +1080,15 @@ void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, con
     };
     with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
       const int64_t k = off / kQBlock;
-      adamw_q8_block<C::WD, C::XF, C::AMS>(p + off, gb, mc + off, ms + k, vc + off, vs + k,
-                                           C::AMS ? xc + off : nullptr, C::AMS ? xs + k : nullptr,
-                                           len, s, x, r.salt);
+      auto block = [&](auto full) {
+        adamw_q8_block<C::WD, C::XF, C::AMS, decltype(full)::value>(
+            p + off, gb, mc + off, ms + k, vc + off, vs + k, C::AMS ? xc + off : nullptr,
+            C::AMS ? xs + k : nullptr, len, s, x, r.salt);
+      };
+      if (len == kQBlock)
+        block(std::integral_constant<int64_t, kQBlock>{});
+      else
+        block(std::integral_constant<int64_t, 0>{});
     });
   });
 }
@@ -1625,6 +1667,9 @@ std::string build_info() {
   os << " simd=baseline";
 #endif
   os << (kOnePassAdamW ? " adamw=onepass" : " adamw=split");
+#if defined(SHARDOPT_Q8_WIDE)
+  os << " int8=512bit";
+#endif
 #if defined(__FP_FAST_FMAF)
   os << " fma_hw=1 (contraction off)";
 #endif
