@@ -415,8 +415,9 @@ void adamw_range(PT* p, const at::Half* g, MT* m, MT* v, MT* vmax, int64_t n,
 // small stack buffer (L1), and the block is requantized from it exactly as
 // state_precision._quantize_flat does: new absmax (max sqrt), then the codes
 // with the value-keyed stochastic rounding (mix32 of the new value's bits, or
-// of its square root's, xor the salt).  Every loop is branch-free and
-// vectorizes; the units of a call start at block boundaries.
+// of its square root's, xor the salt).  No loop branches per element and every
+// loop vectorizes (see floor_split); the units of a call start at block
+// boundaries.
 
 // state_precision.quantize's r = (h >> 8) * 2^-24 and the "sqrt" mapping's constants.
 constexpr float kTwoM24 = 0x1p-24f;
@@ -583,9 +584,9 @@ inline void quantize_sqrt_roots(const float* __restrict s, int64_t n_, uint32_t 
 }
 
 template <bool WD, bool XF, int64_t N, typename PT, typename GT>
-SHARDOPT_Q8_BLOCK void lion_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
-                   float* __restrict ms, int64_t n_, const LionScalars& s, const GradXform& x,
-                   uint32_t salt) {
+SHARDOPT_Q8_BLOCK void lion_q8_block(PT* __restrict p, const GT* __restrict g,
+                                     int8_t* __restrict mc, float* __restrict ms, int64_t n_,
+                                     const LionScalars& s, const GradXform& x, uint32_t salt) {
   const int64_t n = block_len<N>(n_);
   const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
   const float sc = *ms;
@@ -608,10 +609,11 @@ SHARDOPT_Q8_BLOCK void lion_q8_block(PT* __restrict p, const GT* __restrict g, i
 }
 
 template <bool WD, bool XF, bool AMS, int64_t N, typename PT, typename GT>
-SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g, int8_t* __restrict mc,
-                    float* __restrict ms, uint8_t* __restrict vc, float* __restrict vs,
-                    uint8_t* __restrict xc, float* __restrict xs, int64_t n_,
-                    const AdamWScalars& s, const GradXform& x, uint32_t salt) {
+SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g,
+                                      int8_t* __restrict mc, float* __restrict ms,
+                                      uint8_t* __restrict vc, float* __restrict vs,
+                                      uint8_t* __restrict xc, float* __restrict xs, int64_t n_,
+                                      const AdamWScalars& s, const GradXform& x, uint32_t salt) {
   const int64_t n = block_len<N>(n_);
   const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
   const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
@@ -684,16 +686,17 @@ inline void prefetch_span(const T* ptr, int64_t n, bool write) {
 }
 
 // Runs f(g block, offset, length) over the blocks of n elements, prefetching
-// the block kQPrefetch ahead through pre(offset, length).  fp16 grads are
-// widened per block; the other grad types are read in place.
+// the block kQPrefetch ahead through pre(offset, length), up to `until`
+// elements (the tensor's end: a thread's next unit usually follows this one).
+// fp16 grads are widened per block; the other grad types are read in place.
 template <typename GT, typename P, typename F>
-inline void with_block_grads(const GT* g, int64_t n, const P& pre, const F& f) {
+inline void with_block_grads(const GT* g, int64_t n, int64_t until, const P& pre, const F& f) {
   for (int64_t off = 0; off < n; off += kQBlock) {
     const int64_t len = std::min(kQBlock, n - off);
-    if (off + kQPrefetch < n) {
+    if (off + kQPrefetch < until) {
       const int64_t ahead = off + kQPrefetch;
-      prefetch_span(g + ahead, std::min(kQBlock, n - ahead), false);
-      pre(ahead, std::min(kQBlock, n - ahead));
+      prefetch_span(g + ahead, std::min(kQBlock, until - ahead), false);
+      pre(ahead, std::min(kQBlock, until - ahead));
     }
     if constexpr (std::is_same_v<GT, at::Half>) {
       alignas(64) float buf[kQBlock];
@@ -1053,7 +1056,7 @@ void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const
       prefetch_span(p + off, len, true);
       prefetch_span(mc + off, len, true);
     };
-    with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
+    with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
       if (len == kQBlock)
         lion_q8_block<WD, XF, kQBlock>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
       else
@@ -1078,7 +1081,7 @@ void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, con
       prefetch_span(vc + off, len, true);
       if (C::AMS) prefetch_span(xc + off, len, true);
     };
-    with_block_grads(g, n, pre, [&](auto* gb, int64_t off, int64_t len) {
+    with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
       const int64_t k = off / kQBlock;
       auto block = [&](auto full) {
         adamw_q8_block<C::WD, C::XF, C::AMS, decltype(full)::value>(
