@@ -23,6 +23,15 @@
 //     bits are a hash of the element's new fp32 value and a per-tensor salt
 //     (step * 0x9E3779B9 mod 2^32).  The state type is a template parameter,
 //     so the fp32-state loops are the code they always were;
+//   * int8 optimizer state (state_dtype="int8", lion_step_int8 /
+//     adamw_step_int8): codes (int8 "signed" for the momenta, uint8 "sqrt"
+//     for AdamW's second moments) plus one fp32 scale per block of 256
+//     elements.  Each block is dequantized exactly as state_precision.dequantize
+//     does, the same fp32 math as the fp32-state loops runs, and the block is
+//     requantized from a stack buffer with its new absmax (max square root)
+//     and the value-keyed stochastic rounding of state_precision.quantize, bit
+//     for bit (the same hash and salt as bf16 state, of the new value or of its
+//     square root).  Work units start at block boundaries;
 //   * grads may be fp32, bf16, fp16 or fp64 (widened/rounded like .float());
 //     the steps read them as torch_ops.effective_grads does:
 //       g = float(g); g = -g if maximize; g = clamp(g, -v, v); g = g * grad_scale
@@ -65,12 +74,17 @@
 
 #if defined(_OPENMP)
 #define SHARDOPT_SIMD _Pragma("omp simd")
+// a loop that also takes the max of the uint32 variable `bmax` (int8 blocks)
+#define SHARDOPT_SIMD_BMAX _Pragma("omp simd reduction(max : bmax)")
 #elif defined(__clang__)
 #define SHARDOPT_SIMD _Pragma("clang loop vectorize(enable)")
+#define SHARDOPT_SIMD_BMAX SHARDOPT_SIMD
 #elif defined(__GNUC__)
 #define SHARDOPT_SIMD _Pragma("GCC ivdep")
+#define SHARDOPT_SIMD_BMAX SHARDOPT_SIMD
 #else
 #define SHARDOPT_SIMD
+#define SHARDOPT_SIMD_BMAX
 #endif
 
 namespace {
@@ -88,6 +102,9 @@ constexpr int64_t kChunk = SHARDOPT_CHUNK_ELEMS;
 constexpr int64_t kMinPerThread = SHARDOPT_MIN_PER_THREAD;
 // fp16 grads are widened into a stack buffer of this many floats at a time.
 constexpr int64_t kHalfBlock = 2048;
+// Elements per fp32 scale of int8 state (state_precision.BLOCK).
+constexpr int64_t kQBlock = 256;
+static_assert(kChunk % kQBlock == 0, "int8 units hold whole blocks");
 
 // ---------------------------------------------------------------- storage
 
@@ -387,20 +404,328 @@ void adamw_range(PT* p, const at::Half* g, MT* m, MT* v, MT* vmax, int64_t n,
   }
 }
 
+// ------------------------------------------------------- int8 state blocks
+//
+// state_dtype="int8" (state_precision's int8 blocks): one code per element
+// (int8 for the "signed" mapping of the momenta, uint8 for the "sqrt" mapping
+// of AdamW's second moments) and one fp32 scale per kQBlock consecutive
+// elements in flat order.  A step handles one block at a time: the old codes
+// are dequantized into registers as state_precision.dequantize does, the fp32
+// math of the fp32-state loops runs unchanged, the new fp32 values go to a
+// small stack buffer (L1), and the block is requantized from it exactly as
+// state_precision._quantize_flat does: new absmax (max sqrt), then the codes
+// with the value-keyed stochastic rounding (mix32 of the new value's bits, or
+// of its square root's, xor the salt).  No loop branches per element and every
+// loop vectorizes (see floor_split); the units of a call start at block
+// boundaries.
+
+// state_precision.quantize's r = (h >> 8) * 2^-24 and the "sqrt" mapping's constants.
+constexpr float kTwoM24 = 0x1p-24f;
+constexpr float kSqrtSubLimit = 0x1p-14f;  // smallest normal "sqrt" code value (code 16)
+constexpr float kSqrtSubStep = 0x1p18f;    // 1 / the step of the codes below 16
+
+// state_precision.SQRT_TABLE[c], exactly: c * 2^-18 for c < 16, else the fp32
+// with bits (c + 1792) << 19, i.e. (1 + (c & 15)/16) * 2^((c >> 4) - 15).
+// (The select tests sub itself, c * 2^-18 < 2^-14, not c: see floor_split.)
+inline float sqrt_code_value(uint32_t c) {
+  const float sub = static_cast<float>(static_cast<int32_t>(c)) * 0x1p-18f;
+  const float normal = bits_to_float((c + 1792u) << 19);
+  return sub < kSqrtSubLimit ? sub : normal;
+}
+
+// Dequantized state (state_precision.dequantize): code * scale, or (T[code] * scale)^2.
+inline float load_q8(const int8_t* c, int64_t i, float scale) {
+  return static_cast<float>(c[i]) * scale;
+}
+inline float load_q8(const uint8_t* c, int64_t i, float scale) {
+  const float s = sqrt_code_value(c[i]) * scale;
+  return s * s;
+}
+
+// torch.amax of a block's |x| as fp32 bits: |x|'s bits order like its value,
+// and every NaN's lie above inf's, so the integer max is the absmax, or a NaN
+// if any element is NaN (what amax gives), and at least +0 (the reference
+// pads a short block with zeros).  The steps fold it into the loop that
+// computes the new values (abs_bits, a uint32 max reduction: no float
+// compare, so it vectorizes without any NaN caveat).
+inline uint32_t abs_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
+
+// A block's length: N when the caller instantiates a full block (the loops
+// then have a constant trip count, measurably faster), else the argument.
+template <int64_t N>
+constexpr int64_t block_len(int64_t n) {
+  return N > 0 ? N : n;
+}
+
+template <int64_t N = 0>
+inline uint32_t block_absmax_bits(const float* __restrict x, int64_t n_) {
+  const int64_t n = block_len<N>(n_);
+  uint32_t bmax = 0;
+  SHARDOPT_SIMD_BMAX
+  for (int64_t i = 0; i < n; ++i) bmax = std::max(bmax, abs_bits(x[i]));
+  return bmax;
+}
+
+// GCC tuned for AVX-512 x86 vectorizes with 256-bit vectors by default; the int8
+// blocks are arithmetic-heavy enough that 512-bit ones are faster (about 15%
+// per block from L1, 8% streaming from memory, measured on Sapphire Rapids), so
+// the block kernels below ask for them, and stay out of line (one call per
+// block) so that no caller compiles them with its own preference.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#define SHARDOPT_Q8_WIDE 1
+#define SHARDOPT_Q8_BLOCK __attribute__((noinline))
+#else
+#define SHARDOPT_Q8_BLOCK
+#endif
+
+// r in [0, 1): the top 24 bits of the hash (exact in fp32).
+inline float uniform24(uint32_t h) {
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * kTwoM24;
+}
+
+// floor(y) for |y| < 2^22 without a float -> int conversion: t = y + 1.5*2^23
+// rounds y to the nearest integer k (ulp 1 there) and bits(t) - bits(1.5*2^23)
+// is k; d = (t - 1.5*2^23) - y = k - y is exact, and k - 1 is the floor where
+// d > 0.  Both steps' callers know |y| < 2^22 wherever y is finite, and d is
+// not finite exactly where y is not (its bits are returned for that test).
+//
+// Why not std::floor and a select on isfinite(q): under GCC's default
+// -ftrapping-math a float op (or conversion) whose result only one side of a
+// select needs is moved under a branch, where it may not be executed
+// speculatively, and the loop does not vectorize.  Here every float op feeds
+// d, which decides the select, and what follows is integer arithmetic.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+struct SplitFloor {
+  int32_t value;  // floor(y) where y is finite
+  uint32_t d_bits;
+};
+
+inline SplitFloor floor_split(float y) {
+  const float t = y + kRoundMagic;
+  const float d = (t - kRoundMagic) - y;
+  const uint32_t bd = float_to_bits(d);
+  const int32_t k = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kRoundMagic));
+  return SplitFloor{k - (static_cast<int32_t>(bd) > 0 ? 1 : 0), bd};  // d > 0: a positive float's bits
+}
+
+inline bool finite_bits(uint32_t b) { return (b & 0x7F800000u) != 0x7F800000u; }
+
+// The "signed" mapping of one block of new values x (state_precision._quantize_flat):
+// scale = absmax / 127, q = x / scale, code = clamp(floor(q + r), -127, 127), 0 where q is
+// not finite; r from mix32(bits(x) ^ salt).  absmax_bits: block_absmax_bits(x, n).
+template <int64_t N = 0>
+inline void quantize_signed(const float* __restrict x, int64_t n_, uint32_t absmax_bits,
+                            uint32_t salt, int8_t* __restrict codes, float* __restrict scale_out) {
+  const int64_t n = block_len<N>(n_);
+  const float scale = bits_to_float(absmax_bits) / 127.0f;
+  *scale_out = scale;
+  if (scale > 0.0f && scale < INFINITY) {
+    // the usual block: every q is finite, |q| <= 127 * 1.5 (a subnormal scale rounds
+    // by at most half of itself), and floor_split needs no finiteness test
+    SHARDOPT_SIMD
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i];
+      const float y = v / scale + uniform24(mix32(float_to_bits(v) ^ salt));
+      const float t = y + kRoundMagic;
+      int32_t c = static_cast<int32_t>(float_to_bits(t) - float_to_bits(kRoundMagic)) -
+                  ((t - kRoundMagic) > y ? 1 : 0);
+      c = c < -127 ? -127 : c;
+      c = c > 127 ? 127 : c;
+      codes[i] = static_cast<int8_t>(c);
+    }
+    return;
+  }
+  // scale 0 (an all-zero block, or one that underflows), inf or NaN: q may be inf or NaN
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float q = v / scale;
+    // |q| <= 127 * 1.5 where finite (a subnormal scale rounds by at most half of itself)
+    const SplitFloor f = floor_split(q + uniform24(mix32(float_to_bits(v) ^ salt)));
+    int32_t c = f.value;
+    c = c < -127 ? -127 : c;
+    c = c > 127 ? 127 : c;
+    // q (so q + r) inf or NaN: an all-zero block (0 / 0), an inf or NaN value: code 0
+    codes[i] = static_cast<int8_t>(finite_bits(f.d_bits) ? c : 0);
+  }
+}
+
+// The "sqrt" mapping of one block, given the square roots s of the new values
+// (the caller has them already: AdamW's denominator is the same sqrt): scale =
+// max(s), w = s / scale; w >= 2^-14: ((bits(w) + (h & 0x7FFFF)) >> 19) - 1792,
+// below: floor(w * 2^18 + r); 0 where w is not finite; h = mix32(bits(s) ^ salt).
+// max_bits: block_absmax_bits(s, n) (s >= 0 or NaN; a root -0 counts as +0).
+template <int64_t N = 0>
+inline void quantize_sqrt_roots(const float* __restrict s, int64_t n_, uint32_t max_bits,
+                                uint32_t salt, uint8_t* __restrict codes,
+                                float* __restrict scale_out) {
+  const int64_t n = block_len<N>(n_);
+  const float scale = bits_to_float(max_bits);
+  SHARDOPT_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const float si = s[i];
+    const float w = si / scale;
+    const uint32_t h = mix32(float_to_bits(si) ^ salt);
+    const uint32_t bw = float_to_bits(w);
+    // w in [2^-14, 1] where selected: no carry past bit 31
+    const uint32_t normal = ((bw + (h & 0x7FFFFu)) >> 19) - 1792u;
+    // w <= 1 where finite: y <= 2^18 + 1 (below 2^-14, y in [0, 17))
+    const SplitFloor sub = floor_split(w * kSqrtSubStep + uniform24(h));
+    // w >= 2^-14 by the bits (w >= +0 or -0 where finite: the integer order is the value order)
+    const uint32_t c = static_cast<int32_t>(bw) >= static_cast<int32_t>(float_to_bits(kSqrtSubLimit))
+                           ? normal
+                           : static_cast<uint32_t>(sub.value);
+    codes[i] = static_cast<uint8_t>(finite_bits(sub.d_bits) ? c : 0u);  // w inf or NaN: 0
+  }
+  *scale_out = scale;
+}
+
+template <bool WD, bool XF, int64_t N, typename PT, typename GT>
+SHARDOPT_Q8_BLOCK void lion_q8_block(PT* __restrict p, const GT* __restrict g,
+                                     int8_t* __restrict mc, float* __restrict ms, int64_t n_,
+                                     const LionScalars& s, const GradXform& x, uint32_t salt) {
+  const int64_t n = block_len<N>(n_);
+  const float lr = s.lr, b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, wd = s.wd;
+  const float sc = *ms;
+  alignas(64) float nm[kQBlock];
+  uint32_t bmax = 0;
+  SHARDOPT_SIMD_BMAX
+  for (int64_t i = 0; i < n; ++i) {
+    const float pf = load_f32(p, i);
+    const float gf = xform<XF>(load_f32(g, i), x);
+    const float mf = load_q8(mc, i, sc);
+    const float c = mf * b1 + gf * omb1;
+    float u = (c > 0.0f ? 1.0f : 0.0f) - (c < 0.0f ? 1.0f : 0.0f);
+    if (WD) u = u + pf * wd;
+    store_f32(p, i, pf - u * lr);
+    const float mn = mf * b2 + gf * omb2;
+    nm[i] = mn;
+    bmax = std::max(bmax, abs_bits(mn));
+  }
+  quantize_signed<N>(nm, n, bmax, salt, mc, ms);
+}
+
+template <bool WD, bool XF, bool AMS, int64_t N, typename PT, typename GT>
+SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g,
+                                      int8_t* __restrict mc, float* __restrict ms,
+                                      uint8_t* __restrict vc, float* __restrict vs,
+                                      uint8_t* __restrict xc, float* __restrict xs, int64_t n_,
+                                      const AdamWScalars& s, const GradXform& x, uint32_t salt) {
+  const int64_t n = block_len<N>(n_);
+  const float b1 = s.b1, omb1 = s.omb1, b2 = s.b2, omb2 = s.omb2, eps = s.eps;
+  const float decay = s.decay, step_size = s.step_size, bc2_sqrt = s.bc2_sqrt;
+  constexpr int64_t kMax = AMS ? kQBlock : 1;
+  alignas(64) float mw[kQBlock];
+  alignas(64) float vw[kQBlock];
+  alignas(64) float vroot[kQBlock];
+  alignas(64) float xw[kMax];
+  alignas(64) float xroot[kMax];
+  const float msc = *ms, vsc = *vs, xsc = AMS ? *xs : 0.0f;
+  uint32_t bmax = 0;  // of the new exp_avg
+  SHARDOPT_SIMD_BMAX
+  for (int64_t i = 0; i < n; ++i) {
+    const float gf = xform<XF>(load_f32(g, i), x);
+    const float mf = load_q8(mc, i, msc) * b1 + gf * omb1;
+    const float vf = load_q8(vc, i, vsc) * b2 + (gf * gf) * omb2;
+    mw[i] = mf;
+    vw[i] = vf;
+    if (AMS) xw[i] = nan_max(load_q8(xc, i, xsc), vf);
+    bmax = std::max(bmax, abs_bits(mf));
+  }
+  const uint32_t m_max = bmax;
+  sqrt_block(vw, vroot, n);
+  if (AMS) sqrt_block(xw, xroot, n);
+  const float* __restrict root = AMS ? xroot : vroot;
+  bmax = 0;  // of the denominator's roots (exp_avg_sq's, or the amsgrad maxima's)
+  SHARDOPT_SIMD_BMAX
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = load_f32(p, i);
+    if (WD) pf = pf * decay;
+    const float denom = root[i] / bc2_sqrt + eps;
+    store_f32(p, i, pf - (mw[i] / denom) * step_size);
+    bmax = std::max(bmax, abs_bits(root[i]));
+  }
+  quantize_signed<N>(mw, n, m_max, salt, mc, ms);
+  if (AMS) {
+    quantize_sqrt_roots<N>(xroot, n, bmax, salt, xc, xs);
+    quantize_sqrt_roots<N>(vroot, n, block_absmax_bits<N>(vroot, n), salt, vc, vs);
+  } else {
+    quantize_sqrt_roots<N>(vroot, n, bmax, salt, vc, vs);
+  }
+}
+
+#if defined(SHARDOPT_Q8_WIDE)
+#pragma GCC pop_options
+#endif
+
+// Blocks ahead whose lines a step prefetches.  A block is mostly arithmetic
+// (the hash, the division, the rounding) on L1-resident data, and the hardware
+// prefetcher alone does not keep enough lines in flight across it; two blocks
+// ahead measured best (about 12% faster, one thread streaming from memory).
+constexpr int64_t kQPrefetch = 2 * kQBlock;
+
+template <typename T>
+inline void prefetch_span(const T* ptr, int64_t n, bool write) {
+  const char* c = reinterpret_cast<const char*>(ptr);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t k = 0; k < bytes; k += 64) {
+    if (write)
+      __builtin_prefetch(c + k, 1);
+    else
+      __builtin_prefetch(c + k, 0);
+  }
+#else
+  (void)c;
+  (void)bytes;
+  (void)write;
+#endif
+}
+
+// Runs f(g block, offset, length) over the blocks of n elements, prefetching
+// the block kQPrefetch ahead through pre(offset, length), up to `until`
+// elements (the tensor's end: a thread's next unit usually follows this one).
+// fp16 grads are widened per block; the other grad types are read in place.
+template <typename GT, typename P, typename F>
+inline void with_block_grads(const GT* g, int64_t n, int64_t until, const P& pre, const F& f) {
+  for (int64_t off = 0; off < n; off += kQBlock) {
+    const int64_t len = std::min(kQBlock, n - off);
+    if (off + kQPrefetch < until) {
+      const int64_t ahead = off + kQPrefetch;
+      prefetch_span(g + ahead, std::min(kQBlock, until - ahead), false);
+      pre(ahead, std::min(kQBlock, until - ahead));
+    }
+    if constexpr (std::is_same_v<GT, at::Half>) {
+      alignas(64) float buf[kQBlock];
+      half_block_to_float(g + off, buf, len);
+      f(static_cast<const float*>(buf), off, len);
+    } else {
+      f(g + off, off, len);
+    }
+  }
+}
+
 // ------------------------------------------------------- validation, units
 
 enum class PKind : uint8_t { F32, BF16 };
 enum class GKind : uint8_t { F32, BF16, F16, F64 };
-enum class SKind : uint8_t { F32, BF16 };  // the state tensors of one param share it
+// the state tensors of one param share it; INT8 state runs the *_q8 kernels
+enum class SKind : uint8_t { F32, BF16, INT8 };
 
 struct TensorRef {
   void* p;
   const void* g;
-  void* m;
+  void* m;     // int8 state: the codes
   void* v;     // AdamW only
   void* vmax;  // AdamW with amsgrad only
+  float* ms;   // int8 state only: the block scales of m, v, vmax
+  float* vs;
+  float* vmaxs;
   int64_t numel;
-  uint32_t salt;  // bf16 state's rounding salt (state_salt of the param's step)
+  uint32_t salt;  // low-precision state's rounding salt (state_salt of the param's step)
   PKind pk;
   GKind gk;
   SKind sk;
@@ -453,6 +778,24 @@ void check_state(const char* fn, const char* list, int64_t i, const at::Tensor& 
               "; a parameter's optimizer state must be all float32 or all bfloat16");
 }
 
+// The param / grad half of a TensorRef (checked; pointers are set by the caller).
+TensorRef param_ref(const char* fn, int64_t i, const at::Tensor& p, const at::Tensor& g) {
+  TORCH_CHECK(p.defined(), fn, ": params[", i, "] is undefined (None)");
+  check_tensor(fn, "params", i, p, p);
+  check_tensor(fn, "grads", i, g, p);
+  TensorRef r{};
+  r.numel = p.numel();
+  switch (p.scalar_type()) {
+    case at::kFloat: r.pk = PKind::F32; break;
+    case at::kBFloat16: r.pk = PKind::BF16; break;
+    default:
+      TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
+                  "; only float32 and bfloat16 params are supported");
+  }
+  r.gk = grad_kind(fn, i, g);
+  return r;
+}
+
 std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& exp_avgs,
@@ -475,20 +818,8 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
   for (size_t k = 0; k < n; ++k) {
     const int64_t i = static_cast<int64_t>(k);
     const at::Tensor& p = params[k];
-    TORCH_CHECK(p.defined(), fn, ": params[", i, "] is undefined (None)");
-    check_tensor(fn, "params", i, p, p);
-    check_tensor(fn, "grads", i, grads[k], p);
+    TensorRef r = param_ref(fn, i, p, grads[k]);
     check_tensor(fn, "exp_avgs", i, exp_avgs[k], p);
-    TensorRef r{};
-    r.numel = p.numel();
-    switch (p.scalar_type()) {
-      case at::kFloat: r.pk = PKind::F32; break;
-      case at::kBFloat16: r.pk = PKind::BF16; break;
-      default:
-        TORCH_CHECK(false, fn, ": params[", i, "] has dtype ", p.scalar_type(),
-                    "; only float32 and bfloat16 params are supported");
-    }
-    r.gk = grad_kind(fn, i, grads[k]);
     const at::Tensor& m = exp_avgs[k];
     switch (m.scalar_type()) {
       case at::kFloat: r.sk = SKind::F32; break;
@@ -514,6 +845,69 @@ std::vector<TensorRef> collect(const char* fn, const std::vector<at::Tensor>& pa
   return refs;
 }
 
+// One int8 state list of a call: codes (int8 "signed" or uint8 "sqrt") and
+// their fp32 block scales (state_precision.Q8's codes / scale).
+struct Q8List {
+  const char* codes_name;  // e.g. "exp_avg_codes"
+  const char* scales_name;
+  const std::vector<at::Tensor>* codes;
+  const std::vector<at::Tensor>* scales;
+  bool sqrt;
+};
+
+std::vector<TensorRef> collect_int8(const char* fn, const std::vector<at::Tensor>& params,
+                                    const std::vector<at::Tensor>& grads,
+                                    const std::vector<Q8List>& lists,
+                                    const std::vector<int64_t>& state_steps) {
+  const size_t n = params.size();
+  std::ostringstream lens;
+  bool equal = grads.size() == n && state_steps.size() == n;
+  for (const Q8List& l : lists) {
+    equal = equal && l.codes->size() == n && l.scales->size() == n;
+    lens << ", " << l.codes_name << "=" << l.codes->size() << ", " << l.scales_name << "="
+         << l.scales->size();
+  }
+  TORCH_CHECK(equal, fn, ": tensor lists must have equal lengths, got params=", n,
+              ", grads=", grads.size(), lens.str(), ", state_step=", state_steps.size());
+  std::vector<TensorRef> refs;
+  refs.reserve(n);
+  for (size_t k = 0; k < n; ++k) {
+    const int64_t i = static_cast<int64_t>(k);
+    const at::Tensor& p = params[k];
+    TensorRef r = param_ref(fn, i, p, grads[k]);
+    r.sk = SKind::INT8;
+    void** code_ptrs[3] = {&r.m, &r.v, &r.vmax};
+    float** scale_ptrs[3] = {&r.ms, &r.vs, &r.vmaxs};
+    const int64_t blocks = (r.numel + kQBlock - 1) / kQBlock;
+    for (size_t l = 0; l < lists.size(); ++l) {
+      const Q8List& q = lists[l];
+      const at::Tensor& c = (*q.codes)[k];
+      const at::Tensor& sc = (*q.scales)[k];
+      check_tensor(fn, q.codes_name, i, c, p);
+      const auto want = q.sqrt ? at::kByte : at::kChar;
+      TORCH_CHECK(c.scalar_type() == want, fn, ": ", q.codes_name, "[", i, "] has dtype ",
+                  c.scalar_type(), "; the ", q.sqrt ? "\"sqrt\"" : "\"signed\"",
+                  " int8 mapping's codes are ", q.sqrt ? "uint8" : "int8");
+      TORCH_CHECK(sc.defined() && sc.device().is_cpu() && sc.layout() == at::kStrided &&
+                      sc.scalar_type() == at::kFloat && sc.is_contiguous(),
+                  fn, ": ", q.scales_name, "[", i, "] must be a contiguous float32 CPU tensor, got ",
+                  sc.defined() ? shape_str(sc) : std::string("undefined"));
+      TORCH_CHECK(sc.numel() == blocks, fn, ": ", q.scales_name, "[", i, "] has ", sc.numel(),
+                  " scales but params[", i, "] has ", r.numel, " elements: ", blocks,
+                  " blocks of ", kQBlock);
+      if (r.numel == 0) continue;
+      *code_ptrs[l] = c.data_ptr();
+      *scale_ptrs[l] = sc.data_ptr<float>();
+    }
+    r.salt = state_salt(state_steps[k]);
+    if (r.numel == 0) continue;
+    r.p = p.data_ptr();
+    r.g = grads[k].data_ptr();
+    refs.push_back(r);
+  }
+  return refs;
+}
+
 // The kernels write through raw pointers; bump the version counters like an
 // in-place ATen op would, so autograd can detect a stale saved tensor.
 void bump_versions(const std::vector<at::Tensor>& ts) {
@@ -521,8 +915,10 @@ void bump_versions(const std::vector<at::Tensor>& ts) {
 }
 
 // Splits every tensor into units of at most kChunk elements.  Tensors are
-// cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail.
-std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total) {
+// cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail; with align
+// (int8 state: kQBlock) every unit but a tensor's last is a multiple of it.
+std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total,
+                             int64_t align = 1) {
   std::vector<Unit> units;
   int64_t sum = 0;
   for (const auto& r : refs) sum += (r.numel + kChunk - 1) / kChunk;
@@ -532,11 +928,12 @@ std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total)
     const int64_t n = refs[t].numel;
     *total += n;
     const int64_t pieces = (n + kChunk - 1) / kChunk;
-    const int64_t base = n / pieces, extra = n % pieces;
-    int64_t begin = 0;
+    const int64_t nb = (n + align - 1) / align;  // pieces <= nb: kChunk >= align
+    const int64_t base = nb / pieces, extra = nb % pieces;
+    int64_t begin = 0;  // in units of align
     for (int64_t k = 0; k < pieces; ++k) {
       const int64_t len = base + (k < extra ? 1 : 0);
-      units.push_back(Unit{static_cast<int64_t>(t), begin, begin + len});
+      units.push_back(Unit{static_cast<int64_t>(t), begin * align, std::min(n, (begin + len) * align)});
       begin += len;
     }
   }
@@ -649,6 +1046,56 @@ void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const 
   });
 }
 
+// int8 state: the unit starts at a block boundary (make_units with kQBlock).
+template <bool WD, bool XF>
+void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    int8_t* mc = static_cast<int8_t*>(r.m) + b;
+    float* ms = r.ms + b / kQBlock;
+    auto pre = [&](int64_t off, int64_t len) {
+      prefetch_span(p + off, len, true);
+      prefetch_span(mc + off, len, true);
+    };
+    with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
+      if (len == kQBlock)
+        lion_q8_block<WD, XF, kQBlock>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+      else
+        lion_q8_block<WD, XF, 0>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+    });
+  });
+}
+
+template <typename C>
+void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const GradXform& x) {
+  with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
+    const int64_t sb = b / kQBlock;
+    int8_t* mc = static_cast<int8_t*>(r.m) + b;
+    uint8_t* vc = static_cast<uint8_t*>(r.v) + b;
+    uint8_t* xc = C::AMS ? static_cast<uint8_t*>(r.vmax) + b : nullptr;
+    float* ms = r.ms + sb;
+    float* vs = r.vs + sb;
+    float* xs = C::AMS ? r.vmaxs + sb : nullptr;
+    auto pre = [&](int64_t off, int64_t len) {
+      prefetch_span(p + off, len, true);
+      prefetch_span(mc + off, len, true);
+      prefetch_span(vc + off, len, true);
+      if (C::AMS) prefetch_span(xc + off, len, true);
+    };
+    with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
+      const int64_t k = off / kQBlock;
+      auto block = [&](auto full) {
+        adamw_q8_block<C::WD, C::XF, C::AMS, decltype(full)::value>(
+            p + off, gb, mc + off, ms + k, vc + off, vs + k, C::AMS ? xc + off : nullptr,
+            C::AMS ? xs + k : nullptr, len, s, x, r.salt);
+      };
+      if (len == kQBlock)
+        block(std::integral_constant<int64_t, kQBlock>{});
+      else
+        block(std::integral_constant<int64_t, 0>{});
+    });
+  });
+}
+
 // A 0-d (or one-element) CPU flag / scale tensor, read on the host.
 float host_scalar(const char* fn, const char* what, const at::Tensor& t) {
   TORCH_CHECK(t.defined() && t.numel() == 1, fn, ": ", what, " must be a one-element tensor, got ",
@@ -686,6 +1133,45 @@ bool read_options(const char* fn, bool maximize, c10::optional<double> clip_valu
 
 // ------------------------------------------------------------ entry points
 
+LionScalars lion_scalars(double lr, double beta1, double beta2, double weight_decay) {
+  LionScalars s;
+  s.lr = static_cast<float>(lr);
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.wd = static_cast<float>(weight_decay);
+  return s;
+}
+
+// Same double-precision formulas as torch_ops.adamw_scalars.
+AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
+                           int64_t step) {
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  AdamWScalars s;
+  s.b1 = static_cast<float>(beta1);
+  s.omb1 = static_cast<float>(1.0 - beta1);
+  s.b2 = static_cast<float>(beta2);
+  s.omb2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.step_size = static_cast<float>(lr / bc1);
+  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  return s;
+}
+
+// Runs f(wd, xf) with the two option flags as std::true_type / std::false_type.
+template <typename F>
+inline void with_flags(bool wd, bool xf, const F& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (wd)
+    xf ? f(T{}, T{}) : f(T{}, N{});
+  else
+    xf ? f(N{}, T{}) : f(N{}, N{});
+}
+
 void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
                double weight_decay, bool maximize, c10::optional<double> clip_value,
@@ -700,28 +1186,48 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   if (refs.empty()) return;
   bump_versions(params);
   bump_versions(exp_avgs);
-  LionScalars s;
-  s.lr = static_cast<float>(lr);
-  s.b1 = static_cast<float>(beta1);
-  s.omb1 = static_cast<float>(1.0 - beta1);
-  s.b2 = static_cast<float>(beta2);
-  s.omb2 = static_cast<float>(1.0 - beta2);
-  s.wd = static_cast<float>(weight_decay);
+  const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
   int64_t total = 0;
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
-  auto run = [&](auto wd, auto xfc) {
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
     run_units(units, nt, [&](const Unit& u) {
       lion_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
     });
-  };
-  using T = std::true_type;
-  using F = std::false_type;
-  if (weight_decay != 0.0)
-    xf ? run(T{}, T{}) : run(T{}, F{});
-  else
-    xf ? run(F{}, T{}) : run(F{}, F{});
+  });
+}
+
+// Lion with int8 momenta ("signed" codes + block scales, state_precision.Q8);
+// state_step: one salt per tensor.
+void lion_step_int8(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                    const std::vector<at::Tensor>& exp_avg_codes,
+                    const std::vector<at::Tensor>& exp_avg_scales, double lr, double beta1,
+                    double beta2, double weight_decay, const std::vector<int64_t>& state_step,
+                    bool maximize, c10::optional<double> clip_value,
+                    const c10::optional<at::Tensor>& grad_scale,
+                    const c10::optional<at::Tensor>& found_inf) {
+  const char* fn = "lion_step_int8";
+  const auto refs = collect_int8(
+      fn, params, grads, {Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false}},
+      state_step);
+  GradXform x;
+  bool xf = false;
+  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
+  if (refs.empty()) return;
+  bump_versions(params);
+  bump_versions(exp_avg_codes);
+  bump_versions(exp_avg_scales);
+  const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total, kQBlock);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    run_units(units, nt, [&](const Unit& u) {
+      lion_q8_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
+    });
+  });
 }
 
 template <bool SPLIT>
@@ -749,18 +1255,7 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
   bump_versions(exp_avgs);
   bump_versions(exp_avg_sqs);
   if (ams) bump_versions(*max_exp_avg_sqs);
-  // Same double-precision formulas as torch_ops.adamw_scalars.
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  AdamWScalars s;
-  s.b1 = static_cast<float>(beta1);
-  s.omb1 = static_cast<float>(1.0 - beta1);
-  s.b2 = static_cast<float>(beta2);
-  s.omb2 = static_cast<float>(1.0 - beta2);
-  s.eps = static_cast<float>(eps);
-  s.decay = static_cast<float>(1.0 - lr * weight_decay);
-  s.step_size = static_cast<float>(lr / bc1);
-  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   int64_t total = 0;
   const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
@@ -769,13 +1264,9 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
     using C = AdamWCfg<decltype(wd)::value, SPLIT, decltype(xfc)::value, decltype(amsc)::value>;
     run_units(units, nt, [&](const Unit& u) { adamw_unit<C>(refs[u.tensor], u, s, x); });
   };
-  using T = std::true_type;
-  using F = std::false_type;
-  auto run_ams = [&](auto wd, auto xfc) { ams ? run(wd, xfc, T{}) : run(wd, xfc, F{}); };
-  if (weight_decay != 0.0)
-    xf ? run_ams(T{}, T{}) : run_ams(T{}, F{});
-  else
-    xf ? run_ams(F{}, T{}) : run_ams(F{}, F{});
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
+  });
 }
 
 void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -804,6 +1295,108 @@ void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<a
   adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
                         state_step);
+}
+
+// AdamW with int8 state: exp_avg "signed" codes, exp_avg_sq (and amsgrad's
+// max_exp_avg_sq) "sqrt" codes, each with its block scales.  The salt is
+// state_step per tensor, by default the call's step (as torch_ops).
+void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& exp_avg_codes,
+                     const std::vector<at::Tensor>& exp_avg_scales,
+                     const std::vector<at::Tensor>& exp_avg_sq_codes,
+                     const std::vector<at::Tensor>& exp_avg_sq_scales, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int64_t step,
+                     const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sq_codes,
+                     const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sq_scales,
+                     bool maximize, c10::optional<double> clip_value,
+                     const c10::optional<at::Tensor>& grad_scale,
+                     const c10::optional<at::Tensor>& found_inf,
+                     const c10::optional<std::vector<int64_t>>& state_step) {
+  const char* fn = "adamw_step_int8";
+  TORCH_CHECK(step >= 1, fn, ": step must be >= 1 (already incremented), got ", step);
+  TORCH_CHECK(max_exp_avg_sq_codes.has_value() == max_exp_avg_sq_scales.has_value(), fn,
+              ": amsgrad needs both max_exp_avg_sq_codes and max_exp_avg_sq_scales");
+  const bool ams = max_exp_avg_sq_codes.has_value();
+  const std::vector<int64_t> salts =
+      state_step.has_value() ? *state_step : std::vector<int64_t>(params.size(), step);
+  std::vector<Q8List> lists = {
+      Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false},
+      Q8List{"exp_avg_sq_codes", "exp_avg_sq_scales", &exp_avg_sq_codes, &exp_avg_sq_scales, true}};
+  if (ams)
+    lists.push_back(Q8List{"max_exp_avg_sq_codes", "max_exp_avg_sq_scales", &*max_exp_avg_sq_codes,
+                           &*max_exp_avg_sq_scales, true});
+  const auto refs = collect_int8(fn, params, grads, lists, salts);
+  GradXform x;
+  bool xf = false;
+  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
+  if (refs.empty()) return;
+  bump_versions(params);
+  for (const Q8List& l : lists) {
+    bump_versions(*l.codes);
+    bump_versions(*l.scales);
+  }
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total, kQBlock);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  auto run = [&](auto wd, auto xfc, auto amsc) {
+    // SPLIT is unused: the int8 block always takes its sqrt in a pass of its own
+    using C = AdamWCfg<decltype(wd)::value, false, decltype(xfc)::value, decltype(amsc)::value>;
+    run_units(units, nt, [&](const Unit& u) { adamw_q8_unit<C>(refs[u.tensor], u, s, x); });
+  };
+  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
+    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
+  });
+}
+
+// state_precision.quantize / dequantize by the kernels' own block code (for
+// the tests: the kernels' quantization is the reference's, bit for bit).
+// sqrt selects the "sqrt" mapping (uint8 codes), else "signed" (int8).
+std::vector<at::Tensor> quantize_int8(const at::Tensor& x, int64_t step, bool sqrt) {
+  const char* fn = "quantize_int8";
+  TORCH_CHECK(x.defined() && x.device().is_cpu() && x.scalar_type() == at::kFloat, fn,
+              ": takes a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel(), nb = (n + kQBlock - 1) / kQBlock;
+  at::Tensor codes = at::empty(xc.sizes(), xc.options().dtype(sqrt ? at::kByte : at::kChar));
+  at::Tensor scales = at::empty({nb}, xc.options());
+  const float* src = xc.data_ptr<float>();
+  float* sc = scales.data_ptr<float>();
+  const uint32_t salt = state_salt(step);
+  alignas(64) float root[kQBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t off = b * kQBlock, len = std::min(kQBlock, n - off);
+    if (sqrt) {
+      sqrt_block(src + off, root, len);
+      quantize_sqrt_roots(root, len, block_absmax_bits(root, len), salt,
+                          codes.data_ptr<uint8_t>() + off, sc + b);
+    } else {
+      quantize_signed(src + off, len, block_absmax_bits(src + off, len), salt,
+                      codes.data_ptr<int8_t>() + off, sc + b);
+    }
+  }
+  return {codes, scales};
+}
+
+at::Tensor dequantize_int8(const at::Tensor& codes, const at::Tensor& scales) {
+  const char* fn = "dequantize_int8";
+  TORCH_CHECK(codes.defined() && codes.device().is_cpu() && codes.is_contiguous() &&
+                  (codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte),
+              fn, ": codes must be a contiguous int8 or uint8 CPU tensor");
+  const int64_t n = codes.numel(), nb = (n + kQBlock - 1) / kQBlock;
+  TORCH_CHECK(scales.defined() && scales.device().is_cpu() && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.numel() == nb,
+              fn, ": scales must be ", nb, " contiguous float32 values");
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const float* sc = scales.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = codes.scalar_type() == at::kChar
+                 ? load_q8(codes.data_ptr<int8_t>(), i, sc[i / kQBlock])
+                 : load_q8(codes.data_ptr<uint8_t>(), i, sc[i / kQBlock]);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------ grad_stats
@@ -1077,6 +1670,9 @@ std::string build_info() {
   os << " simd=baseline";
 #endif
   os << (kOnePassAdamW ? " adamw=onepass" : " adamw=split");
+#if defined(SHARDOPT_Q8_WIDE)
+  os << " int8=512bit";
+#endif
 #if defined(__FP_FAST_FMAF)
   os << " fma_hw=1 (contraction off)";
 #endif
@@ -1103,6 +1699,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
           py::arg("state_step") = py::none());
   }
+  m.def("lion_step_int8", &lion_step_int8,
+        "Fused multi-tensor Lion step with int8 momenta (codes + block scales, in place)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
+        py::arg("state_step"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+  m.def("adamw_step_int8", &adamw_step_int8,
+        "Fused multi-tensor AdamW step with int8 state (codes + block scales, in place)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
+        py::arg("exp_avg_sq_codes"), py::arg("exp_avg_sq_scales"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+        py::arg("max_exp_avg_sq_codes") = py::none(), py::arg("max_exp_avg_sq_scales") = py::none(),
+        py::arg("maximize") = false, py::arg("clip_value") = py::none(),
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("state_step") = py::none());
+  m.def("_quantize_int8", &quantize_int8,
+        "(codes, scales) of a float32 tensor in int8 blocks by the kernels' code; for tests",
+        py::arg("x"), py::arg("step"), py::arg("sqrt"));
+  m.def("_dequantize_int8", &dequantize_int8,
+        "float32 values of int8 blocks (int8: signed, uint8: sqrt) by the kernels' code; for tests",
+        py::arg("codes"), py::arg("scales"));
   m.def("grad_stats", &grad_stats,
         "float64 [sum of squares of the value-clipped grads, 0 or NaN if any raw grad is not finite]",
         py::arg("grads"), py::arg("clip_value") = py::none());

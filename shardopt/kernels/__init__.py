@@ -19,7 +19,8 @@ call updates many tensors, the multi-tensor-apply shape):
   int8 state (``state_dtype="int8"``) comes as :class:`~.state_precision.Q8`
   pairs (codes + one fp32 scale per 256 elements), in the same lists as plain
   fp32 state of the parameters too small to quantize; a backend listing
-  ``"state_int8"`` takes them (``triton`` does), the others send the call to
+  ``"state_int8"`` takes them (``cpu`` and ``triton`` do, in blocks of 256;
+  smaller blocks, ``"state_int8_block"``, only the reference), the others send the call to
   the ``torch`` backend.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.

@@ -14,10 +14,28 @@ The kernels take every option of the step calls themselves (``maximize``,
 ``clip_value``, ``grad_scale``, ``found_inf``, amsgrad), bf16 optimizer state
 (``state_dtype="bf16"``: loaded exactly, the same fp32 math, stored with the
 value-keyed stochastic rounding of :mod:`.state_precision`, bit for bit; the
-salt is ``state_step``, one int for the call or one per tensor) and run the
-fused gradient pass :func:`grad_stats`, so the optimizers' default path
-(non-finite check, clipping) never falls back to the ``torch`` backend. Dense
-non-contiguous tensors are still made contiguous by the dispatcher.
+salt is ``state_step``, one int for the call or one per tensor), int8
+optimizer state (``state_dtype="int8"``, see below) and run the fused gradient
+pass :func:`grad_stats`, so the optimizers' default path (non-finite check,
+clipping) never falls back to the ``torch`` backend. Dense non-contiguous
+tensors are still made contiguous by the dispatcher.
+
+int8 state arrives as :class:`~.state_precision.Q8` objects (codes + one fp32
+scale per block of 256), possibly in the same lists as plain fp32 (or bf16)
+state of the parameters too small to quantize: :func:`lion_step` and
+:func:`adamw_step` send the quantized parameters to the int8 kernels
+(``lion_step_int8`` / ``adamw_step_int8``) and the others to the plain ones.
+Per block the kernels dequantize the old codes, run the same fp32 math as the
+fp32-state loops and requantize with the new block absmax (max square root)
+and the value-keyed stochastic rounding of :func:`.state_precision.quantize`,
+bit for bit. Their square roots (AdamW's denominator, the ``"sqrt"`` mapping)
+are the correctly rounded IEEE ones the format is defined with; torch's own
+CPU sqrt can be 1 ulp off (MKL builds), so against the ``torch`` backend there
+AdamW's params agree within its usual fp32 tolerance and its ``"sqrt"`` codes
+within one code. Lion's momenta must use the ``"signed"`` mapping, AdamW's
+``exp_avg`` ``"signed"`` and its second moments ``"sqrt"`` (what the
+optimizers store); a parameter whose state mixes formats otherwise is updated
+by the ``torch`` backend.
 
 :func:`stream_update` and :func:`stream_read` are the memory-roofline kernels
 of ``shardopt bench`` (threaded like the steps).
@@ -37,13 +55,14 @@ import torch
 
 from . import _ext
 from ._ext import ExtensionLoader, is_stale
+from .state_precision import Q8
 
 __all__ = ["available", "build_error", "build_name", "load", "needs_build", "source_path", "lion_step",
            "adamw_step", "grad_stats", "stream_update", "stream_read"]
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats",
-                                 "state_bf16"})
+                                 "state_bf16", "state_int8"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 # what grad_stats takes (any dense layout; fp64 squared and summed in fp64)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -135,7 +154,7 @@ load = _LOADER.load
 
 
 def _state_steps(state_step, n):
-    """The per-tensor salts of bf16 state: ``None``, one int for the call, or one per tensor
+    """The per-tensor salts of low-precision state: ``None``, one int for the call, or one per tensor
     (as :func:`shardopt.kernels.state_precision.store` takes them)."""
     if state_step is None:
         return None
@@ -146,30 +165,97 @@ def _state_steps(state_step, n):
     return [int(state_step)] * n
 
 
+def _route(state_lists, kinds):
+    """Split a call's parameters by their state: ``(int8, plain, other)`` index lists. ``int8``: every state
+    of the parameter is a :class:`Q8` of the mapping ``kinds`` names for its list; ``plain``: none is a
+    Q8; ``other`` (a mix, or another mapping): left to the ``torch`` backend. ``None`` when no state is a
+    Q8 (the usual call, unchanged)."""
+    if not any(isinstance(t, Q8) for lst in state_lists for t in lst):
+        return None
+    q, plain, other = [], [], []
+    for k, ts in enumerate(zip(*state_lists)):
+        n_q = sum(isinstance(t, Q8) for t in ts)
+        if n_q == 0:
+            plain.append(k)
+        elif n_q == len(ts) and all(t.kind == kind for t, kind in zip(ts, kinds)):
+            q.append(k)
+        else:
+            other.append(k)
+    return q, plain, other
+
+
+def _pick(lst, idx):
+    return None if lst is None else [lst[k] for k in idx]
+
+
 def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False, clip_value=None,
               grad_scale=None, found_inf=None, state_step=None):
-    """bf16 ``exp_avgs`` need ``state_step`` (the parameters' step count, the rounding's salt)."""
-    params = list(params)
-    _LOADER.load().lion_step(
-        params, list(grads), list(exp_avgs), float(lr), float(beta1), float(beta2), float(weight_decay),
-        bool(maximize), None if clip_value is None else float(clip_value), grad_scale, found_inf,
-        _state_steps(state_step, len(params)),
-    )
+    """bf16 and int8 (:class:`Q8`) ``exp_avgs`` need ``state_step`` (the parameters' step count, the
+    rounding's salt)."""
+    params, grads, exp_avgs = list(params), list(grads), list(exp_avgs)
+    steps = _state_steps(state_step, len(params))
+    hp = (float(lr), float(beta1), float(beta2), float(weight_decay))
+    opts = (bool(maximize), None if clip_value is None else float(clip_value), grad_scale, found_inf)
+    ext = _LOADER.load()
+    route = _route([exp_avgs], ("signed",))
+    if route is None:
+        ext.lion_step(params, grads, exp_avgs, *hp, *opts, steps)
+        return
+    q, plain, other = route
+    if steps is None:
+        raise ValueError("int8 optimizer state needs state_step (the parameters' step count)")
+    if plain:
+        ext.lion_step(_pick(params, plain), _pick(grads, plain), _pick(exp_avgs, plain), *hp, *opts,
+                      _pick(steps, plain))
+    if q:
+        ext.lion_step_int8(_pick(params, q), _pick(grads, q), [exp_avgs[k].codes for k in q],
+                           [exp_avgs[k].scale for k in q], *hp, _pick(steps, q), *opts)
+    if other:
+        _torch_ops().lion_step(_pick(params, other), _pick(grads, other), _pick(exp_avgs, other), lr=lr,
+                               beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                               clip_value=clip_value, grad_scale=grad_scale, found_inf=found_inf,
+                               state_step=_pick(steps, other))
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr, beta1, beta2, eps,
                weight_decay, step, maximize=False, clip_value=None, grad_scale=None, found_inf=None,
                state_step=None):
     """``max_exp_avg_sqs`` given means amsgrad (as in :func:`shardopt.kernels.torch_ops.adamw_step`);
-    bf16 state rounds with ``state_step`` as its salt (default: ``step``)."""
-    params = list(params)
-    _LOADER.load().adamw_step(
-        params, list(grads), list(exp_avgs), list(exp_avg_sqs), float(lr), float(beta1), float(beta2),
-        float(eps), float(weight_decay), int(step),
-        None if max_exp_avg_sqs is None else list(max_exp_avg_sqs), bool(maximize),
-        None if clip_value is None else float(clip_value), grad_scale, found_inf,
-        _state_steps(state_step, len(params)),
-    )
+    bf16 and int8 state round with ``state_step`` as their salt (default: ``step``)."""
+    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    maxes = None if max_exp_avg_sqs is None else list(max_exp_avg_sqs)
+    steps = _state_steps(state_step, len(params))
+    hp = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+    opts = (bool(maximize), None if clip_value is None else float(clip_value), grad_scale, found_inf)
+    ext = _LOADER.load()
+    states = [exp_avgs, exp_avg_sqs] + ([maxes] if maxes is not None else [])
+    route = _route(states, ("signed", "sqrt", "sqrt"))
+    if route is None:
+        ext.adamw_step(params, grads, exp_avgs, exp_avg_sqs, *hp, maxes, *opts, steps)
+        return
+    q, plain, other = route
+    if plain:
+        ext.adamw_step(_pick(params, plain), _pick(grads, plain), _pick(exp_avgs, plain),
+                       _pick(exp_avg_sqs, plain), *hp, _pick(maxes, plain), *opts, _pick(steps, plain))
+    if q:
+        mq = None if maxes is None else [maxes[k] for k in q]
+        ext.adamw_step_int8(
+            _pick(params, q), _pick(grads, q), [exp_avgs[k].codes for k in q], [exp_avgs[k].scale for k in q],
+            [exp_avg_sqs[k].codes for k in q], [exp_avg_sqs[k].scale for k in q], *hp,
+            None if mq is None else [t.codes for t in mq], None if mq is None else [t.scale for t in mq],
+            *opts, _pick(steps, q))
+    if other:
+        _torch_ops().adamw_step(
+            _pick(params, other), _pick(grads, other), _pick(exp_avgs, other), _pick(exp_avg_sqs, other),
+            _pick(maxes, other), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+            maximize=maximize, clip_value=clip_value, grad_scale=grad_scale, found_inf=found_inf,
+            state_step=_pick(steps, other))
+
+
+def _torch_ops():
+    from . import torch_ops
+
+    return torch_ops
 
 
 def grad_stats(grads, *, clip_value=None) -> torch.Tensor:
