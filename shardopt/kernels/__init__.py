@@ -15,7 +15,8 @@ call updates many tensors, the multi-tensor-apply shape):
   parameters' step count, the salt of the stochastic rounding defined in
   :mod:`.state_precision`; AdamW's is its ``step``). A backend that lists
   ``"state_bf16"`` in its ``FEATURES`` takes them (``cpu`` and ``triton`` do,
-  bit for bit); for the others (``cuda``) such calls go to the ``torch`` backend.
+  bit for bit); the ``cuda`` backend's such calls go to ``triton`` where it can
+  be had, else to the ``torch`` backend.
   int8 state (``state_dtype="int8"``) comes as :class:`~.state_precision.Q8`
   pairs (codes + one fp32 scale per 256 elements), in the same lists as plain
   fp32 state of the parameters too small to quantize; a backend listing
