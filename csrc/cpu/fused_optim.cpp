@@ -661,11 +661,12 @@ SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g,
 #pragma GCC pop_options
 #endif
 
-// Blocks ahead whose lines a step prefetches.  A block is mostly arithmetic
-// (the hash, the division, the rounding) on L1-resident data, and the hardware
-// prefetcher alone does not keep enough lines in flight across it; two blocks
-// ahead measured best (about 12% faster, one thread streaming from memory).
-constexpr int64_t kQPrefetch = 2 * kQBlock;
+// How far ahead (in elements) a step prefetches the lines of its streams.  A
+// block is mostly arithmetic (the hash, the division, the rounding) on
+// L1-resident data, and the hardware prefetcher alone does not keep enough
+// lines in flight across it.  1.25 blocks ahead measured best: a Lion step on
+// 23M elements about 15% faster than without, 10% faster than 2 blocks ahead.
+constexpr int64_t kQPrefetch = kQBlock + kQBlock / 4;
 
 template <typename T>
 inline void prefetch_span(const T* ptr, int64_t n, bool write) {
