@@ -143,8 +143,8 @@ def test_bad_state_dtype_names_the_valid_choices(cls):
     for bad in ("int4", "bfloat16", torch.bfloat16, None, 16):
         with pytest.raises(ValueError, match=r"state_dtype .*valid: 'fp32', 'bf16', 'int8'"):
             mk(state_dtype=bad)
-    with pytest.raises(NotImplementedError, match=r"state_dtype='int8' .* not available yet.*'fp32', 'bf16'"):
-        mk(state_dtype="int8")
+    # int8 is available: the optimizer takes it
+    assert {g["state_dtype"] for g in mk(state_dtype="int8").param_groups} == {"int8"}
     # per group too, naming the group
     with pytest.raises(ValueError, match=r"param group 0 .*valid: 'fp32', 'bf16', 'int8'"):
         cls([{"params": ps[:1], "state_dtype": "int4"}])
@@ -609,7 +609,12 @@ def test_plan_state_dtype_option(capsys):
 
     assert [state_element_bytes(a, "bf16") for a in ALGOS] == [2, 4, 2]
     assert [state_element_bytes(a) for a in ALGOS] == [4, 8, 4]
-    with pytest.raises(ValueError, match="not available yet"):
+    # int8: 1 byte + one fp32 scale per 256 elements per state tensor where the shape takes it, else fp32
+    assert [state_element_bytes(a, "int8", shape=(64, 256)) for a in ALGOS] == [1 + 4 / 256, 2 + 8 / 256,
+                                                                                 1 + 4 / 256]
+    for small in ((40, 100), (4096,), (8, 256), (70, 100)):
+        assert [state_element_bytes(a, "int8", shape=small) for a in ALGOS] == [4, 8, 4], small
+    with pytest.raises(ValueError, match="shape"):
         state_element_bytes("lion", "int8")
     with pytest.raises(ValueError, match="fp32, bf16, int8"):
         plan("gpt2", state_dtype="int4")
@@ -617,10 +622,90 @@ def test_plan_state_dtype_option(capsys):
         a = plan("gpt2", world_sizes=[8], optimizer=opt, state_dtype="bf16").worlds[0]
         b = plan("gpt2", world_sizes=[8], optimizer=opt).worlds[0]
         assert (2 * a.state == b.state).all() and (a.master == b.master).all()
+    # int8 on one process: an independent count over the model's parameters
+    from shardopt.tools.plan import load_model, optimizer_tensors
+
+    _, gpt2 = load_model("gpt2")
+    for opt in ALGOS:
+        keys = {"adamw": 2, "lion": 1, "muon": 1}  # state tensors per parameter (Muon's aux group: AdamW)
+        want = sum(keys[t.algorithm] * (t.numel + 4 * t.numel // 256 if sp.int8_eligible(t.shape) else 4 * t.numel)
+                   for t in optimizer_tensors(gpt2, opt))
+        got = plan("gpt2", world_sizes=[1], optimizer=opt, state_dtype="int8").worlds[0]
+        assert got.state.tolist() == [want], opt
+        w8 = plan("gpt2", world_sizes=[8], optimizer=opt, state_dtype="int8").worlds[0]
+        assert want <= int(w8.state.sum()) < want + 8 * 1024 and 3 * w8.state.max() < want
+    # DeepSpeed: each flat partition holds its own blocks (the last one short)
+    ds = plan("gpt2", world_sizes=[8], layout="deepspeed-zero1", optimizer="lion", state_dtype="int8").worlds[0]
+    part = int(plan("gpt2", world_sizes=[8], layout="deepspeed-zero1", optimizer="lion").worlds[0].state[0]) // 4
+    assert ds.state.tolist() == [part + 4 * -(-part // 256)] * 8
     assert cli.main(["plan", "--model", "gpt2", "--world-size", "8", "--state-dtype", "bf16"]) == 0
     assert "optimizer state (bf16)" in capsys.readouterr().out
-    assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) != 0
-    assert "not available yet" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) == 0
+    assert "optimizer state (int8)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--model", "gpt2", "--state-dtype", "fp16"])
+    assert "--state-dtype" in capsys.readouterr().err
+
+
+_INT8_SHAPES = [(64, 256), (5,), (40, 100), (3, 4096), (70, 100), (16, 512), (256,), (33, 256), (9, 2, 256)]
+
+
+class _Int8Holder(torch.nn.Module):
+    """Parameters int8 state takes (2-D and 3-D, rows of 256 and 512) and ones it leaves fp32 (1-D, under
+    4096 elements, rows of 100)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=g)) for s in _INT8_SHAPES])
+
+
+def _int8_plan_job(rank, world, layout):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name in ALGOS:
+        m = _Int8Holder()
+        if layout == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        ps = list(m.parameters())
+        if name == "muon":
+            opt = shardopt.Muon(shardopt.muon_param_groups(m), lr=1e-2, backend="torch", state_dtype="int8",
+                                sharding="zero1" if layout == "zero1" else "auto")
+        else:
+            opt = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[name](
+                ps, lr=1e-2, backend="torch", state_dtype="int8", sharding="zero1" if layout == "zero1" else "auto")
+        for p in ps:
+            g = torch.randn(p.shape)
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+        opt.step()
+        out[name] = (opt.state_bytes(), _storage_bytes(opt))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zero1", "fsdp2"])
+def test_plan_counts_the_int8_state_bytes_of_every_rank(layout):
+    """shardopt plan --state-dtype int8 gives each rank the bytes the optimizers hold (ZeRO-1's cuts on
+    256-element blocks, FSDP2's row chunks), W = 1, 2, 3."""
+    from shardopt.tools.plan import plan
+
+    for world in (1, 2, 3):
+        res = dist_utils.run(_int8_plan_job, world, layout)
+        for name in ALGOS:
+            real = [r[name][0] for r in res]
+            assert real == [r[name][1] for r in res]
+            pl = plan(_Int8Holder(), world_sizes=[world], layout=layout, optimizer=name, param_dtype="fp32",
+                      state_dtype="int8")
+            assert pl.worlds[0].state.tolist() == real, (layout, world, name)
+    # the independent count, one process
+    n8 = sum(math.prod(s) for s in _INT8_SHAPES if sp.int8_eligible(s))
+    n32 = sum(math.prod(s) for s in _INT8_SHAPES if not sp.int8_eligible(s))
+    assert plan(_Int8Holder(), world_sizes=[1], layout=layout, optimizer="lion", param_dtype="fp32",
+                state_dtype="int8").worlds[0].state.tolist() == [n8 + 4 * n8 // 256 + 4 * n32]
 
 
 # ---------------------------------------------------------------- shardopt demo
