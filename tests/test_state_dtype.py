@@ -682,7 +682,7 @@ def _int8_plan_job(rank, world, layout):
             g = torch.randn(p.shape)
             p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
         opt.step()
-        out[name] = (opt.state_bytes(), _storage_bytes(opt))
+        out[name] = (opt.state_bytes(), _storage_bytes(opt), opt.summary(print_fn=None))
     return out
 
 
@@ -693,11 +693,17 @@ def test_plan_counts_the_int8_state_bytes_of_every_rank(layout):
     256-element blocks, FSDP2's row chunks), W = 1, 2, 3."""
     from shardopt.tools.plan import plan
 
+    single = {}
     for world in (1, 2, 3):
         res = dist_utils.run(_int8_plan_job, world, layout)
         for name in ALGOS:
             real = [r[name][0] for r in res]
             assert real == [r[name][1] for r in res]
+            # summary(): each rank's real bytes, and "without sharding" is the one-process state, scales included
+            table = res[0][name][2]
+            assert [t["state_bytes"] for t in table] == real
+            single.setdefault(name, real[0])
+            assert {t["unsharded_state_bytes"] for t in table} == {single[name]}, (layout, world, name)
             pl = plan(_Int8Holder(), world_sizes=[world], layout=layout, optimizer=name, param_dtype="fp32",
                       state_dtype="int8")
             assert pl.worlds[0].state.tolist() == real, (layout, world, name)

@@ -69,15 +69,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unsharded_bytes(opt) -> int:
-    """What one rank would hold without sharding: each state tensor at its parameter's full size."""
+    """What one rank would hold without sharding: each state tensor at its parameter's full size (the
+    block scales of int8 state: one per 256 elements of it)."""
+    from ..kernels import state_precision as sp
+
     layout = opt.layout
     params, _, _ = opt._flat_params()
     total = 0
     for i, p in enumerate(params):
         numel = layout.unsharded_numel(i)
-        for k, v in opt.state[p].items():
+        st = opt.state[p]
+        for k, v in st.items():
             if k != "step" and torch.is_tensor(v):
-                total += numel * _local(v).element_size()
+                scales = k.endswith(sp.SCALE_SUFFIX) and k[:-len(sp.SCALE_SUFFIX)] in st
+                total += (sp.n_blocks(numel) if scales else numel) * _local(v).element_size()
     return total
 
 
