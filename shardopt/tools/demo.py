@@ -673,10 +673,13 @@ def compare_table(runs: dict, dtypes: list[str], seeds: list[int], plan: dict) -
             continue
         diffs = {o: means[o][d] - means[o]["fp32"] for o in opts}
         met = [NAMES.get(o, o) for o in opts if abs(diffs[o]) <= target]
-        missed = [f"{NAMES.get(o, o)} ({_diff(diffs[o])})" for o in opts if abs(diffs[o]) > target]
+        # five decimals: a difference that the table rounds to the target itself shows which side it is on
+        missed = [f"{NAMES.get(o, o)} ({round(diffs[o], 5) + 0.0:+.5f})" for o in opts if abs(diffs[o]) > target]
         verdict = (f"met for {', '.join(met)}" if met else "") + ("; " if met and missed else "") + \
                   (f"NOT met for {', '.join(missed)}" if missed else "")
         lines.append(f"target |{d} - fp32| <= {target} nats ({what}): {verdict}")
+    if any(d in QUALITY_TARGETS for d in others):
+        lines.append("(a negative difference is a lower held-out loss than with fp32 state)")
     if "int8" in others and not any(r.get("int8_tensors") for (_, sd), res in runs.items() if sd == "int8"
                                     for r in res):
         lines.append("int8: no parameter of this model took int8 state (a matrix needs 4096 elements and rows of "
