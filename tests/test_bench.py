@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -17,13 +18,15 @@ def _bench(tmp_path, *args):
 def test_bench_cpu_table(tmp_path):
     from shardopt.kernels import cpu
 
-    data, stdout = _bench(tmp_path, "--device", "cpu", "--hidden", "32", "--layers", "1", "--vocab", "64",
+    # hidden 256: the matrices take int8 state (rows of 256 and 1024), the norms and biases keep fp32 state
+    data, stdout = _bench(tmp_path, "--device", "cpu", "--hidden", "256", "--layers", "1", "--vocab", "64",
                           "--iters", "1", "--no-deepspeed", "--muon-hidden", "16", "--muon-layers", "1")
     by = {r["name"]: r for r in data["rows"]}
     for must in ("torch.optim.AdamW fused", "clip_grad_norm_ + torch.optim.AdamW fused", "foreach Lion (lerp/sign)",
                  "shardopt.Lion (defaults)", "shardopt.Lion nonfinite=None", "shardopt.AdamW (defaults)",
                  "shardopt.AdamW grad_clip_norm=1.0", "torch.optim.Muon", "shardopt.Muon (defaults)",
-                 "shardopt.Lion state_dtype=bf16", "shardopt.AdamW state_dtype=bf16"):
+                 "shardopt.Lion state_dtype=bf16", "shardopt.AdamW state_dtype=bf16",
+                 "shardopt.Lion state_dtype=int8", "shardopt.AdamW state_dtype=int8"):
         assert must in by, must
     assert all(r["ms"] > 0 for r in data["rows"])
     # bytes per element: the defaults' gradient pass reads the gradients once more
@@ -31,6 +34,19 @@ def test_bench_cpu_table(tmp_path):
     # bf16 state: 2 bytes instead of 4 per state buffer read and write (Lion one buffer, AdamW two)
     assert by["shardopt.Lion state_dtype=bf16"]["bytes_per_elem"] == by["shardopt.Lion (defaults)"]["bytes_per_elem"] - 4
     assert by["shardopt.AdamW state_dtype=bf16"]["bytes_per_elem"] == by["shardopt.AdamW (defaults)"]["bytes_per_elem"] - 8
+    # int8 state, counted per parameter: one that takes it moves g 4 + check 4 + p 4+4 + per state buffer
+    # 1+1 and its scales (4+4 per 256 elements); the others (norms, biases) move fp32 state (4+4 per buffer)
+    from shardopt.kernels.state_precision import int8_eligible
+    from shardopt.tools.bench import transformer_shapes
+
+    shapes = transformer_shapes(256, 1, 64)
+    n = sum(math.prod(s) for s in shapes)
+    assert sum(math.prod(s) for s in shapes if int8_eligible(s)) > 0.99 * n
+    for name, buffers in (("Lion", 1), ("AdamW", 2)):
+        want = sum(math.prod(s) * (16 + buffers * (2 + 8 / 256 if int8_eligible(s) else 8)) for s in shapes) / n
+        got = by[f"shardopt.{name} state_dtype=int8"]["bytes_per_elem"]
+        assert abs(got - want) < 1e-9, (name, got, want)
+    assert f"{by['shardopt.Lion state_dtype=int8']['bytes_per_elem']:.2f}" in stdout
     for r in data["rows"]:
         if r["algo"] != "muon":
             assert abs(r["GB/s"] - data["params"] * r["bytes_per_elem"] / r["ms"] / 1e6) < 1e-6 * r["GB/s"]
@@ -49,7 +65,8 @@ def test_bench_cpu_table(tmp_path):
     assert 0 < by["torch.optim.Muon"]["ortho_rms_err"] < 0.5
     assert {t["target"] for t in data["targets"]} >= {"default Muon vs torch.optim.Muon",
                                                          "default AdamW vs torch fused AdamW",
-                                                         "bf16-state Lion vs fp32-state Lion"}
+                                                         "bf16-state Lion vs fp32-state Lion",
+                                                         "int8-state Lion vs fp32-state Lion"}
     assert "vs best peer" in stdout and "targets" in stdout
 
 

@@ -143,7 +143,8 @@ def test_bad_state_dtype_names_the_valid_choices(cls):
     for bad in ("int4", "bfloat16", torch.bfloat16, None, 16):
         with pytest.raises(ValueError, match=r"state_dtype .*valid: 'fp32', 'bf16', 'int8'"):
             mk(state_dtype=bad)
-    assert mk(state_dtype="int8").defaults["state_dtype"] == "int8"  # int8: tests/test_state_int8.py
+    # int8 is available: the optimizer takes it
+    assert {g["state_dtype"] for g in mk(state_dtype="int8").param_groups} == {"int8"}
     # per group too, naming the group
     with pytest.raises(ValueError, match=r"param group 0 .*valid: 'fp32', 'bf16', 'int8'"):
         cls([{"params": ps[:1], "state_dtype": "int4"}])
@@ -619,7 +620,12 @@ def test_plan_state_dtype_option(capsys):
 
     assert [state_element_bytes(a, "bf16") for a in ALGOS] == [2, 4, 2]
     assert [state_element_bytes(a) for a in ALGOS] == [4, 8, 4]
-    with pytest.raises(ValueError, match="not available yet"):
+    # int8: 1 byte + one fp32 scale per 256 elements per state tensor where the shape takes it, else fp32
+    assert [state_element_bytes(a, "int8", shape=(64, 256)) for a in ALGOS] == [1 + 4 / 256, 2 + 8 / 256,
+                                                                                 1 + 4 / 256]
+    for small in ((40, 100), (4096,), (8, 256), (70, 100)):
+        assert [state_element_bytes(a, "int8", shape=small) for a in ALGOS] == [4, 8, 4], small
+    with pytest.raises(ValueError, match="shape"):
         state_element_bytes("lion", "int8")
     with pytest.raises(ValueError, match="fp32, bf16, int8"):
         plan("gpt2", state_dtype="int4")
@@ -627,20 +633,277 @@ def test_plan_state_dtype_option(capsys):
         a = plan("gpt2", world_sizes=[8], optimizer=opt, state_dtype="bf16").worlds[0]
         b = plan("gpt2", world_sizes=[8], optimizer=opt).worlds[0]
         assert (2 * a.state == b.state).all() and (a.master == b.master).all()
+    # int8 on one process: an independent count over the model's parameters
+    from shardopt.tools.plan import load_model, optimizer_tensors
+
+    _, gpt2 = load_model("gpt2")
+    for opt in ALGOS:
+        keys = {"adamw": 2, "lion": 1, "muon": 1}  # state tensors per parameter (Muon's aux group: AdamW)
+        want = sum(keys[t.algorithm] * (t.numel + 4 * t.numel // 256 if sp.int8_eligible(t.shape) else 4 * t.numel)
+                   for t in optimizer_tensors(gpt2, opt))
+        got = plan("gpt2", world_sizes=[1], optimizer=opt, state_dtype="int8").worlds[0]
+        assert got.state.tolist() == [want], opt
+        w8 = plan("gpt2", world_sizes=[8], optimizer=opt, state_dtype="int8").worlds[0]
+        assert want <= int(w8.state.sum()) < want + 8 * 1024 and 3 * w8.state.max() < want
+    # DeepSpeed: each flat partition holds its own blocks (the last one short)
+    ds = plan("gpt2", world_sizes=[8], layout="deepspeed-zero1", optimizer="lion", state_dtype="int8").worlds[0]
+    part = int(plan("gpt2", world_sizes=[8], layout="deepspeed-zero1", optimizer="lion").worlds[0].state[0]) // 4
+    assert ds.state.tolist() == [part + 4 * -(-part // 256)] * 8
     assert cli.main(["plan", "--model", "gpt2", "--world-size", "8", "--state-dtype", "bf16"]) == 0
     assert "optimizer state (bf16)" in capsys.readouterr().out
-    assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) != 0
-    assert "not available yet" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "gpt2", "--state-dtype", "int8"]) == 0
+    assert "optimizer state (int8)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--model", "gpt2", "--state-dtype", "fp16"])
+    assert "--state-dtype" in capsys.readouterr().err
+
+
+_INT8_SHAPES = [(64, 256), (5,), (40, 100), (3, 4096), (70, 100), (16, 512), (256,), (33, 256), (9, 2, 256)]
+
+
+class _Int8Holder(torch.nn.Module):
+    """Parameters int8 state takes (2-D and 3-D, rows of 256 and 512) and ones it leaves fp32 (1-D, under
+    4096 elements, rows of 100)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=g)) for s in _INT8_SHAPES])
+
+
+def _int8_plan_job(rank, world, layout):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name in ALGOS:
+        m = _Int8Holder()
+        if layout == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(m, mesh=init_device_mesh("cpu", (world,)))
+        ps = list(m.parameters())
+        if name == "muon":
+            opt = shardopt.Muon(shardopt.muon_param_groups(m), lr=1e-2, backend="torch", state_dtype="int8",
+                                sharding="zero1" if layout == "zero1" else "auto")
+        else:
+            opt = {"lion": shardopt.Lion, "adamw": shardopt.AdamW}[name](
+                ps, lr=1e-2, backend="torch", state_dtype="int8", sharding="zero1" if layout == "zero1" else "auto")
+        for p in ps:
+            g = torch.randn(p.shape)
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+        opt.step()
+        out[name] = (opt.state_bytes(), _storage_bytes(opt), opt.summary(print_fn=None))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zero1", "fsdp2"])
+def test_plan_counts_the_int8_state_bytes_of_every_rank(layout):
+    """shardopt plan --state-dtype int8 gives each rank the bytes the optimizers hold (ZeRO-1's cuts on
+    256-element blocks, FSDP2's row chunks), W = 1, 2, 3."""
+    from shardopt.tools.plan import plan
+
+    single = {}
+    for world in (1, 2, 3):
+        res = dist_utils.run(_int8_plan_job, world, layout)
+        for name in ALGOS:
+            real = [r[name][0] for r in res]
+            assert real == [r[name][1] for r in res]
+            # summary(): each rank's real bytes, and "without sharding" is the one-process state, scales included
+            table = res[0][name][2]
+            assert [t["state_bytes"] for t in table] == real
+            single.setdefault(name, real[0])
+            assert {t["unsharded_state_bytes"] for t in table} == {single[name]}, (layout, world, name)
+            pl = plan(_Int8Holder(), world_sizes=[world], layout=layout, optimizer=name, param_dtype="fp32",
+                      state_dtype="int8")
+            assert pl.worlds[0].state.tolist() == real, (layout, world, name)
+    # the independent count, one process
+    n8 = sum(math.prod(s) for s in _INT8_SHAPES if sp.int8_eligible(s))
+    n32 = sum(math.prod(s) for s in _INT8_SHAPES if not sp.int8_eligible(s))
+    assert plan(_Int8Holder(), world_sizes=[1], layout=layout, optimizer="lion", param_dtype="fp32",
+                state_dtype="int8").worlds[0].state.tolist() == [n8 + 4 * n8 // 256 + 4 * n32]
 
 
 # ---------------------------------------------------------------- shardopt demo
 def test_demo_refuses_other_state_dtypes(capsys):
     from shardopt import cli
+    from shardopt.tools import demo
 
-    for bad in ("int8", "fp16"):
+    assert demo.STATE_DTYPES == sp.STATE_DTYPES == ("fp32", "bf16", "int8")
+    for bad in ("fp16", "int4"):
         with pytest.raises(SystemExit):
             cli.main(["demo", "--state-dtype", bad])
         assert "--state-dtype" in capsys.readouterr().err
+    # --compare-state-dtypes: a list of them, fp32 among them; --seeds only with it
+    for bad, why in (("bf16,fp16", "expected state dtypes"), ("bf16,int8", "needs fp32"), ("", "expected")):
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "--compare-state-dtypes", bad])
+        assert why in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--compare-state-dtypes", "fp32", "--seeds", "0,x"])
+    assert "expected seeds" in capsys.readouterr().err
+    for argv, why in ((["--seeds", "0,1"], "--seeds goes with --compare-state-dtypes"),
+                      (["--compare-state-dtypes", "fp32,bf16", "--state-dtype", "bf16"], "leave --state-dtype out"),
+                      (["--compare-state-dtypes", "fp32,bf16", "--seed", "1", "--seeds", "0,1"], "give one of them"),
+                      (["--compare-state-dtypes", "fp32,bf16", "--resume", "x"], "does not take --resume"),
+                      (["--resume", "nowhere", "--state-dtype", "int8", "--size", "wide"], "no such directory")):
+        assert cli.main(["demo", *argv]) == 1, argv
+        assert why in capsys.readouterr().err, argv
+
+
+def test_demo_int8_checkpoints_are_skipped_or_refused_with_a_reason(tmp_path):
+    """shardopt.checkpoint stores no int8 state yet: a demo whose model takes it saves none (and says why), and
+    resuming into int8 state is refused; the default model has no matrix int8 takes, so nothing changes there."""
+    import argparse
+
+    from shardopt.tools import demo
+    from shardopt.tools._demo_model import SIZES
+
+    def args(**kw):
+        base = dict(device="cpu", resume=None, optimizer=None, seed=None, size="default", state_dtype="int8",
+                    nproc=2, layout="zero1", out=str(tmp_path), steps=None, no_checkpoint=False, backend="auto",
+                    seeds=None, compare_state_dtypes=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert demo._int8_shapes("default") == [] == demo._int8_shapes("tiny")
+    wide = demo._int8_shapes("wide")
+    assert len(wide) == 3 * 4 + 3 and all(s[-1] % 256 == 0 for s in wide)
+    assert set(SIZES) == {"default", "tiny", "wide"}
+    p = demo.make_plan(args(size="wide"))
+    assert p["checkpoint_dir"] is None and "cannot save int8" in p["checkpoint_skipped"]
+    p = demo.make_plan(args())
+    assert p["checkpoint_dir"] and p["checkpoint_skipped"] is None
+    assert "none of the model's" in demo.int8_coverage(p) and "--size wide" in demo.int8_coverage(p)
+    assert demo.int8_coverage(demo.make_plan(args(size="wide"))).startswith("int8 for 15 of 29 tensors")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / demo.META).write_text('{"optimizers": ["lion"], "size": "wide", "seed": 0}')
+    with pytest.raises(demo.CommandError, match="cannot load into int8"):
+        demo.make_plan(args(size="wide", resume=str(tmp_path / "ck")))
+
+
+def test_compare_table_per_seed_mean_bytes_and_targets():
+    from shardopt.tools import demo
+
+    def res(seed, sd, o, loss):
+        return {"optimizer": o, "eval_loss": loss, "state_bytes": [4096 * (2 if sd == "fp32" else 1)] * 2,
+                "int8_tensors": 0}
+
+    base = {"lion": 2.30, "adamw": 2.20, "muon": 1.80}
+    shift = {"fp32": 0.0, "bf16": 0.004, "int8": 0.03}
+    runs = {(seed, sd): [res(seed, sd, o, base[o] + shift[sd] + 0.01 * seed) for o in base]
+            for seed in (0, 1) for sd in ("fp32", "bf16", "int8")}
+    plan = {"size": "default", "steps": 150, "layout": "zero1", "world": 2}
+    lines = demo.compare_table(runs, ["fp32", "bf16", "int8"], [0, 1], plan)
+    text = "\n".join(lines)
+    assert "| optimizer | seed | fp32 state | bf16 state | bf16 - fp32 | int8 state | int8 - fp32 |" in lines
+    assert "| Lion | 0 | 2.3000 | 2.3040 | +0.0040 | 2.3300 | +0.0300 |" in lines
+    assert "| Muon | mean | 1.8050 | 1.8090 | +0.0040 | 1.8350 | +0.0300 |" in lines
+    assert "| AdamW | 8.0 KiB | 4.0 KiB | 4.0 KiB |" in lines
+    assert "target |bf16 - fp32| <= 0.01 nats (the mean over the seeds): met for Lion, AdamW, Muon" in lines
+    assert "target |int8 - fp32| <= 0.02 nats (the mean over the seeds): NOT met for Lion (+0.03000)" in text
+    assert "no parameter of this model took int8 state" in text
+    # one seed: no seed column and no mean rows
+    one = demo.compare_table({k: v for k, v in runs.items() if k[0] == 0}, ["fp32", "bf16"], [0], plan)
+    assert "| optimizer | fp32 state | bf16 state | bf16 - fp32 |" in one and not any("mean" in x for x in one)
+
+
+def _independent_state_bytes(size: str, state_dtype: str) -> dict:
+    """Optimizer-state bytes of each demo optimizer on one process, counted per parameter from the model's
+    shapes: int8 takes 1 byte per element and state tensor + 4 bytes per 256 elements where int8_eligible
+    says so, else 4 bytes per element (fp32)."""
+    from shardopt.tools._demo_model import SIZES, TinyGPT
+
+    with torch.device("meta"):
+        model = TinyGPT(SIZES[size])
+
+    def nbytes(p, keys):
+        n = p.numel()
+        if state_dtype == "int8" and sp.int8_eligible(p.shape):
+            return keys * (n + 4 * n // 256)
+        return keys * n * {"fp32": 4, "bf16": 2, "int8": 4}[state_dtype]
+
+    out = {"lion": sum(nbytes(p, 1) for p in model.parameters()),
+           "adamw": sum(nbytes(p, 2) for p in model.parameters())}
+    groups = shardopt.muon_param_groups(model)
+    out["muon"] = sum(nbytes(p, 1 if g.get("algorithm", "muon") == "muon" else 2)
+                      for g in groups for p in g["params"])
+    return out
+
+
+@pytest.mark.slow
+def test_demo_int8_state_runs_all_three_and_shows_real_bytes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "shardopt", "demo", "--size", "wide", "--steps", "2",
+                           "--state-dtype", "int8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "int8 optimizer state (int8 for 15 of 29 tensors" in proc.stdout
+    assert "checkpoint: not saved: shardopt.checkpoint cannot save int8" in proc.stdout
+    assert not (out / "checkpoint").exists()
+    res = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert sorted(res) == sorted(ALGOS) and all(r["state_dtype"] == "int8" for r in res.values())
+    want = _independent_state_bytes("wide", "int8")
+    fp32 = _independent_state_bytes("wide", "fp32")
+    for name, r in res.items():
+        assert r["unsharded_state_bytes"] == want[name], name
+        assert 3.9 * want[name] < fp32[name] < 4 * want[name]  # about a quarter of fp32's
+        assert want[name] <= sum(r["state_bytes"]) < want[name] + 2 * 4096, name  # ZeRO-1: split, whole blocks
+        assert r["int8_tensors"] > 0 and math.isfinite(r["eval_loss"])
+    # the table shows these bytes and the state dtype
+    for name, r in res.items():
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"{name:<9} "))  # not a bar
+        assert row.rstrip().endswith("int8")
+        from shardopt.tools.demo import _fmt_bytes
+
+        assert _fmt_bytes(r["state_bytes"][0]) in row and _fmt_bytes(r["unsharded_state_bytes"]) in row
+
+
+@pytest.mark.slow
+def test_demo_compare_state_dtypes_prints_the_quality_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "shardopt", "demo", "--compare-state-dtypes", "int8,bf16,fp32",
+                           "--size", "tiny", "--steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = proc.stdout
+    # fp32 first, then the others in the order given
+    assert "| optimizer | fp32 state | int8 state | int8 - fp32 | bf16 state | bf16 - fp32 |" in stdout
+    data = json.loads((out / "compare.json").read_text())
+    assert data["state_dtypes"] == ["fp32", "int8", "bf16"] and data["seeds"] == [0]
+    loss = {(r["state_dtype"], x["optimizer"]): x["eval_loss"] for r in data["runs"] for x in r["results"]}
+    for o in ALGOS:
+        row = next(line for line in stdout.splitlines() if line.startswith(f"| {demo_name(o)} |"))
+        assert f"{loss[('fp32', o)]:.4f}" in row and f"{loss[('bf16', o)]:.4f}" in row
+        # the tiny model has no matrix int8 takes: its int8 runs are its fp32 runs
+        assert loss[("int8", o)] == loss[("fp32", o)]
+    assert "no parameter of this model took int8 state" in stdout
+    assert "target |bf16 - fp32| <= 0.01 nats (one seed)" in stdout
+    bytes_rows = {o: next(line for line in stdout.splitlines() if line.startswith(f"| {demo_name(o)} |")
+                          and "KiB" in line) for o in ALGOS}
+    from shardopt.tools.demo import _fmt_bytes
+
+    held = {(r["state_dtype"], x["optimizer"]): x["state_bytes"] for r in data["runs"] for x in r["results"]}
+    for o in ALGOS:
+        # the largest rank's real bytes; all ranks together hold at least the one-process count
+        cells = " | ".join(_fmt_bytes(max(held[(sd, o)])) for sd in ("fp32", "int8", "bf16"))
+        assert f"| {demo_name(o)} | {cells} |" == bytes_rows[o]
+        for sd in ("fp32", "int8", "bf16"):
+            assert sum(held[(sd, o)]) >= _independent_state_bytes("tiny", sd)[o]
+        assert held[("int8", o)] == held[("fp32", o)] and 2 * sum(held[("bf16", o)]) == sum(held[("fp32", o)])
+    assert not (out / "checkpoint").exists()
+
+
+def demo_name(o):
+    return {"lion": "Lion", "adamw": "AdamW", "muon": "Muon"}[o]
 
 
 @pytest.mark.slow

@@ -70,7 +70,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unsharded_bytes(opt) -> int:
-    """What one rank would hold without sharding: each state tensor at its parameter's full size."""
+    """What one rank would hold without sharding: each state tensor at its parameter's full size (the
+    block scales of int8 state: one per 256 elements of it)."""
+    from ..kernels import state_precision as sp
+
     layout = opt.layout
     params, _, _ = opt._flat_params()
     total = 0

@@ -34,10 +34,13 @@ class ModelConfig:
         return asdict(self)
 
 
-# named sizes: "default" is what `shardopt demo` trains; "tiny" keeps tests fast
+# named sizes: "default" is what `shardopt demo` trains; "tiny" keeps tests fast; "wide" (d_model 256) has
+# rows of 256 and 1024 elements, so that every matrix takes state_dtype="int8" (the default's rows of 96 and
+# 384 do not: their state stays fp32)
 SIZES = {
     "default": ModelConfig(),
     "tiny": ModelConfig(d_model=48, n_layers=2, n_heads=2, seq_len=32, global_batch=16),
+    "wide": ModelConfig(d_model=256),
 }
 
 

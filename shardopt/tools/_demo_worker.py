@@ -287,6 +287,13 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- the run
+def int8_tensors(opt) -> int:
+    """How many of this rank's parameters hold int8 state (codes and block scales)."""
+    from ..kernels.state_precision import SCALE_SUFFIX
+
+    return sum(1 for st in opt.state.values() if any(k.endswith(SCALE_SUFFIX) for k in st))
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -385,7 +392,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             bar.update(value)
         bar.close()
         eval_end = tr.evaluate(heldout)
-        rows = tr.shard_opt.summary(print_fn=say)
+        rows = tr.shard_opt.summary(print_fn=None if plan.get("quiet") else say)
         history = {"step": list(history["step"]) + list(range(start + 1, start + steps + 1)),
                    "loss": list(history["loss"]) + losses}
         saved = None
@@ -409,6 +416,7 @@ def worker(rank: int, world: int, device: torch.device, plan: dict):
             "state_bytes": [r["state_bytes"] for r in rows],
             "owned_elements": [r["owned_elements"] for r in rows],
             "unsharded_state_bytes": rows[0]["unsharded_state_bytes"],
+            "int8_tensors": int8_tensors(tr.shard_opt),
             "eval_loss": eval_end,
             "resumed": resumed,
             "checkpoint": saved,

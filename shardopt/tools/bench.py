@@ -86,6 +86,19 @@ def _roofline(n: int, device, iters: int) -> list[dict]:
 _BYTES = {"lion": 20, "adamw": 28, "check": 4, "clip_grad_norm_": 12}
 # bf16 state moves 2 bytes instead of 4 per state buffer read and write: Lion's one buffer saves 4, AdamW's two 8
 _BF16_STATE_SAVES = {"lion": 4, "adamw": 8}
+_STATE_BUFFERS = {"lion": 1, "adamw": 2}
+
+
+def int8_state_bytes_per_elem(shapes, fp32_bytes: float, algo: str) -> float:
+    """B/elem of a step with ``state_dtype="int8"``: a parameter that takes int8 state reads and writes 1 byte
+    per element and state buffer plus its fp32 scales (4 bytes per 256 elements), instead of 4; the others
+    keep fp32 state (see ``state_precision.int8_eligible``). Averaged over all the elements."""
+    from ..kernels import state_precision as sp
+
+    n = sum(math.prod(s) for s in shapes)
+    q8 = sum(math.prod(s) for s in shapes if sp.int8_eligible(s))
+    saves = 2 * (4 - (1 + 4 / sp.BLOCK)) * _STATE_BUFFERS[algo]  # per int8 element: read + write of each buffer
+    return fp32_bytes - saves * q8 / n
 
 
 def _elementwise_rows(shapes, device, iters, deepspeed: bool):
@@ -161,10 +174,14 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
     add("shardopt.Lion nonfinite=None", ours(shardopt.Lion, lr=1e-4, nonfinite=None), L, "lion")
     add("shardopt.Lion state_dtype=bf16", ours(shardopt.Lion, lr=1e-4, state_dtype="bf16"),
         L + C - _BF16_STATE_SAVES["lion"], "lion")
+    add("shardopt.Lion state_dtype=int8", ours(shardopt.Lion, lr=1e-4, state_dtype="int8"),
+        int8_state_bytes_per_elem(shapes, L + C, "lion"), "lion")
     add("shardopt.AdamW (defaults)", ours(shardopt.AdamW, lr=1e-3), A + C, "adamw")
     add("shardopt.AdamW nonfinite=None", ours(shardopt.AdamW, lr=1e-3, nonfinite=None), A, "adamw")
     add("shardopt.AdamW state_dtype=bf16", ours(shardopt.AdamW, lr=1e-3, state_dtype="bf16"),
         A + C - _BF16_STATE_SAVES["adamw"], "adamw")
+    add("shardopt.AdamW state_dtype=int8", ours(shardopt.AdamW, lr=1e-3, state_dtype="int8"),
+        int8_state_bytes_per_elem(shapes, A + C, "adamw"), "adamw")
     add("shardopt.AdamW grad_clip_norm=1.0", ours(shardopt.AdamW, lr=1e-3, grad_clip_norm=1.0), A + C,
         "adamw clip")
     if device.type == "cuda":
@@ -254,12 +271,17 @@ def _print_table(rows, roofline=None):
         ratio = best_peer.get(r["algo"], float("nan")) / r["ms"]
         r["speedup_vs_best_peer"] = ratio
         err = f"{r['ortho_rms_err']:10.4f}" if "ortho_rms_err" in r else f"{'-':>10}"
-        print(f"{r['name']:<44} {r['ms']:9.2f} {r.get('bytes_per_elem', '-'):>7} {gbs or 0:7.1f} {pct:>7} {err} "
-              f"{ratio:12.2f}x")
+        print(f"{r['name']:<44} {r['ms']:9.2f} {_fmt_bpe(r.get('bytes_per_elem', '-')):>7} {gbs or 0:7.1f} "
+              f"{pct:>7} {err} {ratio:12.2f}x")
     print("B/elem: bytes a step must read and write per fp32 parameter (the defaults' gradient pass reads the "
-          "gradients once more; bf16 state moves 2 bytes per state buffer read and write); % roof: of the first "
-          "roofline row; ortho err: rms|1 - sigma| of the orthogonalized update")
+          "gradients once more; bf16 state moves 2 bytes per state buffer read and write, int8 state 1 byte and "
+          "a 4-byte scale per 256 elements on the matrices that take it, averaged over all elements); % roof: of "
+          "the first roofline row; ortho err: rms|1 - sigma| of the orthogonalized update")
     return _print_targets(rows)
+
+
+def _fmt_bpe(b) -> str:
+    return f"{b:.2f}" if isinstance(b, float) and b != int(b) else str(int(b) if isinstance(b, float) else b)
 
 
 # the ratios the defaults are held to, each (label, row, reference row, target)
@@ -272,6 +294,7 @@ TARGETS = (
      "clip_grad_norm_ + torch.optim.AdamW fused", 1.3),
     ("default Muon vs torch.optim.Muon", "shardopt.Muon (defaults)", "torch.optim.Muon", 1.0),
     ("bf16-state Lion vs fp32-state Lion", "shardopt.Lion state_dtype=bf16", "shardopt.Lion (defaults)", 1.05),
+    ("int8-state Lion vs fp32-state Lion", "shardopt.Lion state_dtype=int8", "shardopt.Lion (defaults)", 1.1),
 )
 
 

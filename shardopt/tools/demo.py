@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -24,7 +25,9 @@ from pathlib import Path
 from . import CommandError
 
 OPTIMIZERS = ("lion", "adamw", "muon")
-STATE_DTYPES = ("fp32", "bf16")  # the optimizers' state_dtype values the demo offers (int8: not available yet)
+STATE_DTYPES = ("fp32", "bf16", "int8")  # the optimizers' state_dtype values the demo offers
+# --compare-state-dtypes: the largest |mean difference| to fp32 state, in nats, each state dtype is held to
+QUALITY_TARGETS = {"bf16": 0.01, "int8": 0.02}
 LAYOUTS = ("zero1", "fsdp2", "deepspeed", "none")
 DEFAULT_STEPS = 150
 DEFAULT_RESUME_STEPS = 30
@@ -65,8 +68,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train (default: cuda if available, else cpu)")
     p.add_argument("--state-dtype", choices=STATE_DTYPES, default=None,
-                   help="optimizer state precision for all three optimizers (state_dtype): fp32 (default) or bf16 "
-                        "(half the state bytes, stochastic rounding); with --resume: the checkpoint's")
+                   help="optimizer state precision for all three optimizers (state_dtype): fp32 (default), bf16 "
+                        "(half the state bytes, stochastic rounding) or int8 (one byte per element and one fp32 "
+                        "scale per 256 elements, for the matrices of at least 4096 elements whose rows are a "
+                        "multiple of 256: those of --size wide; the default model's keep fp32 state); with "
+                        "--resume: the checkpoint's")
+    p.add_argument("--compare-state-dtypes", metavar="LIST", type=_state_dtype_list, default=None,
+                   help="run the demo once per state dtype in LIST (e.g. fp32,bf16,int8; fp32 among them) from the "
+                        "same seed, without checkpoints, and print a markdown table of each optimizer's final "
+                        "held-out loss per state dtype and its difference to fp32 (with --seeds: per seed and the "
+                        "mean), and the state bytes per rank")
     adv = p.add_argument_group("advanced")
     adv.add_argument("--steps", type=_positive_int, default=None,
                      help=f"training steps per optimizer (default {DEFAULT_STEPS}; {DEFAULT_RESUME_STEPS} when resuming)")
@@ -74,12 +85,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help=f"output directory for loss.png, results.json and checkpoint/ (default ./{DEFAULT_OUT}; "
                           "with --resume: the directory holding the checkpoint)")
     adv.add_argument("--seed", type=int, default=None, help="seed for the model and the data stream (default 0)")
+    adv.add_argument("--seeds", metavar="LIST", type=_seed_list, default=None,
+                     help="with --compare-state-dtypes: the seeds to run each state dtype from, e.g. 0,1,2 "
+                          "(default: --seed)")
     adv.add_argument("--backend", choices=("auto", "torch", "cpu", "triton"), default="auto",
                      help="optimizer kernel backend (default auto)")
     adv.add_argument("--no-checkpoint", action="store_true", help="do not save a checkpoint at the end")
-    # for tests: a smaller model
-    adv.add_argument("--size", choices=("default", "tiny"), default="default", help=argparse.SUPPRESS)
+    adv.add_argument("--size", choices=("default", "wide", "tiny"), default="default",
+                     help="the model: default (d_model 96, 0.36M parameters), wide (d_model 256, 2.4M parameters, "
+                          "every matrix takes int8 state; several times slower) or tiny (for tests)")
     return p
+
+
+def _state_dtype_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in STATE_DTYPES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected state dtypes from {', '.join(STATE_DTYPES)} separated by "
+                                         f"commas, got {text!r}")
+    if "fp32" not in names:
+        raise argparse.ArgumentTypeError(f"the list needs fp32, the state the others are compared with, got {text!r}")
+    return list(dict.fromkeys(["fp32"] + names))  # fp32 first, each once
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2, got {text!r}")
+    return list(dict.fromkeys(seeds))
 
 
 def _positive_int(text: str) -> int:
@@ -151,6 +187,8 @@ def make_plan(args) -> dict:
 
     from ._demo_model import SIZES
 
+    if getattr(args, "seeds", None) and not getattr(args, "compare_state_dtypes", None):
+        raise CommandError("--seeds goes with --compare-state-dtypes; use --seed for one run")
     device = _resolve_device(args.device)
     ngpu = torch.cuda.device_count() if device == "cuda" else 0
     resume = Path(args.resume) if args.resume else None
@@ -189,6 +227,11 @@ def make_plan(args) -> dict:
         )
     if args.layout == "deepspeed":
         _check_deepspeed()
+    # shardopt.checkpoint stores fp32 and bf16 state; int8 codes and scales it cannot save or load yet
+    int8_held = state_dtype == "int8" and (args.layout == "deepspeed" or bool(_int8_shapes(size)))
+    if resume and int8_held:
+        raise CommandError("--resume with int8 optimizer state: shardopt.checkpoint cannot load into int8 state "
+                           "yet; resume with --state-dtype fp32 or bf16")
 
     # NCCL needs a GPU per rank; more ranks than GPUs share them over gloo.
     dist_backend = "nccl" if device == "cuda" and world <= ngpu else "gloo"
@@ -208,7 +251,9 @@ def make_plan(args) -> dict:
         "seed": seed,
         "steps": steps,
         "out": str(out),
-        "checkpoint_dir": None if args.no_checkpoint else str(out / "checkpoint"),
+        "checkpoint_dir": None if args.no_checkpoint or int8_held else str(out / "checkpoint"),
+        "checkpoint_skipped": ("shardopt.checkpoint cannot save int8 optimizer state yet (--state-dtype fp32 or "
+                               "bf16 saves one)") if int8_held and not args.no_checkpoint else None,
         "resume_dir": str(resume) if resume else None,
         "resume_meta": meta,
         "threads_per_rank": max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world))) if device == "cpu" else None,
@@ -294,6 +339,8 @@ def _raise_rank_failure(tmp, result_file, world, plan, exc):
 
 
 def run(args) -> int:
+    if args.compare_state_dtypes:
+        return compare(args)
     plan = make_plan(args)
     _quiet_deepspeed(plan)
     if _under_torchrun():
@@ -333,9 +380,40 @@ def _announce(plan: dict):
 
     with torch.device("meta"):
         n = num_params(TinyGPT(cfg))
+    sd = plan.get("state_dtype", "fp32")
     print(f"shardopt demo: {what} | {layout_label(plan)} | {ranks} | {n / 1e6:.2f}M-param GPT, "
-          f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens | {plan.get('state_dtype', 'fp32')} "
-          "optimizer state", flush=True)
+          f"{plan['steps']} steps of {cfg.global_batch}x{cfg.seq_len} tokens | {sd} optimizer state"
+          + (f" ({int8_coverage(plan)})" if sd == "int8" else ""), flush=True)
+
+
+def _int8_shapes(size: str) -> list:
+    """The shapes of the ``size`` model's parameters that take int8 state (in ZeRO-1, FSDP2 or on one rank)."""
+    from ..kernels import state_precision
+    from ._demo_model import SIZES, TinyGPT
+    import torch
+
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in TinyGPT(SIZES[size]).parameters() if state_precision.int8_eligible(p.shape)]
+
+
+def int8_coverage(plan: dict) -> str:
+    """Which of the model's parameters take int8 state, in words (DeepSpeed: its flat partitions)."""
+    from ..kernels import state_precision
+    from ._demo_model import SIZES, TinyGPT
+
+    if plan["layout"] == "deepspeed":
+        return "int8 blocks of DeepSpeed's flat partitions"
+    import torch
+
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for p in TinyGPT(SIZES[plan["size"]]).parameters()]
+    ok = [s for s in shapes if state_precision.int8_eligible(s)]
+    if not ok:
+        return (f"none of the model's {len(shapes)} tensors takes int8, so the state stays fp32: a matrix needs "
+                f"{state_precision.INT8_MIN_NUMEL} elements and rows of a multiple of {state_precision.BLOCK}; "
+                "--size wide has such matrices")
+    n_ok, n = sum(math.prod(s) for s in ok), sum(math.prod(s) for s in shapes)
+    return f"int8 for {len(ok)} of {len(shapes)} tensors, {n_ok / n:.1%} of the elements; the others fp32"
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -364,9 +442,10 @@ def results_table(results: list[dict]) -> list[str]:
             share = f"{b / full:.0%}" if full else "-"
             lines.append(f"{name:<9} {layout:<16} {r:>4} {_fmt_bytes(b):>12} {_fmt_bytes(full):>11} {share:>6} "
                          f"{ms:>8} {loss:>10} {sd:>5}".rstrip())
-    lines.append("state bytes: optimizer state this rank holds (its real bytes: bf16 state is half of fp32); "
-                 "unsharded: what each rank would hold without sharding; final loss: mean of the last 10 steps; "
-                 "state: the state dtype")
+    lines.append("state bytes: optimizer state this rank holds (its real bytes: bf16 state is half of fp32, int8 "
+                 "state a byte per element and a 4-byte scale per 256 where a matrix takes it); unsharded: what "
+                 "each rank would hold without sharding; final loss: mean of the last 10 steps; state: the state "
+                 "dtype")
     return lines
 
 
@@ -477,6 +556,8 @@ def report(plan: dict, results: list[dict]):
     summary = {"plan": {k: v for k, v in plan.items() if k != "resume_meta"}, "results": results, "continuity": checks}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     ckpt = plan.get("checkpoint_dir")
+    if plan.get("checkpoint_skipped"):
+        print(f"checkpoint: not saved: {plan['checkpoint_skipped']}")
     if ckpt:
         meta = folder_meta(Path(ckpt), plan)
         (Path(ckpt) / META).write_text(json.dumps(meta, indent=1))
@@ -487,3 +568,120 @@ def report(plan: dict, results: list[dict]):
         print(f"  continue it at another world size:  shardopt demo --resume {ckpt} --nproc {other}")
     if checks and not all(c["ok"] for c in checks.values()):
         raise CommandError("the resumed loss curve did not continue from the checkpoint (see above)")
+
+
+# ---------------------------------------------------------------------------- --compare-state-dtypes
+NAMES = {"lion": "Lion", "adamw": "AdamW", "muon": "Muon"}
+
+
+def compare(args) -> int:
+    """``--compare-state-dtypes``: one demo per (seed, state dtype), then the held-out loss table."""
+    dtypes = args.compare_state_dtypes
+    if args.resume:
+        raise CommandError("--compare-state-dtypes trains from scratch; it does not take --resume")
+    if args.state_dtype:
+        raise CommandError("--compare-state-dtypes sets the state dtype of each run; leave --state-dtype out")
+    if args.seeds and args.seed is not None:
+        raise CommandError("--seed and --seeds: give one of them")
+    if _under_torchrun():
+        raise CommandError("--compare-state-dtypes spawns its own ranks, one run after another; "
+                           "run it without torchrun")
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT)
+    runs, plan, kernels = {}, None, None
+    for seed in seeds:
+        for sd in dtypes:
+            one = argparse.Namespace(**{**vars(args), "state_dtype": sd, "seed": seed, "seeds": None,
+                                        "compare_state_dtypes": None, "no_checkpoint": True, "resume": None,
+                                        "out": str(out / "compare" / f"seed{seed}-{sd}")})
+            plan = make_plan(one)
+            plan["quiet"] = True  # no summary() tables: the comparison at the end says it all
+            _quiet_deepspeed(plan)
+            _announce(plan)
+            if kernels is None:
+                _prebuild_kernels(plan)
+                kernels = plan["backend"], plan.get("kernels_announced", False)
+            plan["backend"], plan["kernels_announced"] = kernels[0], kernels[1] or plan.get("kernels_announced", False)
+            results = _spawn(plan)
+            runs[(seed, sd)] = results
+            for r in results:
+                print(f"  {r['optimizer']} {sd} seed {seed}: held-out loss {r['eval_loss']:.4f}, state "
+                      f"{_fmt_bytes(max(r['state_bytes']))} per rank", flush=True)
+    lines = compare_table(runs, dtypes, seeds, plan)
+    print()
+    for line in lines:
+        print(line)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "compare.json"
+    path.write_text(json.dumps({
+        "plan": {k: v for k, v in plan.items() if k not in ("resume_meta", "state_dtype", "seed", "out")},
+        "state_dtypes": dtypes, "seeds": seeds, "table": lines,
+        "runs": [{"seed": seed, "state_dtype": sd, "results": res} for (seed, sd), res in runs.items()],
+    }, indent=1))
+    print(f"\nruns: {path}")
+    return 0
+
+
+def _diff(d: float) -> str:
+    return f"{round(d, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+
+
+def compare_table(runs: dict, dtypes: list[str], seeds: list[int], plan: dict) -> list[str]:
+    """Markdown: final held-out loss per optimizer, seed and state dtype, the difference to fp32 and (with
+    several seeds) the means; then the state bytes per rank and the quality targets."""
+    from ._demo_model import SIZES, TinyGPT, num_params
+
+    import torch
+
+    with torch.device("meta"):
+        n = num_params(TinyGPT(SIZES[plan["size"]]))
+    others = [d for d in dtypes if d != "fp32"]
+    opts = [r["optimizer"] for r in runs[(seeds[0], "fp32")]]
+    loss = {(seed, sd, r["optimizer"]): r["eval_loss"] for (seed, sd), res in runs.items() for r in res}
+    size = f"{plan['size']} model" if plan["size"] != "default" else "the demo model"
+    lines = [f"Final held-out loss (nats/char), {size} ({n / 1e6:.2f}M parameters), {plan['steps']} steps, "
+             f"{layout_label(plan)} on {_ranks(plan['world'])}, seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))}:", ""]
+    head = ["optimizer"] + (["seed"] if len(seeds) > 1 else []) + ["fp32 state"]
+    for d in others:
+        head += [f"{d} state", f"{d} - fp32"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    means = {}
+    for o in opts:
+        for seed in seeds + (["mean"] if len(seeds) > 1 else []):
+            if seed == "mean":
+                vals = {d: statistics.fmean(loss[(s, d, o)] for s in seeds) for d in dtypes}
+            else:
+                vals = {d: loss[(seed, d, o)] for d in dtypes}
+            cells = [NAMES.get(o, o)] + ([str(seed)] if len(seeds) > 1 else []) + [f"{vals['fp32']:.4f}"]
+            for d in others:
+                cells += [f"{vals[d]:.4f}", _diff(vals[d] - vals["fp32"])]
+            lines.append("| " + " | ".join(cells) + " |")
+            means[o] = vals
+    # state bytes per rank (the largest rank), as each run's optimizers held them
+    lines += ["", "Optimizer state per rank (the largest rank; real bytes):", "",
+              "| optimizer | " + " | ".join(f"{d} state" for d in dtypes) + " |", "|" + "---|" * (len(dtypes) + 1)]
+    for o in opts:
+        res = {d: next(r for r in runs[(seeds[0], d)] if r["optimizer"] == o) for d in dtypes}
+        lines.append(f"| {NAMES.get(o, o)} | " + " | ".join(_fmt_bytes(max(res[d]["state_bytes"])) for d in dtypes)
+                     + " |")
+    lines.append("")
+    what = "the mean over the seeds" if len(seeds) > 1 else "one seed"
+    for d in others:
+        target = QUALITY_TARGETS.get(d)
+        if target is None:
+            continue
+        diffs = {o: means[o][d] - means[o]["fp32"] for o in opts}
+        met = [NAMES.get(o, o) for o in opts if abs(diffs[o]) <= target]
+        # five decimals: a difference that the table rounds to the target itself shows which side it is on
+        missed = [f"{NAMES.get(o, o)} ({round(diffs[o], 5) + 0.0:+.5f})" for o in opts if abs(diffs[o]) > target]
+        verdict = (f"met for {', '.join(met)}" if met else "") + ("; " if met and missed else "") + \
+                  (f"NOT met for {', '.join(missed)}" if missed else "")
+        lines.append(f"target |{d} - fp32| <= {target} nats ({what}): {verdict}")
+    if any(d in QUALITY_TARGETS for d in others):
+        lines.append("(a negative difference is a lower held-out loss than with fp32 state)")
+    if "int8" in others and not any(r.get("int8_tensors") for (_, sd), res in runs.items() if sd == "int8"
+                                    for r in res):
+        lines.append("int8: no parameter of this model took int8 state (a matrix needs 4096 elements and rows of "
+                     "a multiple of 256), so the int8 runs kept fp32 state: --size wide has such matrices")
+    return lines

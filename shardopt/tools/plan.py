@@ -211,16 +211,68 @@ def optimizer_tensors(model, optimizer: str, param_dtype=None, muon_aux: str = "
 
 
 # ---------------------------------------------------------------------------- bytes per element
-def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict | None = None) -> int:
+def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict | None = None,
+                        shape=None) -> float:
     """Optimizer-state bytes per owned element: the algorithm's state tensors, each in ``state_dtype``
-    (4 bytes for fp32, 2 for bf16; see :data:`shardopt.kernels.state_precision.FORMATS`)."""
+    (4 bytes for fp32, 2 for bf16; see :data:`shardopt.kernels.state_precision.FORMATS`).
+
+    int8 depends on the parameter: one byte per element plus one fp32 scale per 256 elements
+    (``1 + 4/256``) for a ``shape`` that :func:`~shardopt.kernels.state_precision.int8_eligible` accepts,
+    fp32's 4 bytes for the others (the optimizers keep their state fp32)."""
     from ..kernels import state_precision
     from ..optim.base import ALGORITHMS
 
     check_state_dtype(state_dtype)
     algo = ALGORITHMS[algorithm]
-    per = state_precision.FORMATS[state_dtype].element_bytes
-    return int(per * len(algo.state_keys(group if group is not None else algo.defaults)))
+    keys = len(algo.state_keys(group if group is not None else algo.defaults))
+    if state_dtype == "int8":
+        if shape is None:
+            raise ValueError("int8 optimizer-state bytes depend on the parameter's shape: pass shape= "
+                             "(parameters that int8_eligible rejects keep fp32 state)")
+        if not state_precision.int8_eligible(shape):
+            return int(state_precision.FORMATS["fp32"].element_bytes * keys)
+        return state_precision.FORMATS["int8"].element_bytes * keys
+    return int(state_precision.FORMATS[state_dtype].element_bytes * keys)
+
+
+# per-element weights are summed in units of 1/UNIT byte: int8 state is 1 + 4/256 = 65/64 bytes per element,
+# exact on the pieces the layouts cut (whole 256-element blocks)
+UNIT = 64
+
+
+def _units(nbytes) -> int:
+    u = nbytes * UNIT
+    if u != int(u):
+        raise AssertionError(f"{nbytes} bytes per element is not a whole number of 1/{UNIT} bytes")
+    return int(u)
+
+
+def _int8_tensor(t: Tensor, tp: int = 1) -> bool:
+    """Whether the optimizer gives ``t`` int8 state (its group asks and its shape holds whole blocks in the
+    layout). Under tensor parallelism a column- or row-parallel weight is not ``Shard(0)``-only on the mesh,
+    and DTensorLayout keeps its state fp32."""
+    from ..kernels import state_precision
+
+    return (t.state_dtype == "int8" and state_precision.int8_eligible(t.shape)
+            and (tp == 1 or t.tp == "replicate"))
+
+
+def _partition_state_bytes(algorithm: str, state_dtype: str, numel):
+    """State bytes of a DeepSpeed flat partition of ``numel`` elements (numpy array or int): under int8, a
+    partition of at least INT8_MIN_NUMEL elements gets codes and one scale per 256 of its own elements
+    (the last block may be short), a smaller one fp32 state."""
+    import numpy as np
+
+    from ..kernels import state_precision as sp
+
+    if state_dtype != "int8":
+        return numel * state_element_bytes(algorithm, state_dtype)
+    fp32 = state_element_bytes(algorithm, "fp32")
+    keys = fp32 // 4
+    n = np.asarray(numel, dtype=np.int64)
+    q8 = keys * (n + 4 * (-(-n // sp.BLOCK)))
+    out = np.where(n >= sp.INT8_MIN_NUMEL, q8, n * fp32)
+    return out if np.ndim(numel) else int(out)
 
 
 def check_state_dtype(state_dtype: str) -> None:
@@ -241,12 +293,12 @@ def master_element_bytes(param_dtype, master_weights: bool = True) -> int:
     return 4 if master_weights and param_dtype in LOW_PRECISION else 0
 
 
-def update_traffic_bytes(algorithm: str, param_bytes: int, state_bytes: int, master_bytes: int) -> int:
+def update_traffic_bytes(algorithm: str, param_bytes: int, state_bytes: float, master_bytes: int) -> float:
     """Memory traffic of the fused update per owned element (for the time estimate).
 
     Read the gradient, read and write the weights updated (the fp32 master if
-    any, then write the parameter) and the state; Muon also writes its
-    Newton-Schulz input and reads its output back (fp32)."""
+    any, then write the parameter) and the state (int8 state: its codes and
+    scales); Muon also writes its Newton-Schulz input and reads its output back (fp32)."""
     work = master_bytes or param_bytes
     traffic = param_bytes + 2 * work + 2 * state_bytes + (param_bytes if master_bytes else 0)
     if algorithm == "muon":
@@ -317,22 +369,39 @@ class WorldPlan:
                 "comm_s": float(wire[r]), "rank": r}
 
 
-def _arrays(tensors):
+def _arrays(tensors, tp: int = 1):
+    """Per tensor: elements, parameter bytes, the weights (state, master, update traffic per element, in
+    1/:data:`UNIT` bytes), whether Muon owns it whole, its Newton-Schulz cost, and its ZeRO-1 cut
+    granularity (256 for int8 state, else 1)."""
     import numpy as np
 
     from ..functional import ns_flops
+    from ..kernels import state_precision
 
     numel = np.array([t.numel for t in tensors], dtype=np.int64)
     pbytes = np.array([t.dtype.itemsize for t in tensors], dtype=np.int64)
-    sbytes = np.array([state_element_bytes(t.algorithm, t.state_dtype) for t in tensors], dtype=np.int64)
-    mbytes = np.array([master_element_bytes(t.dtype) for t in tensors], dtype=np.int64)
-    traffic = np.array([update_traffic_bytes(t.algorithm, t.dtype.itemsize, s, m)
-                        for t, s, m in zip(tensors, sbytes.tolist(), mbytes.tolist())], dtype=np.int64)
+    q8 = [_int8_tensor(t, tp) for t in tensors]
+    sb = [state_element_bytes(t.algorithm, t.state_dtype if q or t.state_dtype != "int8" else "fp32",
+                              shape=t.shape) for t, q in zip(tensors, q8)]
+    mb = [master_element_bytes(t.dtype) for t in tensors]
+    traffic = [update_traffic_bytes(t.algorithm, t.dtype.itemsize, s, m) for t, s, m in zip(tensors, sb, mb)]
     whole = [t.algorithm == "muon" for t in tensors]
     costs = [ns_flops(t.shape) if w else 0 for t, w in zip(tensors, whole)]
     # columns summed per rank over owned elements: state, master, update traffic
-    weights = np.stack([sbytes, mbytes, traffic], axis=1)
-    return numel, pbytes, weights, whole, costs
+    weights = np.array([[_units(a), _units(b), _units(c)] for a, b, c in zip(sb, mb, traffic)],
+                       dtype=np.int64).reshape(len(tensors), 3)
+    blocks = [state_precision.BLOCK if q else 1 for q in q8]
+    return numel, pbytes, weights, whole, costs, blocks
+
+
+def _bytes_of(units):
+    """Whole bytes from sums in 1/UNIT bytes (exact: int8 pieces hold whole blocks)."""
+    import numpy as np
+
+    u = np.asarray(units, dtype=np.int64)
+    if (u % UNIT).any():
+        raise AssertionError("a rank's int8 state does not hold whole 256-element blocks")
+    return u // UNIT
 
 
 def _stats_all_reduce(world: int, n_params: int, *, what="", by="shardopt", calls=1):
@@ -365,16 +434,17 @@ def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, gra
     from ..sharding import zero1
     from ..sharding.plan import plan_zero1
 
-    numel, pbytes, weights, whole, costs = _arrays(tensors)
+    numel, pbytes, weights, whole, costs, blocks = _arrays(tensors)
     n_bytes = int((numel * pbytes).sum())
     if world == 1:
-        owned = (numel[:, None] * weights).sum(0)
+        owned = _bytes_of((numel[:, None] * weights).sum(0))
         ns, table = _ns_table(tensors, [0 if w else None for w in whole], costs, 1)
         one = np.ones(1, np.int64)
         return WorldPlan(1, "none", "one process: every state tensor whole and local", n_bytes * one, n_bytes * one,
                          owned[1] * one, owned[0] * one, owned[2] * one, ns, table)
     plan = plan_zero1([t.numel for t in tensors], [t.dtype for t in tensors], whole, [float(c) for c in costs],
-                      world, bucket_elements=zero1.DEFAULT_BUCKET_ELEMENTS, align_bytes=zero1.ALIGN_BYTES)
+                      world, bucket_elements=zero1.DEFAULT_BUCKET_ELEMENTS, align_bytes=zero1.ALIGN_BYTES,
+                      blocks=blocks)
     owned = np.zeros((world, weights.shape[1]), dtype=np.int64)
     gather = np.int64(0)
     for st in plan.streams:
@@ -384,6 +454,7 @@ def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, gra
                 owned[o] += numel[st.indices[k]] * weights[st.indices[k]]
         owned += _split_window_sums(sp, [weights[i] for i in st.indices])
         gather += world * sp.segment * st.dtype.itemsize
+    owned = _bytes_of(owned)
     ns, table = _ns_table(tensors, plan.owner, costs, world)
     full = np.full(world, n_bytes, np.int64)
     # finish(): a send segment and the W-segment receive buffer per bucket; prepare_grads() the same in grad dtype
@@ -412,7 +483,8 @@ def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, gra
 
 
 def _split_window_sums(sp, weights):
-    """Per rank, the weighted element count of its window of the bucket's splittable stream."""
+    """Per rank, the weighted element count of its window of the bucket's splittable stream (a window
+    edge inside an item with int8 state moves down to a multiple of its blocks, as ``split_window``)."""
     import numpy as np
 
     split = [k for k, o in enumerate(sp.owners) if o is None and sp.numels[k] > 0]
@@ -427,6 +499,18 @@ def _split_window_sums(sp, weights):
     base = np.array(sp.split_base, dtype=np.int64)
     lo = np.minimum(base, total)
     hi = np.minimum(base + sp.segment - sp.slack - np.array(sp.whole_used, dtype=np.int64), total)
+    if sp.blocks:
+        blk = np.array([sp.blocks[k] for k in split], dtype=np.int64)
+
+        def snap(x):
+            j = np.searchsorted(starts, x, side="right") - 1
+            jj = np.clip(j, 0, len(split) - 1)
+            a, b = starts[jj], blk[jj]
+            inside = (j >= 0) & (b > 1) & (a < x) & (x < a + sizes[jj])
+            return np.where(inside, a + (x - a) // b * b, x)
+
+        lo, hi = snap(lo), snap(hi)
+        hi = np.maximum(lo, hi)
 
     def upto(x):  # weighted count of stream elements before x
         j = np.clip(np.searchsorted(starts, x, side="right") - 1, 0, len(split) - 1)
@@ -462,7 +546,7 @@ def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None,
 
     shards = world // (replicas * tp)
     mesh = (replicas, shards, tp)
-    numel, pbytes, weights, whole, costs = _arrays(tensors)
+    numel, pbytes, weights, whole, costs, _ = _arrays(tensors, tp)
     splits = [_mesh_splits(t, tp) for t in tensors]
     group_dims = tuple(sorted({d for sps in splits for sp in sps for d in sp.mesh_dims}))
     coords = group_coords(mesh, group_dims, (0, 0, 0))  # group index -> coordinate (replica 0)
@@ -509,6 +593,7 @@ def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None,
             a2a += np.where((idx != o) & can, n, 0) * cbytes
             a2a[o] += (int(n.sum()) - int(n[o])) * cbytes
             owned_muon[o] += t.numel
+    owned = _bytes_of(owned)
     ns, table = _ns_table(tensors, plan.owner, costs, G)
     # per global rank (row-major over (replicas, shards, tp)): its group index's figures
     expand = np.array([mesh_index((g // (shards * tp), g // tp % shards, g % tp), group_dims, mesh)
@@ -556,13 +641,18 @@ def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
     parameter to a multiple of W and gives every rank ceil(numel / W) of it."""
     import numpy as np
 
-    numel, pbytes, weights, _, _ = _arrays(tensors)
+    numel = np.array([t.numel for t in tensors], dtype=np.int64)
     dts = {t.dtype for t in tensors}
     if len(dts) != 1:
         raise ValueError(f"DeepSpeed needs one dtype per parameter group; the model mixes {sorted(map(str, dts))}")
-    p = int(pbytes[0])
-    sb = int(weights[0, 0])
-    traffic = update_traffic_bytes(tensors[0].algorithm, 4, sb, 0) + p  # fp32 partition, then the bf16 copy
+    p = next(iter(dts)).itemsize
+    algo, sd = tensors[0].algorithm, tensors[0].state_dtype
+
+    def state_of(part):  # DeepSpeed's flat fp32 partition holds its own int8 blocks
+        return _partition_state_bytes(algo, sd, part)
+
+    def traffic_of(part):  # fp32 partition, then the bf16 copy
+        return part * (update_traffic_bytes(algo, 4, 0, 0) + p) + 2 * state_of(part)
     ones = np.ones(world, np.int64)
     n = int(numel.sum())
     if stage in (1, 2):
@@ -577,15 +667,17 @@ def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
         ]
         detail = f"one flat group of {flat:,} elements (padded to 2 x W), {part:,} per rank"
         return WorldPlan(world, f"deepspeed-zero{stage}", detail, n * p * ones, grads * ones, part * 4 * ones,
-                         part * sb * ones, part * traffic * ones, 0 * ones, {}, colls)
+                         state_of(part) * ones, traffic_of(part) * ones, 0 * ones, {}, colls)
     parts = -(-numel // world)
     part = int(parts.sum())
     persistent = numel <= DS_PERSISTENCE_THRESHOLD
-    sub_groups, acc = 0, 0
+    sub_groups, acc, sub_parts = 0, 0, []
     for k, x in enumerate(parts.tolist()):  # DeepSpeed's _create_fp16_sub_groups
         acc += x
         if acc >= DS_SUB_GROUP_SIZE or k == len(parts) - 1:
-            sub_groups, acc = sub_groups + 1, 0
+            sub_groups, acc, sub_parts = sub_groups + 1, 0, sub_parts + [acc]
+    state = sum(state_of(x) for x in sub_parts)  # one flat fp32 partition per sub-group
+    traffic = sum(traffic_of(x) for x in sub_parts)
     gathered = int((parts * world)[~persistent].sum()) * p
     colls = [
         Collective("all_gather", 2 * gathered * ones, "DeepSpeed",
@@ -598,7 +690,7 @@ def plan_deepspeed_world(tensors, world: int, stage: int) -> WorldPlan:
     params = part * p + int(numel[persistent].sum()) * p
     detail = f"every parameter cut into W parts of ceil(numel/W); {sub_groups} optimizer sub-group(s)"
     return WorldPlan(world, "deepspeed-zero3", detail, params * ones, part * p * ones, part * 4 * ones,
-                     part * sb * ones, part * traffic * ones, 0 * ones, {}, colls,
+                     state * ones, traffic * ones, 0 * ones, {}, colls,
                      [f"parameters under {DS_PERSISTENCE_THRESHOLD:,} elements stay whole on every rank "
                       "(stage3_param_persistence_threshold)"])
 
@@ -635,7 +727,7 @@ def plan_deepspeed_muon_world(tensors, world: int, stage: int, ns_bytes: int = 2
     for ts in groups.values():
         numels = [t.numel for t in ts]
         n = sum(numels)
-        sb = state_element_bytes(ts[0].algorithm, ts[0].state_dtype)
+        algo, sd = ts[0].algorithm, ts[0].state_dtype
         if stage in (1, 2):
             flat = -(-n // (DS_NCCL_START_ALIGNMENT * world)) * DS_NCCL_START_ALIGNMENT * world
             part = np.full(world, flat // world, np.int64)
@@ -652,8 +744,9 @@ def plan_deepspeed_muon_world(tensors, world: int, stage: int, ns_bytes: int = 2
             params += int(parts.sum()) * p
             grads += int(parts.sum()) * p
         master += part * 4
-        state += part * sb
-        traffic += part * (update_traffic_bytes(ts[0].algorithm, 4, sb, 0) + p)
+        sbytes = _partition_state_bytes(algo, sd, part)  # the group's flat partition holds its own int8 blocks
+        state += sbytes
+        traffic += part * (update_traffic_bytes(algo, 4, 0, 0) + p) + 2 * sbytes
         if ts[0].algorithm != "muon":
             continue
         for k, t in enumerate(ts):
@@ -899,8 +992,9 @@ def plan(model="llama-8b", *, world_sizes=(8,), layout: str = "zero1", optimizer
     shards x tp), cutting nn.Linear modules by ``tp_plan`` (leaf name -> "colwise" / "rowwise";
     default :func:`tp_roles`'s Megatron-style names). Returns a :class:`Plan`
     (``.format()``, ``.to_dict()``, ``.plot(path)``; ``.worlds[k]`` holds the
-    per-rank numpy arrays). ``state_dtype`` is the optimizers' state precision (``fp32`` or ``bf16``;
-    ``int8`` is listed but not available yet)."""
+    per-rank numpy arrays). ``state_dtype`` is the optimizers' state precision (``fp32``, ``bf16`` or
+    ``int8``: 1 byte per element and one fp32 scale per 256 for the parameters
+    :func:`~shardopt.kernels.state_precision.int8_eligible` accepts, fp32 for the others)."""
     kind, rep, shd, stage = parse_layout(layout)
     check_state_dtype(state_dtype)
     if optimizer not in OPTIMIZERS:
@@ -995,7 +1089,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "step time is an estimate."
         ),
         epilog=(
-            "Optimizer state is counted in --state-dtype (fp32 by default; bf16 halves it). --tp N plans "
+            "Optimizer state is counted in --state-dtype (fp32 by default; bf16 halves it; int8 stores about a "
+            "quarter of it for the matrices that take it). --tp N plans "
             "FSDP2 x TP (or HSDP x TP) with the planning functions the DTensor layout runs; TP's own "
             "activation all-reduces depend on the batch and are not counted. Bytes are counted as shardopt.sharding.comm counts them "
             "(all-gather: output, reduce-scatter: input, all-to-all: bytes sent to other ranks); collectives "
@@ -1020,7 +1115,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "like the state)")
     p.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"), default="fp32",
                    help="optimizer state precision, the optimizers' state_dtype (default: fp32; bf16: 2 bytes per "
-                        "state element; int8 is not available yet)")
+                        "state element; int8: 1 byte per element + one fp32 scale per 256 elements for matrices "
+                        "of at least 4096 elements whose rows are a multiple of 256, fp32 for the others)")
     p.add_argument("--reduce-gradients", action="store_true",
                    help="zero1: the optimizer reduce-scatters the gradients itself (no DDP)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
