@@ -623,8 +623,10 @@ def test_plan_state_dtype_option(capsys):
     # int8: 1 byte + one fp32 scale per 256 elements per state tensor where the shape takes it, else fp32
     assert [state_element_bytes(a, "int8", shape=(64, 256)) for a in ALGOS] == [1 + 4 / 256, 2 + 8 / 256,
                                                                                  1 + 4 / 256]
-    for small in ((40, 100), (4096,), (8, 256), (70, 100)):
+    for small in ((40, 100), (4096,), (8, 256), (70, 61)):
         assert [state_element_bytes(a, "int8", shape=small) for a in ALGOS] == [4, 8, 4], small
+    # narrow rows: blocks of their largest divisor in [64, 256] (here 100)
+    assert state_element_bytes("adamw", "int8", shape=(70, 100)) == 2 * (1 + 4 / 100)
     with pytest.raises(ValueError, match="shape"):
         state_element_bytes("lion", "int8")
     with pytest.raises(ValueError, match="fp32, bf16, int8"):
@@ -662,8 +664,8 @@ _INT8_SHAPES = [(64, 256), (5,), (40, 100), (3, 4096), (70, 100), (16, 512), (25
 
 
 class _Int8Holder(torch.nn.Module):
-    """Parameters int8 state takes (2-D and 3-D, rows of 256 and 512) and ones it leaves fp32 (1-D, under
-    4096 elements, rows of 100)."""
+    """Parameters int8 state takes (2-D and 3-D, rows of 256 and 512 in blocks of 256, rows of 100 in blocks of
+    100) and ones it leaves fp32 (1-D, under 4096 elements)."""
 
     def __init__(self):
         super().__init__()
@@ -719,10 +721,10 @@ def test_plan_counts_the_int8_state_bytes_of_every_rank(layout):
                       state_dtype="int8")
             assert pl.worlds[0].state.tolist() == real, (layout, world, name)
     # the independent count, one process
-    n8 = sum(math.prod(s) for s in _INT8_SHAPES if sp.int8_eligible(s))
-    n32 = sum(math.prod(s) for s in _INT8_SHAPES if not sp.int8_eligible(s))
+    want = sum(math.prod(s) + 4 * math.prod(s) // sp.int8_block(s) if sp.int8_eligible(s) else 4 * math.prod(s)
+               for s in _INT8_SHAPES)
     assert plan(_Int8Holder(), world_sizes=[1], layout=layout, optimizer="lion", param_dtype="fp32",
-                state_dtype="int8").worlds[0].state.tolist() == [n8 + 4 * n8 // 256 + 4 * n32]
+                state_dtype="int8").worlds[0].state.tolist() == [want]
 
 
 # ---------------------------------------------------------------- shardopt demo

@@ -216,9 +216,9 @@ def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict |
     """Optimizer-state bytes per owned element: the algorithm's state tensors, each in ``state_dtype``
     (4 bytes for fp32, 2 for bf16; see :data:`shardopt.kernels.state_precision.FORMATS`).
 
-    int8 depends on the parameter: one byte per element plus one fp32 scale per 256 elements
-    (``1 + 4/256``) for a ``shape`` that :func:`~shardopt.kernels.state_precision.int8_eligible` accepts,
-    fp32's 4 bytes for the others (the optimizers keep their state fp32)."""
+    int8 depends on the parameter: one byte per element plus one fp32 scale per block (``1 + 4/B``, ``B``
+    the block :func:`~shardopt.kernels.state_precision.int8_block` gives ``shape``: 256, or fewer for narrow
+    rows), fp32's 4 bytes for the shapes it rejects (the optimizers keep their state fp32)."""
     from ..kernels import state_precision
     from ..optim.base import ALGORITHMS
 
@@ -229,22 +229,21 @@ def state_element_bytes(algorithm: str, state_dtype: str = "fp32", group: dict |
         if shape is None:
             raise ValueError("int8 optimizer-state bytes depend on the parameter's shape: pass shape= "
                              "(parameters that int8_eligible rejects keep fp32 state)")
-        if not state_precision.int8_eligible(shape):
+        b = state_precision.int8_block(shape)
+        if not b:
             return int(state_precision.FORMATS["fp32"].element_bytes * keys)
-        return state_precision.FORMATS["int8"].element_bytes * keys
+        return (1.0 + 4.0 / b) * keys
     return int(state_precision.FORMATS[state_dtype].element_bytes * keys)
 
 
-# per-element weights are summed in units of 1/UNIT byte: int8 state is 1 + 4/256 = 65/64 bytes per element,
-# exact on the pieces the layouts cut (whole 256-element blocks)
+# per-element weights are summed in units of 1/UNIT byte (fp64): int8 state is 1 + 4/B bytes per element
+# (B = 256 gives 65/64; narrower blocks give fractions no power of two holds), a whole number of bytes
+# on the pieces the layouts cut (whole blocks), rounded back at the end
 UNIT = 64
 
 
-def _units(nbytes) -> int:
-    u = nbytes * UNIT
-    if u != int(u):
-        raise AssertionError(f"{nbytes} bytes per element is not a whole number of 1/{UNIT} bytes")
-    return int(u)
+def _units(nbytes) -> float:
+    return float(nbytes) * UNIT
 
 
 def _int8_tensor(t: Tensor, tp: int = 1) -> bool:
@@ -389,8 +388,8 @@ def _arrays(tensors, tp: int = 1):
     costs = [ns_flops(t.shape) if w else 0 for t, w in zip(tensors, whole)]
     # columns summed per rank over owned elements: state, master, update traffic
     weights = np.array([[_units(a), _units(b), _units(c)] for a, b, c in zip(sb, mb, traffic)],
-                       dtype=np.int64).reshape(len(tensors), 3)
-    blocks = [state_precision.BLOCK if q else 1 for q in q8]
+                       dtype=np.float64).reshape(len(tensors), 3)
+    blocks = [state_precision.int8_block(t.shape) if q else 1 for t, q in zip(tensors, q8)]
     return numel, pbytes, weights, whole, costs, blocks
 
 
@@ -398,10 +397,11 @@ def _bytes_of(units):
     """Whole bytes from sums in 1/UNIT bytes (exact: int8 pieces hold whole blocks)."""
     import numpy as np
 
-    u = np.asarray(units, dtype=np.int64)
-    if (u % UNIT).any():
-        raise AssertionError("a rank's int8 state does not hold whole 256-element blocks")
-    return u // UNIT
+    b = np.asarray(units, dtype=np.float64) / UNIT
+    r = np.rint(b)
+    if (np.abs(b - r) > 1e-6 * np.maximum(1.0, np.abs(b))).any():
+        raise AssertionError("a rank's int8 state does not hold whole blocks")
+    return r.astype(np.int64)
 
 
 def _stats_all_reduce(world: int, n_params: int, *, what="", by="shardopt", calls=1):
@@ -445,7 +445,7 @@ def plan_zero1_world(tensors, world: int, *, reduce_gradients: bool = False, gra
     plan = plan_zero1([t.numel for t in tensors], [t.dtype for t in tensors], whole, [float(c) for c in costs],
                       world, bucket_elements=zero1.DEFAULT_BUCKET_ELEMENTS, align_bytes=zero1.ALIGN_BYTES,
                       blocks=blocks)
-    owned = np.zeros((world, weights.shape[1]), dtype=np.int64)
+    owned = np.zeros((world, weights.shape[1]), dtype=np.float64)
     gather = np.int64(0)
     for st in plan.streams:
         sp = st.plan
@@ -490,7 +490,7 @@ def _split_window_sums(sp, weights):
     split = [k for k, o in enumerate(sp.owners) if o is None and sp.numels[k] > 0]
     K = len(weights[0]) if weights else 0
     if not split:
-        return np.zeros((sp.world, K), dtype=np.int64)
+        return np.zeros((sp.world, K), dtype=np.float64)
     starts = np.array([sp.split_start[k] for k in split], dtype=np.int64)
     sizes = np.array([sp.numels[k] for k in split], dtype=np.int64)
     w = np.stack([weights[k] for k in split])
@@ -575,7 +575,7 @@ def plan_fsdp2_world(tensors, world: int, *, replicas: int = 1, comm_dtype=None,
 
     plan = plan_mesh(whole, [float(c) for c in costs], mesh, group_dims)
     K = weights.shape[1]
-    owned = np.zeros((G, K), dtype=np.int64)
+    owned = np.zeros((G, K), dtype=np.float64)
     params = np.zeros(G, dtype=np.int64)
     padded = np.zeros(G, dtype=np.int64)
     a2a = np.zeros(G, dtype=np.int64)
