@@ -93,7 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     adv.add_argument("--no-checkpoint", action="store_true", help="do not save a checkpoint at the end")
     adv.add_argument("--size", choices=("default", "wide", "tiny"), default="default",
                      help="the model: default (d_model 96, 0.36M parameters), wide (d_model 256, 2.4M parameters, "
-                          "every matrix takes int8 state; several times slower) or tiny (for tests)")
+                          "int8 state in blocks of 256; several times slower) or tiny (for tests)")
     return p
 
 
@@ -227,11 +227,6 @@ def make_plan(args) -> dict:
         )
     if args.layout == "deepspeed":
         _check_deepspeed()
-    # shardopt.checkpoint stores fp32 and bf16 state; int8 codes and scales it cannot save or load yet
-    int8_held = state_dtype == "int8" and (args.layout == "deepspeed" or bool(_int8_shapes(size)))
-    if resume and int8_held:
-        raise CommandError("--resume with int8 optimizer state: shardopt.checkpoint cannot load into int8 state "
-                           "yet; resume with --state-dtype fp32 or bf16")
 
     # NCCL needs a GPU per rank; more ranks than GPUs share them over gloo.
     dist_backend = "nccl" if device == "cuda" and world <= ngpu else "gloo"
@@ -251,9 +246,8 @@ def make_plan(args) -> dict:
         "seed": seed,
         "steps": steps,
         "out": str(out),
-        "checkpoint_dir": None if args.no_checkpoint or int8_held else str(out / "checkpoint"),
-        "checkpoint_skipped": ("shardopt.checkpoint cannot save int8 optimizer state yet (--state-dtype fp32 or "
-                               "bf16 saves one)") if int8_held and not args.no_checkpoint else None,
+        "checkpoint_dir": None if args.no_checkpoint else str(out / "checkpoint"),
+        "checkpoint_skipped": None,
         "resume_dir": str(resume) if resume else None,
         "resume_meta": meta,
         "threads_per_rank": max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world))) if device == "cpu" else None,
@@ -410,8 +404,8 @@ def int8_coverage(plan: dict) -> str:
     ok = [s for s in shapes if state_precision.int8_eligible(s)]
     if not ok:
         return (f"none of the model's {len(shapes)} tensors takes int8, so the state stays fp32: a matrix needs "
-                f"{state_precision.INT8_MIN_NUMEL} elements and rows of a multiple of {state_precision.BLOCK}; "
-                "--size wide has such matrices")
+                f"{state_precision.INT8_MIN_NUMEL} elements and rows that a block of {state_precision.MIN_BLOCK} to "
+                f"{state_precision.BLOCK} divides")
     n_ok, n = sum(math.prod(s) for s in ok), sum(math.prod(s) for s in shapes)
     return f"int8 for {len(ok)} of {len(shapes)} tensors, {n_ok / n:.1%} of the elements; the others fp32"
 
@@ -682,6 +676,6 @@ def compare_table(runs: dict, dtypes: list[str], seeds: list[int], plan: dict) -
         lines.append("(a negative difference is a lower held-out loss than with fp32 state)")
     if "int8" in others and not any(r.get("int8_tensors") for (_, sd), res in runs.items() if sd == "int8"
                                     for r in res):
-        lines.append("int8: no parameter of this model took int8 state (a matrix needs 4096 elements and rows of "
-                     "a multiple of 256), so the int8 runs kept fp32 state: --size wide has such matrices")
+        lines.append("int8: no parameter of this model took int8 state (a matrix needs 4096 elements and rows "
+                     "that a block of 64 to 256 divides), so the int8 runs kept fp32 state")
     return lines
