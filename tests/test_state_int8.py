@@ -414,15 +414,17 @@ def _check(res, names, world):
 
 
 def _assert_same(got, ref, name, where):
-    """Lion: bitwise. AdamW: bitwise on the int8 parameters (the same kernels on the same, vector-aligned
-    blocks), the fp32-state ones to AdamW's layout tolerance (a cut mid-vector moves an ulp). Muon: its layout
+    """Lion: bitwise. AdamW: the fp32-state parameters to AdamW's layout tolerance (the C++ kernels' fp32 math
+    moves an ulp where a cut changes the threads' units); on the int8 ones such an ulp can move a stored code
+    by one step, which moves the parameter by at most lr/127 per step: 1e-4 of its size. Muon: its layout
     tolerance (the Newton-Schulz exchange)."""
     for k, (a, b) in enumerate(zip(got, ref)):
-        if name == "lion" or (name == "adamw" and ELIGIBLE[k]):
+        if name == "lion":
             assert torch.equal(a, b), (name, where, k, float((a - b).abs().max()))
         else:
             err = float((a - b).abs().max() / b.abs().max())
-            assert err <= TOL[name], (name, where, k, err)
+            tol = 1e-4 if name == "adamw" and ELIGIBLE[k] else TOL[name]
+            assert err <= tol, (name, where, k, err)
 
 
 @pytest.mark.slow
