@@ -66,3 +66,39 @@ def run(fn, world: int, *args, timeout_s: int = 300):
                 raise RuntimeError(f"rank {r} failed: {val}")
             out.append(val)
         return out
+
+
+# ---------------------------------------------------------------- layouts of a module, for the state-dtype tests
+def layouts(world: int) -> tuple:
+    """The layouts a state test runs at ``world`` ranks: HSDP (2 replicas) too where the ranks make a 2 x 2 mesh."""
+    return ("zero1", "fsdp2", "hsdp") if world == 4 else ("zero1", "fsdp2")
+
+
+def shard(module, layout: str, world: int):
+    """``(module, its parameters)``: FSDP2 over all ranks, HSDP over a (2, W/2) mesh, or the module as it is
+    (``zero1``: the optimizer shards)."""
+    if layout in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,)) if layout == "fsdp2" else \
+            init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        fully_shard(module, mesh=mesh)
+    return module, list(module.parameters())
+
+
+def train(opt, params, k0: int, k1: int, grads_of) -> None:
+    """Steps ``k0 .. k1 - 1`` with the global gradients ``grads_of(k)``, distributed like each parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for k in range(k0, k1):
+        for p, g in zip(params, grads_of(k)):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+        opt.step()
+
+
+def full(params) -> list:
+    """Every parameter whole (a DTensor gathered), as a detached copy."""
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in params]

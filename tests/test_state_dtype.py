@@ -365,34 +365,15 @@ class Holder(torch.nn.Module):
 
 
 def _model(layout, world):
-    m = Holder()
-    if layout in ("fsdp2", "hsdp"):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,)) if layout == "fsdp2" else \
-            init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-        fully_shard(m, mesh=mesh)
-    return m, list(m.parameters())
+    return dist_utils.shard(Holder(), layout, world)
 
 
-def _layouts(world):
-    return ("zero1", "fsdp2", "hsdp") if world == 4 else ("zero1", "fsdp2")
+_layouts = dist_utils.layouts
+_full = dist_utils.full
 
 
 def _train(opt, ps, k0, k1):
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for k in range(k0, k1):
-        for p, g in zip(ps, make_grads(k)):
-            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
-        opt.step()
-
-
-def _full(ps):
-    from torch.distributed.tensor import DTensor
-
-    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in ps]
+    dist_utils.train(opt, ps, k0, k1, make_grads)
 
 
 def _storage_bytes(opt) -> int:
