@@ -644,9 +644,7 @@ def restore_state_formats(opt: ShardedOptimizer) -> bool:
                 kind = sp.int8_kind(k)
                 if v.dtype == sp.code_dtype(kind) and k + sp.SCALE_SUFFIX in st:
                     continue
-                codes, scale = sp.quantize(v.detach().float().contiguous(), _steps.get(st), kind)
-                st[k] = codes.view(v.shape)
-                st[k + sp.SCALE_SUFFIX] = scale.reshape(opt._layout.local_scale_shape(i))
+                opt._put_int8(st, i, k, values=v, step=_steps.get(st))
                 changed = True
             elif v.dtype != state_dtype(p, group):
                 st[k] = v.detach().to(state_dtype(p, group))

@@ -208,15 +208,12 @@ def load(opt, state_dict: dict) -> None:
                                                   state_precision.int8_kind(k),
                                                   layout.int8_block(i) or state_precision.BLOCK)
                 if q8:
-                    kind = state_precision.int8_kind(k)
-                    if saved_q8 is not None and saved_q8.codes.dtype == state_precision.code_dtype(kind):
-                        codes, scale = saved_q8.codes.clone(), saved_q8.scale.clone()  # bit for bit
+                    if saved_q8 is not None and saved_q8.codes.dtype == state_precision.code_dtype(
+                            state_precision.int8_kind(k)):
+                        opt._put_int8(st, i, k, codes=saved_q8.codes.clone(), scale=saved_q8.scale.clone())  # bit for bit
                     else:
                         val = saved_q8.dequantize() if saved_q8 is not None else loc.detach().to(_dev(p), torch.float32)
-                        codes, scale = state_precision.quantize(val.float().contiguous(), step, kind,
-                                                                layout.int8_block(i))
-                    st[k] = layout.wrap_state(i, codes.view(want))
-                    st[sk] = layout.wrap_scale(i, scale.reshape(layout.local_scale_shape(i)))
+                        opt._put_int8(st, i, k, values=val, step=step)
                     continue
                 val = saved_q8.dequantize() if saved_q8 is not None else loc.detach()
                 val = val.to(device=_dev(p), dtype=state_dtype(p, group), copy=True)
@@ -224,10 +221,7 @@ def load(opt, state_dict: dict) -> None:
                     val.mul_(1.0 - float(group["momentum"]))  # the old sum form -> the EMA
                     converted = True
             elif q8:
-                st[k] = layout.wrap_state(i, torch.zeros(want, dtype=state_precision.code_dtype(
-                    state_precision.int8_kind(k)), device=_dev(p)))
-                st[k + state_precision.SCALE_SUFFIX] = layout.wrap_scale(
-                    i, torch.zeros(layout.local_scale_shape(i), dtype=torch.float32, device=_dev(p)))
+                opt._put_int8(st, i, k, device=_dev(p))
                 continue
             else:
                 val = torch.zeros(want, dtype=state_dtype(p, group), device=_dev(p))

@@ -390,15 +390,27 @@ class ShardedOptimizer(Optimizer):
             q8 = self._int8_param(i, p, group)
             for k in algo.state_keys(group):
                 if q8:
-                    kind = state_precision.int8_kind(k)
-                    st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_precision.code_dtype(kind), device=dev))
-                    st[k + state_precision.SCALE_SUFFIX] = layout.wrap_scale(
-                        i, torch.zeros(layout.local_scale_shape(i), dtype=torch.float32, device=dev))
+                    self._put_int8(st, i, k, device=dev)
                     continue
                 st[k] = layout.wrap_state(i, torch.zeros(shape, dtype=state_dtype(p, group), device=dev))
             if self.master_weights and p.dtype in LOW_PRECISION:
                 st["master_param"] = layout.wrap_state(i, layout.param_view(i).detach().float().clone())
             self.state[p] = st
+
+    def _put_int8(self, st, i, key, *, values=None, step=0, codes=None, scale=None, device=None):
+        """Sets ``st[key]`` and ``st[key + "_scale"]``, parameter ``i``'s int8 state in this layout: the given
+        ``codes`` and ``scale`` as they are, else ``values`` (float, this rank's piece) quantized with the
+        layout's block and the rounding of ``step``, else zeros (a fresh state) on ``device``."""
+        layout = self._layout
+        kind = state_precision.int8_kind(key)
+        if codes is None and values is not None:
+            codes, scale = state_precision.quantize(values.detach().float().contiguous(), step, kind,
+                                                    layout.int8_block(i) or state_precision.BLOCK)
+        elif codes is None:
+            codes = torch.zeros(layout.local_shape(i), dtype=state_precision.code_dtype(kind), device=device)
+            scale = torch.zeros(layout.local_scale_shape(i), dtype=torch.float32, device=device)
+        st[key] = layout.wrap_state(i, codes.view(tuple(layout.local_shape(i))))
+        st[key + state_precision.SCALE_SUFFIX] = layout.wrap_scale(i, scale.reshape(layout.local_scale_shape(i)))
 
     @staticmethod
     def _int8_group(group) -> bool:
