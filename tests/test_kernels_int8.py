@@ -110,12 +110,13 @@ def _dtype_id(dt):
 
 # ----------------------------------------------------------------- helpers
 
-def q8(x: torch.Tensor, step: int, kind: str) -> sp.Q8:
-    """``x`` quantized by the reference; an eligible parameter's scales are shaped (rows, row / 256)."""
-    codes, scale = sp.quantize(x.float().contiguous(), step, kind)
+def q8(x: torch.Tensor, step: int, kind: str, block: int = sp.BLOCK) -> sp.Q8:
+    """``x`` quantized by the reference in blocks of ``block``; an eligible parameter's scales are shaped
+    (rows, row / block)."""
+    codes, scale = sp.quantize(x.float().contiguous(), step, kind, block)
     if sp.int8_eligible(x.shape):
-        scale = scale.view(sp.scale_shape(x.shape))
-    return sp.Q8(codes, scale, kind)
+        scale = scale.view(sp.scale_shape(x.shape, block))
+    return sp.Q8(codes, scale, kind, block)
 
 
 def _with_zeros(t, every, offset=0):
@@ -134,7 +135,8 @@ def fresh(shapes, pdtype, seed, amsgrad):
     vmax = [x * (torch.rand(x.shape, generator=g) + 0.5) for x in v] if amsgrad else None
 
     def state(ts, kind):
-        return [q8(t, 1, kind) if i8 else t for t, (_, i8) in zip(ts, shapes)]
+        # i8: True (blocks of 256), an int (that block), or False (fp32 state)
+        return [q8(t, 1, kind, sp.BLOCK if i8 is True else i8) if i8 else t for t, (_, i8) in zip(ts, shapes)]
 
     return [params, state(m, "signed"), state(v, "sqrt"), state(vmax, "sqrt") if amsgrad else None]
 
@@ -347,6 +349,48 @@ def test_adamw_int8_matches_torch_with_ieee_sqrt(ext, ieee_sqrt, opt, case, amsg
     st, got, ref = trajectories("adamw", SHAPES, pdtype, gdtype, amsgrad, OPTION_CASES[case], seed=32)
     assert_state_same("adamw", got, ref)
     assert_stepped(st, got)
+
+
+# blocks under 256 (state_precision.int8_block of narrow rows): rows of 96 (one block each), of 384 (two
+# of 192), of 64; threaded (> 2 x 128K elements) with several units per tensor cut on 96-element blocks;
+# beside 256-blocks and fp32 state in the same call
+NARROW_SHAPES = [((48, 96), 96), ((12, 384), 192), ((1000,), True), ((70, 64), 64), ((3001, 96), 96),
+                 ((5,), False)]
+
+
+@pytest.mark.parametrize("opt,case,amsgrad", [("lion", "plain", False), ("lion", "combined", False),
+                                              ("adamw", "plain", False), ("adamw", "combined", True)])
+def test_int8_narrow_blocks_match_torch(ext, ieee_sqrt, opt, case, amsgrad, monkeypatch):
+    """Blocks of 64-192 run in the compiled kernels too (no torch fallback), bitwise equal to the
+    reference: params, codes and scales, over several steps."""
+    assert sp.int8_block((48, 96)) == 96 and sp.int8_block((12, 384)) == 192
+    assert sp.int8_block((3001, 96)) == 96 and sp.int8_block((70, 64)) == 64
+    st, got, ref = trajectories(opt, NARROW_SHAPES, torch.float32, torch.float32, amsgrad, OPTION_CASES[case],
+                                seed=35)
+    assert_state_same(opt, got, ref)
+    assert not torch.equal(got[1][0].codes, st[1][0].codes)
+    # the dispatcher sends them to the cpu backend, not to torch
+    def no_fallback(*a, **k):
+        raise AssertionError("torch fallback")
+    monkeypatch.setattr(torch_ops, "lion_step", no_fallback)
+    monkeypatch.setattr(torch_ops, "adamw_step", no_fallback)
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    st2 = copy_state(got)
+    grads = grads_for(NARROW_SHAPES, torch.float32, 99)
+    if opt == "lion":
+        kernels.lion_step(st2[0], grads, st2[1], state_step=STEPS + 1, weight_decay=0.1, **LION_HP)
+    else:
+        kernels.adamw_step(st2[0], grads, st2[1], st2[2], st2[3], weight_decay=0.1, step=STEPS + 1, **ADAMW_HP)
+    assert not torch.equal(st2[0][0], got[0][0])
+
+
+def test_int8_block_argument_is_checked(ext):
+    p, g = torch.randn(2, 96), torch.randn(2, 96)
+    codes, scale = torch.zeros(2, 96, dtype=torch.int8), torch.zeros(2)
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.lion_step_int8([p], [g], [codes], [scale], 1e-3, 0.9, 0.99, 0.0, [1], blocks=[64])
+    with pytest.raises(RuntimeError, match="a block holds 1 to 256"):
+        ext.lion_step_int8([p], [g], [codes], [scale], 1e-3, 0.9, 0.99, 0.0, [1], blocks=[512])
 
 
 def _assert_adamw_close(got, ref):

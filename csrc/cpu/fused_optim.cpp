@@ -662,14 +662,16 @@ inline void prefetch_span(const T* ptr, int64_t n, bool write) {
 // fp16 grads are widened per block; the other grad types are read in place.
 // AHEAD: how far ahead to prefetch, in elements (int8 state: kQPrefetch; the
 // fp32/bf16 state kernels: kPrefetch).
+// blk: the block length (int8 state: the tensor's scale block, <= kQBlock).
 template <int64_t AHEAD = kQPrefetch, typename GT, typename P, typename F>
-inline void with_block_grads(const GT* g, int64_t n, int64_t until, const P& pre, const F& f) {
-  for (int64_t off = 0; off < n; off += kQBlock) {
-    const int64_t len = std::min(kQBlock, n - off);
+inline void with_block_grads(const GT* g, int64_t n, int64_t until, const P& pre, const F& f,
+                             int64_t blk = kQBlock) {
+  for (int64_t off = 0; off < n; off += blk) {
+    const int64_t len = std::min(blk, n - off);
     if (off + AHEAD < until) {
       const int64_t ahead = off + AHEAD;
-      prefetch_span(g + ahead, std::min(kQBlock, until - ahead), false);
-      pre(ahead, std::min(kQBlock, until - ahead));
+      prefetch_span(g + ahead, std::min(blk, until - ahead), false);
+      pre(ahead, std::min(blk, until - ahead));
     }
     if constexpr (std::is_same_v<GT, at::Half>) {
       alignas(64) float buf[kQBlock];
@@ -698,6 +700,7 @@ struct TensorRef {
   float* vs;
   float* vmaxs;
   int64_t numel;
+  int64_t qb = kQBlock;  // int8 state only: elements per scale (state_precision.int8_block), <= kQBlock
   uint32_t salt;  // low-precision state's rounding salt (state_salt of the param's step)
   PKind pk;
   GKind gk;
@@ -831,8 +834,11 @@ struct Q8List {
 std::vector<TensorRef> collect_int8(const char* fn, const std::vector<at::Tensor>& params,
                                     const std::vector<at::Tensor>& grads,
                                     const std::vector<Q8List>& lists,
-                                    const std::vector<int64_t>& state_steps) {
+                                    const std::vector<int64_t>& state_steps,
+                                    const c10::optional<std::vector<int64_t>>& blocks) {
   const size_t n = params.size();
+  TORCH_CHECK(!blocks.has_value() || blocks->size() == n, fn, ": blocks has ",
+              blocks.has_value() ? blocks->size() : 0, " entries for ", n, " params");
   std::ostringstream lens;
   bool equal = grads.size() == n && state_steps.size() == n;
   for (const Q8List& l : lists) {
@@ -851,7 +857,12 @@ std::vector<TensorRef> collect_int8(const char* fn, const std::vector<at::Tensor
     r.sk = SKind::INT8;
     void** code_ptrs[3] = {&r.m, &r.v, &r.vmax};
     float** scale_ptrs[3] = {&r.ms, &r.vs, &r.vmaxs};
-    const int64_t blocks = (r.numel + kQBlock - 1) / kQBlock;
+    if (blocks.has_value()) {
+      r.qb = (*blocks)[k];
+      TORCH_CHECK(r.qb >= 1 && r.qb <= kQBlock, fn, ": blocks[", i, "] is ", r.qb,
+                  "; a block holds 1 to ", kQBlock, " elements");
+    }
+    const int64_t n_blocks = (r.numel + r.qb - 1) / r.qb;
     for (size_t l = 0; l < lists.size(); ++l) {
       const Q8List& q = lists[l];
       const at::Tensor& c = (*q.codes)[k];
@@ -865,9 +876,9 @@ std::vector<TensorRef> collect_int8(const char* fn, const std::vector<at::Tensor
                       sc.scalar_type() == at::kFloat && sc.is_contiguous(),
                   fn, ": ", q.scales_name, "[", i, "] must be a contiguous float32 CPU tensor, got ",
                   sc.defined() ? shape_str(sc) : std::string("undefined"));
-      TORCH_CHECK(sc.numel() == blocks, fn, ": ", q.scales_name, "[", i, "] has ", sc.numel(),
-                  " scales but params[", i, "] has ", r.numel, " elements: ", blocks,
-                  " blocks of ", kQBlock);
+      TORCH_CHECK(sc.numel() == n_blocks, fn, ": ", q.scales_name, "[", i, "] has ", sc.numel(),
+                  " scales but params[", i, "] has ", r.numel, " elements: ", n_blocks,
+                  " blocks of ", r.qb);
       if (r.numel == 0) continue;
       *code_ptrs[l] = c.data_ptr();
       *scale_ptrs[l] = sc.data_ptr<float>();
@@ -889,9 +900,8 @@ void bump_versions(const std::vector<at::Tensor>& ts) {
 
 // Splits every tensor into units of at most kChunk elements.  Tensors are
 // cut evenly (e.g. 40000 -> 2 x 20000) so no unit is a tiny tail; with align
-// (int8 state: kQBlock) every unit but a tensor's last is a multiple of it.
-std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total,
-                             int64_t align = 1) {
+// for int8 state every unit but a tensor's last is a multiple of its block r.qb.
+std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total) {
   std::vector<Unit> units;
   int64_t sum = 0;
   for (const auto& r : refs) sum += (r.numel + kChunk - 1) / kChunk;
@@ -900,6 +910,7 @@ std::vector<Unit> make_units(const std::vector<TensorRef>& refs, int64_t* total,
   for (size_t t = 0; t < refs.size(); ++t) {
     const int64_t n = refs[t].numel;
     *total += n;
+    const int64_t align = refs[t].sk == SKind::INT8 ? refs[t].qb : 1;
     const int64_t pieces = (n + kChunk - 1) / kChunk;
     const int64_t nb = (n + align - 1) / align;  // pieces <= nb: kChunk >= align
     const int64_t base = nb / pieces, extra = nb % pieces;
@@ -1036,29 +1047,29 @@ void adamw_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const 
   });
 }
 
-// int8 state: the unit starts at a block boundary (make_units with kQBlock).
+// int8 state: the unit starts at a boundary of the tensor's blocks (make_units aligns to r.qb).
 template <bool WD, bool XF>
 void lion_q8_unit(const TensorRef& r, const Unit& u, const LionScalars& s, const GradXform& x) {
   with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
     int8_t* mc = static_cast<int8_t*>(r.m) + b;
-    float* ms = r.ms + b / kQBlock;
+    float* ms = r.ms + b / r.qb;
     auto pre = [&](int64_t off, int64_t len) {
       prefetch_span(p + off, len, true);
       prefetch_span(mc + off, len, true);
     };
     with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
       if (len == kQBlock)
-        lion_q8_block<WD, XF, kQBlock>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
+        lion_q8_block<WD, XF, kQBlock>(p + off, gb, mc + off, ms + off / r.qb, len, s, x, r.salt);
       else
-        lion_q8_block<WD, XF, 0>(p + off, gb, mc + off, ms + off / kQBlock, len, s, x, r.salt);
-    });
+        lion_q8_block<WD, XF, 0>(p + off, gb, mc + off, ms + off / r.qb, len, s, x, r.salt);
+    }, r.qb);
   });
 }
 
 template <typename C>
 void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, const GradXform& x) {
   with_types(r, u, [&](auto* p, auto* g, int64_t b, int64_t n) {
-    const int64_t sb = b / kQBlock;
+    const int64_t sb = b / r.qb;
     int8_t* mc = static_cast<int8_t*>(r.m) + b;
     uint8_t* vc = static_cast<uint8_t*>(r.v) + b;
     uint8_t* xc = C::AMS ? static_cast<uint8_t*>(r.vmax) + b : nullptr;
@@ -1072,7 +1083,7 @@ void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, con
       if (C::AMS) prefetch_span(xc + off, len, true);
     };
     with_block_grads(g, n, r.numel - b, pre, [&](auto* gb, int64_t off, int64_t len) {
-      const int64_t k = off / kQBlock;
+      const int64_t k = off / r.qb;
       auto block = [&](auto full) {
         adamw_q8_block<C::WD, C::XF, C::AMS, decltype(full)::value>(
             p + off, gb, mc + off, ms + k, vc + off, vs + k, C::AMS ? xc + off : nullptr,
@@ -1082,7 +1093,7 @@ void adamw_q8_unit(const TensorRef& r, const Unit& u, const AdamWScalars& s, con
         block(std::integral_constant<int64_t, kQBlock>{});
       else
         block(std::integral_constant<int64_t, 0>{});
-    });
+    }, r.qb);
   });
 }
 
@@ -1196,11 +1207,12 @@ void lion_step_int8(const std::vector<at::Tensor>& params, const std::vector<at:
                     double beta2, double weight_decay, const std::vector<int64_t>& state_step,
                     bool maximize, c10::optional<double> clip_value,
                     const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf) {
+                    const c10::optional<at::Tensor>& found_inf,
+                    const c10::optional<std::vector<int64_t>>& blocks) {
   const char* fn = "lion_step_int8";
   const auto refs = collect_int8(
       fn, params, grads, {Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false}},
-      state_step);
+      state_step, blocks);
   GradXform x;
   bool xf = false;
   if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
@@ -1210,7 +1222,7 @@ void lion_step_int8(const std::vector<at::Tensor>& params, const std::vector<at:
   bump_versions(exp_avg_scales);
   const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
   int64_t total = 0;
-  const auto units = make_units(refs, &total, kQBlock);
+  const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
   with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
@@ -1301,7 +1313,8 @@ void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at
                      bool maximize, c10::optional<double> clip_value,
                      const c10::optional<at::Tensor>& grad_scale,
                      const c10::optional<at::Tensor>& found_inf,
-                     const c10::optional<std::vector<int64_t>>& state_step) {
+                     const c10::optional<std::vector<int64_t>>& state_step,
+                     const c10::optional<std::vector<int64_t>>& blocks) {
   const char* fn = "adamw_step_int8";
   TORCH_CHECK(step >= 1, fn, ": step must be >= 1 (already incremented), got ", step);
   TORCH_CHECK(max_exp_avg_sq_codes.has_value() == max_exp_avg_sq_scales.has_value(), fn,
@@ -1315,7 +1328,7 @@ void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at
   if (ams)
     lists.push_back(Q8List{"max_exp_avg_sq_codes", "max_exp_avg_sq_scales", &*max_exp_avg_sq_codes,
                            &*max_exp_avg_sq_scales, true});
-  const auto refs = collect_int8(fn, params, grads, lists, salts);
+  const auto refs = collect_int8(fn, params, grads, lists, salts, blocks);
   GradXform x;
   bool xf = false;
   if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
@@ -1327,7 +1340,7 @@ void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at
   }
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
   int64_t total = 0;
-  const auto units = make_units(refs, &total, kQBlock);
+  const auto units = make_units(refs, &total);
   const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
   pybind11::gil_scoped_release no_gil;
   auto run = [&](auto wd, auto xfc, auto amsc) {
@@ -1700,7 +1713,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
         py::arg("state_step"), py::arg("maximize") = false, py::arg("clip_value") = py::none(),
-        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none());
+        py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+        py::arg("blocks") = py::none());
   m.def("adamw_step_int8", &adamw_step_int8,
         "Fused multi-tensor AdamW step with int8 state (codes + block scales, in place)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avg_codes"), py::arg("exp_avg_scales"),
@@ -1709,7 +1723,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_exp_avg_sq_codes") = py::none(), py::arg("max_exp_avg_sq_scales") = py::none(),
         py::arg("maximize") = false, py::arg("clip_value") = py::none(),
         py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
-        py::arg("state_step") = py::none());
+        py::arg("state_step") = py::none(),
+        py::arg("blocks") = py::none());
   m.def("_quantize_int8", &quantize_int8,
         "(codes, scales) of a float32 tensor in int8 blocks by the kernels' code; for tests",
         py::arg("x"), py::arg("step"), py::arg("sqrt"));

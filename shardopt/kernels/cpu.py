@@ -62,7 +62,8 @@ __all__ = ["available", "build_error", "build_name", "load", "needs_build", "sou
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats",
-                                 "state_bf16", "state_int8"})
+                                 "state_bf16", "state_int8",
+                                 "state_int8_block"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 # what grad_stats takes (any dense layout; fp64 squared and summed in fp64)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -209,7 +210,8 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
                       _pick(steps, plain))
     if q:
         ext.lion_step_int8(_pick(params, q), _pick(grads, q), [exp_avgs[k].codes for k in q],
-                           [exp_avgs[k].scale for k in q], *hp, _pick(steps, q), *opts)
+                           [exp_avgs[k].scale for k in q], *hp, _pick(steps, q), *opts,
+                           blocks=[exp_avgs[k].block for k in q])
     if other:
         _torch_ops().lion_step(_pick(params, other), _pick(grads, other), _pick(exp_avgs, other), lr=lr,
                                beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
@@ -243,7 +245,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
             _pick(params, q), _pick(grads, q), [exp_avgs[k].codes for k in q], [exp_avgs[k].scale for k in q],
             [exp_avg_sqs[k].codes for k in q], [exp_avg_sqs[k].scale for k in q], *hp,
             None if mq is None else [t.codes for t in mq], None if mq is None else [t.scale for t in mq],
-            *opts, _pick(steps, q))
+            *opts, _pick(steps, q), blocks=[exp_avgs[k].block for k in q])
     if other:
         _torch_ops().adamw_step(
             _pick(params, other), _pick(grads, other), _pick(exp_avgs, other), _pick(exp_avg_sqs, other),
