@@ -656,13 +656,12 @@ inline void prefetch_span(const T* ptr, int64_t n, bool write) {
 #endif
 }
 
-// Runs f(g block, offset, length) over the blocks of n elements, prefetching
-// the block kQPrefetch ahead through pre(offset, length), up to `until`
-// elements (the tensor's end: a thread's next unit usually follows this one).
-// fp16 grads are widened per block; the other grad types are read in place.
-// AHEAD: how far ahead to prefetch, in elements (int8 state: kQPrefetch; the
-// fp32/bf16 state kernels: kPrefetch).
-// blk: the block length (int8 state: the tensor's scale block, <= kQBlock).
+// Runs f(g block, offset, length) over the blocks of blk (<= kQBlock) elements
+// of n (int8 state: the tensor's scale block), prefetching the block AHEAD
+// elements ahead (int8 state: kQPrefetch; fp32/bf16 state: kPrefetch) through
+// pre(offset, length), up to `until` elements (the tensor's end: a thread's
+// next unit usually follows this one).  fp16 grads are widened per block; the
+// other grad types are read in place.
 template <int64_t AHEAD = kQPrefetch, typename GT, typename P, typename F>
 inline void with_block_grads(const GT* g, int64_t n, int64_t until, const P& pre, const F& f,
                              int64_t blk = kQBlock) {

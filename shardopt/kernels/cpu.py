@@ -62,8 +62,7 @@ __all__ = ["available", "build_error", "build_name", "load", "needs_build", "sou
 
 # what the compiled kernels take themselves; anything else is served by the torch backend
 FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats",
-                                 "state_bf16", "state_int8",
-                                 "state_int8_block"})
+                                 "state_bf16", "state_int8", "state_int8_block"})
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 # what grad_stats takes (any dense layout; fp64 squared and summed in fp64)
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
