@@ -85,7 +85,7 @@ def _assert_state(name, got, want):
         assert _same_float(got, want), f"{name}: state differs"
 
 
-def _assert_params(name, got, want, bitwise):
+def _assert_params(name, got, want, bitwise, before=None):
     if bitwise or got.dtype != torch.float32:
         if not bitwise:  # bf16 params of AdamW: one bf16 step
             a, b = got.float(), want.float()
@@ -94,7 +94,14 @@ def _assert_params(name, got, want, bitwise):
         else:
             assert _same_float(got, want), f"{name}: max diff {(got.float() - want.float()).abs().max()}"
     else:
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        # fp32 rounding scales with the operands: where the update nearly cancels the parameter (a large
+        # m / sqrt(v) at a tiny v), a few ulps of |p| are a large part of the small result
+        a, b = got.float(), want.float()
+        scale = torch.maximum(b.abs(), before.float().abs()) if before is not None else b.abs()
+        nan = torch.isnan(a) | torch.isnan(b)
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaNs differ"
+        err = ((a - b).abs() - (1e-7 + 1e-6 * scale))[~nan]
+        assert err.numel() == 0 or float(err.max()) <= 0, f"{name}: off by {float((a - b)[~nan].abs().max())}"
 
 
 def _clone(ts):
@@ -247,6 +254,7 @@ def _run(opt, fmt, feat, pd, *, per_tensor_step=False):
         grads_before = _clone(grads)
         # the reference starts every step from the kernel's state: each step compares one call on equal inputs
         ref = [_clone(x) for x in (params, m, v, vmax)]
+        before = _clone(params)
         if opt == "lion":
             salt = [step + 10 * k for k in range(len(SIZES))] if per_tensor_step else step
             triton_ops.lion_step(params, grads, m, state_step=salt, **LION_HP, **kw)
@@ -256,7 +264,7 @@ def _run(opt, fmt, feat, pd, *, per_tensor_step=False):
             torch_ops.adamw_step(ref[0], grads, ref[1], ref[2], ref[3], step=step, **ADAMW_HP, **kw)
         for i in range(len(SIZES)):
             where = f"step {step} tensor {i} ({SIZES[i]}, {FORMATS[fmt][i]})"
-            _assert_params(f"{where} param", params[i], ref[0][i], bitwise=opt == "lion")
+            _assert_params(f"{where} param", params[i], ref[0][i], bitwise=opt == "lion", before=before[i])
             _assert_state(f"{where} exp_avg", m[i], ref[1][i])
             if v is not None:
                 _assert_state(f"{where} exp_avg_sq", v[i], ref[2][i])

@@ -133,6 +133,35 @@ def test_muon_matches_torch_muon(nesterov, adjust, shape):
     assert rel < 3e-2, rel
 
 
+@pytest.mark.parametrize("bf16_matmul", [True, False])
+def test_muon_default_ns_dtype_follows_the_cpu(monkeypatch, bf16_matmul):
+    """ns_dtype=None: bf16 (as torch's) on accelerators and on CPUs with a bf16 matmul, fp32 on the
+    others; the step then equals the one with that dtype given, and ranks compare the resolved one."""
+    from shardopt.optim import muon as muon_mod
+
+    monkeypatch.setattr(muon_mod, "_cpu_has_bf16_matmul", lambda: bf16_matmul)
+    want = torch.bfloat16 if bf16_matmul else torch.float32
+    assert muon_mod.default_ns_dtype("cpu") == want
+    assert muon_mod.default_ns_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    torch.manual_seed(4)
+    W = torch.nn.Parameter(torch.randn(24, 40))
+    W2, W3 = (torch.nn.Parameter(W.detach().clone()) for _ in range(2))
+    W0 = W.detach().clone()
+    default = shardopt.Muon([W], lr=0.02)
+    given = shardopt.Muon([W2], lr=0.02, ns_dtype=want)
+    theirs = torch.optim.Muon([W3], lr=0.02)
+    for _ in range(4):
+        g = torch.randn(24, 40)
+        W.grad, W2.grad, W3.grad = g.clone(), g.clone(), g.clone()
+        default.step(), given.step(), theirs.step()
+    assert torch.equal(W, W2)
+    assert default.param_groups[0]["ns_dtype"] is None  # saved as the user left it
+    assert repr(want) in default._group_signature(0)
+    # the user's default stays within torch.optim.Muon's bf16 noise of it
+    rel = ((W - W3).norm() / (W3 - W0).norm()).item()
+    assert rel < 3e-2, rel
+
+
 def test_newton_schulz_singular_values_in_quintic_band():
     torch.manual_seed(0)
     G = torch.randn(48, 96) * torch.logspace(-1, 1, 48)[:, None]  # condition number ~100

@@ -111,6 +111,14 @@ class Algorithm:
     def validate_param(self, group: dict, p, describe: str) -> None:
         """Check one parameter of ``group`` against the group's hyperparameters (e.g. Muon's ns_split)."""
 
+    def resolved(self, group: dict, hyper: dict) -> dict:
+        """``hyper`` (the group's hyperparameters) with defaults that depend on the machine filled in.
+
+        Ranks compare these at construction, so ranks that would resolve a default differently (a
+        cluster mixing CPU generations) get a clear error instead of mismatched collectives.
+        """
+        return hyper
+
     def ns_cost(self, group: dict, shape) -> float:
         """Newton-Schulz FLOPs of one step on a parameter of ``shape`` (owners are balanced by it)."""
         if not self.matrix or len(shape) != 2:
@@ -309,6 +317,7 @@ class ShardedOptimizer(Optimizer):
     def _group_signature(self, gi: int) -> str:
         g = self.param_groups[gi]
         hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k not in GROUP_META}
+        hyper = ALGORITHMS[g["algorithm"]].resolved(g, hyper)
         return f"{g['algorithm']}:{sorted(hyper.items(), key=lambda kv: kv[0])!r}"
 
     def _ensure_layout(self, key: tuple | None = None):

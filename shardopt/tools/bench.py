@@ -222,13 +222,19 @@ def _ortho_error(make, shapes, device) -> float:
 def _muon_rows(device, iters, hidden, layers):
     import shardopt
 
+    from ..optim.muon import default_ns_dtype
+
     shapes = [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
     rows = []
+    # the defaults' Newton-Schulz dtype depends on the machine (bf16, or fp32 on a CPU without a bf16
+    # matmul): the other one gets its own row
+    other = torch.float32 if default_ns_dtype(device) == torch.bfloat16 else torch.bfloat16
+    other_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[other]
     contenders = [
         ("torch.optim.Muon", lambda ps, **kw: torch.optim.Muon(ps, **kw)),
         ("shardopt.Muon (defaults)", lambda ps, **kw: shardopt.Muon(ps, **kw)),
         ("shardopt.Muon nonfinite=None", lambda ps, **kw: shardopt.Muon(ps, nonfinite=None, **kw)),
-        ("shardopt.Muon ns_dtype=fp32", lambda ps, **kw: shardopt.Muon(ps, ns_dtype=torch.float32, **kw)),
+        (f"shardopt.Muon ns_dtype={other_name}", lambda ps, **kw: shardopt.Muon(ps, ns_dtype=other, **kw)),
     ]
     if device.type == "cuda":
         from ..kernels import triton_ops
@@ -236,6 +242,7 @@ def _muon_rows(device, iters, hidden, layers):
         if triton_ops.available():
             contenders.append(("shardopt.Muon ns_backend=triton", lambda ps, **kw: shardopt.Muon(
                 ps, ns_backend="triton", **kw)))
+    print(f"  shardopt.Muon's default ns_dtype on {device.type}: {default_ns_dtype(device)}", file=sys.stderr)
     steps = [make(_params(shapes, device), lr=1e-3).step for _, make in contenders]
     for s in steps:
         s()
