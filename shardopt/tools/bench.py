@@ -228,7 +228,8 @@ def _muon_rows(device, iters, hidden, layers):
     rows = []
     # the defaults' Newton-Schulz dtype depends on the machine (bf16, or fp32 on a CPU without a bf16
     # matmul): the other one gets its own row
-    other = torch.float32 if default_ns_dtype(device) == torch.bfloat16 else torch.bfloat16
+    default = default_ns_dtype(device)
+    other = torch.float32 if default == torch.bfloat16 else torch.bfloat16
     other_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[other]
     contenders = [
         ("torch.optim.Muon", lambda ps, **kw: torch.optim.Muon(ps, **kw)),
@@ -242,7 +243,7 @@ def _muon_rows(device, iters, hidden, layers):
         if triton_ops.available():
             contenders.append(("shardopt.Muon ns_backend=triton", lambda ps, **kw: shardopt.Muon(
                 ps, ns_backend="triton", **kw)))
-    print(f"  shardopt.Muon's default ns_dtype on {device.type}: {default_ns_dtype(device)}", file=sys.stderr)
+    print(f"  shardopt.Muon's default ns_dtype on {device.type}: {default}", file=sys.stderr)
     steps = [make(_params(shapes, device), lr=1e-3).step for _, make in contenders]
     for s in steps:
         s()
