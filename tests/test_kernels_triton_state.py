@@ -18,6 +18,10 @@ What is checked, on fresh random inputs of odd sizes (one short block, 257,
   tests/test_kernels_triton.py, the state bit for bit (the moments take no
   square root, and the ``"sqrt"`` store is the reference's correctly rounded
   one), so codes within +-1 holds a fortiori;
+* blocks under 256 (the narrow rows of ``state_precision.int8_block``: 64, 96,
+  192, and 1 / 255 for the store alone) beside blocks of 256 and fp32 state:
+  the store, the load and both steps bit for bit the reference, served by
+  triton itself; mixed or oversized blocks are refused;
 * a set ``found_inf`` leaves params, codes and scales untouched; an all-zero
   block and a block with an inf follow the reference over two steps (the inf
   block reads back NaN);
@@ -381,6 +385,108 @@ def test_bad_int8_state_is_refused_before_any_launch():
         triton_ops.lion_step([p], [g], [short], state_step=1, **LION_HP)
 
 
+# ---------------------------------------------------------------- blocks under 256
+# state_precision.int8_block of narrow rows: rows of 96 (one block each, 128 lanes of which 32 are masked), of
+# 384 (two blocks of 192), of 64 (a power of two, no masked lanes), and 1 / 255 for the store alone; beside
+# blocks of 256 and fp32 state in the same call
+NARROW = [((48, 96), 96), ((12, 384), 192), ((1000,), 256), ((70, 64), 64), ((301, 96), 96), ((5,), None)]
+
+
+def _narrow_inputs(opt, amsgrad, gen):
+    params = [torch.randn(shape, generator=gen) for shape, _ in NARROW]
+    states = []
+    for kind in ["signed"] + (["sqrt"] if opt == "adamw" else []) + (["sqrt"] if amsgrad else []):
+        lst = []
+        for shape, blk in NARROW:
+            x = _state("fp32", int(torch.Size(shape).numel()), kind, gen).view(shape)
+            if blk is None:
+                lst.append(x)
+            else:
+                c, sc = sp.quantize(x, int(torch.randint(1, 1000, (), generator=gen)), kind, blk)
+                lst.append(Q8(c, sc.view(sp.scale_shape(shape, blk)) if len(shape) > 1 else sc, kind, blk))
+        states.append(lst)
+    return params, states
+
+
+@needs_triton
+@pytest.mark.parametrize("block", [1, 64, 96, 192, 255])
+@pytest.mark.parametrize("kind", ["signed", "sqrt"])
+def test_quantize_in_narrow_blocks_is_the_reference_bit_for_bit(kind, block):
+    for n in (block - 1 or 1, 3 * block + 7, 4096 + 13):
+        x = _values(kind, n, _gen("qb", kind, block, n))
+        codes, scale = triton_ops.quantize(x, 5, kind, block)
+        want_c, want_s = sp.quantize(x, 5, kind, block)
+        assert scale.shape == want_s.shape == (sp.n_blocks(n, block),)
+        assert torch.equal(codes, want_c) and _same_float(scale, want_s), (n, block)
+        assert _same_float(triton_ops.dequantize(codes, scale, kind, block), sp.dequantize(codes, scale, kind, block))
+    # not vacuous: the same values in blocks of 256 get other scales
+    assert not torch.equal(triton_ops.quantize(x, 5, kind)[0], codes)
+
+
+@needs_triton
+@pytest.mark.parametrize("opt,feat", [("lion", "plain"), ("lion", "all"), ("adamw", "plain"), ("adamw", "all")])
+def test_narrow_blocks_step_like_the_reference(opt, feat, monkeypatch):
+    """Blocks of 64-192 in the Triton step kernels: codes, scales (and Lion's params) bit for bit the
+    reference over three steps, and the dispatcher hands them to triton, not to the reference."""
+    features = FEATURES[feat]
+    amsgrad = opt == "adamw" and features.get("amsgrad", False)
+    gen = _gen("narrow", opt, feat)
+    params, states = _narrow_inputs(opt, amsgrad, gen)
+    start = [q.clone() for q in states[0]]
+    kw = _kwargs(features)
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(p.shape, generator=gen) * 1.5 for p in params]
+        ref_p, ref_s = _clone(params), [[q.clone() for q in lst] for lst in states]
+        before = _clone(params)
+        if opt == "lion":
+            triton_ops.lion_step(params, grads, states[0], state_step=step, **LION_HP, **kw)
+            torch_ops.lion_step(ref_p, grads, ref_s[0], state_step=step, **LION_HP, **kw)
+        else:
+            triton_ops.adamw_step(params, grads, *states, *([None] if not amsgrad else []), step=step,
+                                  **ADAMW_HP, **kw)
+            torch_ops.adamw_step(ref_p, grads, *ref_s, *([None] if not amsgrad else []), step=step,
+                                 **ADAMW_HP, **kw)
+        for i, (shape, blk) in enumerate(NARROW):
+            where = f"step {step} {shape} in blocks of {blk}"
+            _assert_params(f"{where} param", params[i], ref_p[i], bitwise=opt == "lion", before=before[i])
+            for k, lst in enumerate(states):
+                _assert_state(f"{where} state {k}", lst[i], ref_s[k][i])
+    assert not torch.equal(states[0][0].codes, start[0].codes)
+    # the dispatcher: triton serves every block size, the reference is not called
+    assert kernels.serves("triton", torch.float32, {"state_int8", "state_int8_block"})
+    assert "state_int8_block" in kernels._state_needs(states[0], 1)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    ref_p, ref_s = _clone(params), [[q.clone() for q in lst] for lst in states]
+    if opt == "lion":
+        torch_ops.lion_step(ref_p, grads, ref_s[0], state_step=9, **LION_HP)
+        monkeypatch.setattr(torch_ops, "lion_step", _refuse)
+        kernels.lion_step(params, grads, states[0], state_step=9, backend="triton", **LION_HP)
+    else:
+        extra = [] if amsgrad else [None]
+        torch_ops.adamw_step(ref_p, grads, *ref_s, *extra, step=9, **ADAMW_HP)
+        monkeypatch.setattr(torch_ops, "adamw_step", _refuse)
+        kernels.adamw_step(params, grads, *states, *extra, step=9, backend="triton", **ADAMW_HP)
+    for i in range(len(NARROW)):
+        _assert_params(f"dispatched {i}", params[i], ref_p[i], bitwise=opt == "lion")
+        for k, lst in enumerate(states):
+            _assert_state(f"dispatched {i} state {k}", lst[i], ref_s[k][i])
+
+
+@needs_triton
+def test_bad_int8_blocks_are_refused():
+    p, g = torch.randn(2, 96), torch.randn(2, 96)
+    x = torch.randn(2, 96)
+    m = Q8(*sp.quantize(x, 1, "signed", 96), "signed", 96)
+    v = Q8(*sp.quantize(x.abs(), 1, "sqrt", 64), "sqrt", 64)
+    with pytest.raises(ValueError, match=r"blocks of \[64, 96\]; one parameter's states share one block size"):
+        triton_ops.adamw_step([p], [g], [m], [v], step=1, **ADAMW_HP)
+    big = Q8(torch.zeros(2, 96, dtype=torch.int8), torch.zeros(1), "signed", 512)
+    with pytest.raises(ValueError, match="a block holds 1 to 256 elements"):
+        triton_ops.lion_step([p], [g], [big], state_step=1, **LION_HP)
+    with pytest.raises(ValueError, match="a block holds 1 to 256 elements"):
+        triton_ops.quantize(x, 1, "signed", 300)
+
+
 # ---------------------------------------------------------------- the dispatcher and the optimizers
 def _refuse(*args, **kwargs):
     raise AssertionError("this backend must not be called here")
@@ -483,7 +589,7 @@ def test_optimizer_backend_triton_matches_torch_with_int8_state(name):
     against backend="torch": Lion bit for bit, AdamW's params to its tolerance and its state bit for bit."""
     from cases import build, make_grads, make_params
 
-    shapes = [(16, 256), (7, 5), (5, 768), (300,)]
+    shapes = [(16, 256), (7, 5), (5, 768), (300,), (48, 96)]  # (48, 96): blocks of 96
     runs = []
     for backend in ("triton", "torch"):
         ps = make_params(torch.float32, 3, shapes)
@@ -495,6 +601,8 @@ def test_optimizer_backend_triton_matches_torch_with_int8_state(name):
         runs.append((ps, opt))
     (ps, opt), (qs, ref) = runs
     assert any(k.endswith(sp.SCALE_SUFFIX) for st in opt.state.values() for k in st)
+    key = ("momentum_buffer" if name == "lion" else "exp_avg") + sp.SCALE_SUFFIX
+    assert opt.state[ps[-1]][key].shape == (48, 1)  # one block of 96 per row
     for p, q in zip(ps, qs):
         _assert_params(str(tuple(p.shape)), p.detach(), q.detach(), bitwise=name == "lion")
         for k, v in opt.state[p].items():

@@ -20,9 +20,9 @@ call updates many tensors, the multi-tensor-apply shape):
   int8 state (``state_dtype="int8"``) comes as :class:`~.state_precision.Q8`
   pairs (codes + one fp32 scale per 256 elements), in the same lists as plain
   fp32 state of the parameters too small to quantize; a backend listing
-  ``"state_int8"`` takes them (``cpu`` and ``triton`` do, in blocks of 256;
-  smaller blocks, ``"state_int8_block"``, ``cpu`` and the reference), the others send the
-  call to the ``torch`` backend.
+  ``"state_int8"`` takes them in blocks of 256, and one listing
+  ``"state_int8_block"`` the smaller blocks of narrow rows too (``cpu`` and
+  ``triton`` take both); the others send the call to the ``torch`` backend.
 * ``step`` is the (already incremented, >= 1) step count shared by the call;
   the optimizer groups parameters by their own counts.
 * ``grad_scale`` / ``found_inf``: fp32 0-d tensors (the clip coefficient, and a
@@ -292,7 +292,7 @@ def _state_needs(states, state_step):
         raise ValueError("a step with low-precision optimizer state needs state_step (the parameters' step count)")
     out = {"state_int8"} if state_precision.has_int8(states) else set()
     if any(isinstance(t, state_precision.Q8) and t.block != state_precision.BLOCK for t in states):
-        out.add("state_int8_block")  # blocks of fewer than 256 (narrow rows): the cpu kernels take them, triton not
+        out.add("state_int8_block")  # blocks of fewer than 256 (narrow rows)
     if any(not isinstance(t, state_precision.Q8) and t.dtype in state_precision.LOW_SET for t in states):
         out.add("state_bf16")
     return out

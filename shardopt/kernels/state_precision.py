@@ -54,7 +54,7 @@ divisor in range, e.g. 96 or 192), so an FSDP2 ``Shard(0)`` piece holds whole
 blocks, and ZeRO-1 cuts such parameters at multiples of ``B``: every layout then
 sees the same blocks as one process, and a sharded run is bitwise the single
 process. DeepSpeed's flat partitions use ``B = 256`` from their own start.
-The compiled kernels take ``B = 256``; other block sizes run on the reference.
+The ``cpu`` and ``triton`` kernels take every block size.
 Two mappings, both stochastically rounded with the value-keyed hash above
 (``h = mix32(bits(x) ^ salt(step))`` of the fp32 value ``x`` being stored):
 

@@ -33,11 +33,13 @@ Each state list may mix, tensor by tensor, the formats of
   even);
 * bf16 tensors: loaded exactly, stored by the value-keyed stochastic rounding
   (``(u + (mix32(u ^ salt) & 0xFFFF)) >> 16``, inf/NaN to nearest);
-* :class:`~.state_precision.Q8` blocks (int8 codes, one fp32 scale per 256
-  elements), mappings ``"signed"`` and ``"sqrt"``: a program holds whole
-  blocks, one per row of its ``[ROWS, 256]`` tile, dequantizes them, updates
-  them and quantizes each row again from its ``tl.max`` (NaN-propagating, as
-  ``torch.amax``), codes and scale.
+* :class:`~.state_precision.Q8` blocks (int8 codes, one fp32 scale per block
+  of ``B`` elements: 256, or 1 to 255 for the narrow rows of
+  :func:`~.state_precision.int8_block`), mappings ``"signed"`` and ``"sqrt"``:
+  a program holds whole blocks, one per row of its ``[ROWS, COLS]`` tile
+  (``COLS`` the power of two from ``B`` up; the lanes past ``B`` are masked
+  off), dequantizes them, updates them and quantizes each row again from its
+  ``tl.max`` (NaN-propagating, as ``torch.amax``), codes and scale.
 
 The hash is ``mix32`` on ``tl.uint32`` (products wrap mod 2^32), the salt
 ``state_precision.salt(step)`` passed as an int32 with the same bits; Lion's
@@ -99,8 +101,8 @@ _INTERPRET_MAX_BLOCK_SIZE = 4096
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # what the kernels take themselves; anything else is served by the torch backend
-FEATURES: frozenset = frozenset(
-    {"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats", "state_bf16", "state_int8"})
+FEATURES: frozenset = frozenset({"maximize", "clip_value", "grad_scale", "found_inf", "amsgrad", "grad_stats",
+                                  "state_bf16", "state_int8", "state_int8_block"})
 PARAM_DTYPES = _PARAM_DTYPES
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRAD_DTYPES = _GRAD_DTYPES  # what grad_stats takes (the dispatcher sends others to torch)
@@ -174,7 +176,8 @@ if triton is not None:
     # A state tensor's format is the constexpr KIND of its kernel argument:
     # _PLAIN (fp32, fp16: loaded, stored by a plain cast), _BF16 (value-keyed
     # stochastic rounding), _SIGNED / _SQRT (int8 blocks: codes + one fp32
-    # scale per row of 256).  See state_precision for the definitions.
+    # scale per row of the tile, a block of BLK elements).  See state_precision
+    # for the definitions.
 
     def _mix32(x):
         """state_precision.mix32 on uint32 (the products wrap mod 2^32)."""
@@ -254,13 +257,19 @@ if triton is not None:
             tl.store(ptr + offs, code.to(tl.uint8), mask=mask)
             tl.store(sc_ptr + row, scale, mask=rmask)
 
-    def _block_offsets(n_elements, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """This program's [ROWS, COLS] elements: row ``r`` is block ``row[r]`` of COLS elements (256 when
-        int8 state is stored), the masks of its elements and of its rows."""
+    def _block_offsets(n_elements, ROWS: tl.constexpr, COLS: tl.constexpr, BLK: tl.constexpr):
+        """This program's [ROWS, COLS] lanes: row ``r`` is block ``row[r]``, the BLK (<= COLS) elements from
+        ``row[r] * BLK`` (an int8 block when int8 state is stored, else BLK == COLS); the masks of its
+        elements and of its rows."""
         pid = tl.program_id(0).to(tl.int64)
         row = pid * ROWS + tl.arange(0, ROWS)[:, None]
-        offs = row * COLS + tl.arange(0, COLS)[None, :]
-        return row, offs, offs < n_elements, row * COLS < n_elements
+        col = tl.arange(0, COLS)[None, :]
+        offs = row * BLK + col
+        if BLK == COLS:
+            mask = offs < n_elements
+        else:
+            mask = (col < BLK) & (offs < n_elements)
+        return row, offs, mask, row * BLK < n_elements
 
     def _lion_kernel_src(
         p_ptr,
@@ -287,8 +296,9 @@ if triton is not None:
         M_KIND: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        BLK: tl.constexpr,
     ):
-        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS, BLK)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = _load_state(m_ptr, ms_ptr, offs, row, mask, rmask, M_KIND)
@@ -342,8 +352,9 @@ if triton is not None:
         VMAX_KIND: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        BLK: tl.constexpr,
     ):
-        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS, BLK)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = _load_state(m_ptr, ms_ptr, offs, row, mask, rmask, M_KIND)
@@ -383,10 +394,11 @@ if triton is not None:
         DST_KIND: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        BLK: tl.constexpr,
     ):
         """Load a state in SRC_KIND and store it in DST_KIND: the steps' load and store alone
         (:func:`quantize`, :func:`dequantize`, :func:`round_bf16`)."""
-        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS)
+        row, offs, mask, rmask = _block_offsets(n_elements, ROWS, COLS, BLK)
         x = _load_state(src_ptr, src_s_ptr, offs, row, mask, rmask, SRC_KIND)
         _store_state(dst_ptr, dst_s_ptr, offs, row, x, mask, mask, rmask, salt.to(tl.uint32, bitcast=True),
                      DST_KIND)
@@ -472,6 +484,9 @@ def _check_q8(name, i, q):
         raise ValueError(f"{_where(name, i)} has {q.scale.dtype} block scales; int8 state keeps them in fp32")
     if not (q.codes.is_contiguous() and q.scale.is_contiguous()):
         raise ValueError(f"{_where(name, i)} is not contiguous")
+    if not 1 <= q.block <= state_precision.BLOCK:
+        raise ValueError(f"{_where(name, i)} is int8 state in blocks of {q.block}; a block holds 1 to "
+                         f"{state_precision.BLOCK} elements")
     if q.scale.device != q.codes.device:
         raise ValueError(f"{_where(name, i)} has its scales on {q.scale.device} and its codes on "
                          f"{q.codes.device}")
@@ -527,12 +542,25 @@ def _launch_config(numel: int, interpret: bool):
     return (triton.cdiv(numel, block),), block
 
 
-def _step_config(numel: int, interpret: bool, blocked: bool):
-    """(grid, ROWS, COLS) of a step: programs of ``ROWS x COLS`` elements, rows of one int8 block
-    (``state_precision.BLOCK``) when ``blocked``. A tensor of one short block is one row."""
+def _step_config(numel: int, interpret: bool, blk: int | None):
+    """(grid, ROWS, COLS, BLK) of a step: programs of ``ROWS x COLS`` lanes, each row one int8 block of
+    ``blk`` elements (``COLS`` the next power of two) when ``blk`` is given, else one row of ``COLS``. A
+    tensor shorter than its block is one row."""
     grid, block = _launch_config(numel, interpret)
-    cols = min(block, state_precision.BLOCK) if blocked else block
-    return grid, block // cols, cols
+    if blk is None:
+        return grid, 1, block, block
+    cols = min(triton.next_power_of_2(blk), block)
+    rows = block // cols
+    return (triton.cdiv(state_precision.n_blocks(numel, blk), rows),), rows, cols, blk
+
+
+def _q8_block(name, i, states):
+    """The int8 block size shared by a parameter's :class:`~.state_precision.Q8` states, None without one."""
+    blocks = {t.block for t in states if isinstance(t, Q8)}
+    if len(blocks) > 1:
+        raise ValueError(f"triton backend: {name}[{i}] (list index {i}) has int8 states in blocks of "
+                         f"{sorted(blocks)}; one parameter's states share one block size")
+    return blocks.pop() if blocks else None
 
 
 def _state_arg(t):
@@ -620,12 +648,12 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
     s_b2, s_omb2 = _f32(beta2), _f32(1.0 - beta2)
     s_wd = _f32(weight_decay)
     has_wd = weight_decay != 0
-    for p, g, m, salt in zip(params, grads, exp_avgs, salts):
+    for i, (p, g, m, salt) in enumerate(zip(params, grads, exp_avgs, salts)):
         numel = p.numel()
         if numel == 0:
             continue
         mk, m_t, m_s = _state_arg(m)
-        grid, rows, cols = _step_config(numel, interpret, mk >= _SIGNED)
+        grid, rows, cols, blk = _step_config(numel, interpret, _q8_block("exp_avgs", i, (m,)))
         k["lion"][grid](
             p, g, m_t, m_s, gargs["scale_ptr"], gargs["flag_ptr"], numel, gargs["clip_value"],
             s_lr, s_b1, s_omb1, s_b2, s_omb2, s_wd, salt,
@@ -638,6 +666,7 @@ def lion_step(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximi
             M_KIND=mk,
             ROWS=rows,
             COLS=cols,
+            BLK=blk,
             num_warps=_GPU_NUM_WARPS,
             enable_fp_fusion=False,
         )
@@ -671,12 +700,13 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
     s_eps = _f32(eps)
     has_wd = weight_decay != 0
     vmaxs = max_exp_avg_sqs if amsgrad else exp_avg_sqs  # not read without amsgrad
-    for p, g, m, v, vmax, salt in zip(params, grads, exp_avgs, exp_avg_sqs, vmaxs, salts):
+    for i, (p, g, m, v, vmax, salt) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, vmaxs, salts)):
         numel = p.numel()
         if numel == 0:
             continue
         (mk, m_t, m_s), (vk, v_t, v_s), (xk, x_t, x_s) = _state_arg(m), _state_arg(v), _state_arg(vmax)
-        grid, rows, cols = _step_config(numel, interpret, max(mk, vk, xk if amsgrad else 0) >= _SIGNED)
+        blk = _q8_block("exp_avgs", i, (m, v, vmax) if amsgrad else (m, v))
+        grid, rows, cols, blk = _step_config(numel, interpret, blk)
         k["adamw"][grid](
             p, g, m_t, m_s, v_t, v_s, x_t, x_s, gargs["scale_ptr"], gargs["flag_ptr"], numel,
             gargs["clip_value"], s_decay, s_b1, s_omb1, s_b2, s_omb2, s_bc2_sqrt, s_eps, s_step_size, salt,
@@ -692,6 +722,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, lr
             VMAX_KIND=xk,
             ROWS=rows,
             COLS=cols,
+            BLK=blk,
             num_warps=_GPU_NUM_WARPS,
             enable_fp_fusion=False,
         )
@@ -709,9 +740,9 @@ def _state_copy(src, dst, step):
         return
     if s_t.device.type == "cpu" and not interpret:
         raise ValueError("triton backend: CPU tensors need TRITON_INTERPRET=1 set before the first call")
-    grid, rows, cols = _step_config(numel, interpret, max(sk, dk) >= _SIGNED)
+    grid, rows, cols, blk = _step_config(numel, interpret, _q8_block("state", 0, (src, dst)))
     k["state"][grid](s_t, s_s, d_t, d_s, numel, _salts(step, 1, (), "")[0],
-                     SRC_KIND=sk, DST_KIND=dk, ROWS=rows, COLS=cols, num_warps=_GPU_NUM_WARPS,
+                     SRC_KIND=sk, DST_KIND=dk, ROWS=rows, COLS=cols, BLK=blk, num_warps=_GPU_NUM_WARPS,
                      enable_fp_fusion=False)
 
 
@@ -721,19 +752,24 @@ def _fp32_contiguous(x, what):
     return x.detach().contiguous()
 
 
-def quantize(x: torch.Tensor, step: int, kind: str):
-    """``(codes, scales)`` of fp32 ``x`` in int8 blocks, by the store of the step kernels: bit for bit
-    :func:`state_precision.quantize <shardopt.kernels.state_precision.quantize>`."""
+def quantize(x: torch.Tensor, step: int, kind: str, block: int = state_precision.BLOCK):
+    """``(codes, scales)`` of fp32 ``x`` in int8 blocks of ``block``, by the store of the step kernels: bit
+    for bit :func:`state_precision.quantize <shardopt.kernels.state_precision.quantize>`."""
     x = _fp32_contiguous(x, "quantize")
     q = Q8(torch.empty(x.shape, dtype=state_precision.code_dtype(kind), device=x.device),
-           torch.empty(state_precision.n_blocks(x.numel()), dtype=torch.float32, device=x.device), kind)
+           torch.empty(state_precision.n_blocks(x.numel(), block), dtype=torch.float32, device=x.device), kind,
+           block)
+    _check_q8("quantize", 0, q)
     _state_copy(x, q, step)
     return q.codes, q.scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
-    """fp32 values of int8 blocks, by the load of the step kernels (as ``state_precision.dequantize``)."""
-    q = Q8(codes.contiguous(), scale.contiguous().to(torch.float32), kind)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, kind: str,
+               block: int = state_precision.BLOCK) -> torch.Tensor:
+    """fp32 values of int8 blocks of ``block``, by the load of the step kernels (as
+    ``state_precision.dequantize``)."""
+    q = Q8(codes.contiguous(), scale.contiguous().to(torch.float32), kind, block)
+    _check_q8("dequantize", 0, q)
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     _state_copy(q, out, 1)
     return out
