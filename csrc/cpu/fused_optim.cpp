@@ -1172,6 +1172,41 @@ inline void with_flags(bool wd, bool xf, const F& f) {
     xf ? f(N{}, T{}) : f(N{}, N{});
 }
 
+// The gradient options of every step entry point, as pybind passes them.
+struct GradOptions {
+  bool maximize;
+  c10::optional<double> clip_value;
+  const c10::optional<at::Tensor>& grad_scale;
+  const c10::optional<at::Tensor>& found_inf;
+};
+
+// What every step entry point does once collect() has checked its tensors:
+// reads the options (a set found_inf makes the call a no-op), bumps the
+// versions of the tensors it writes, cuts the work into units and, with the
+// GIL released, runs unit(wd, xf, ams, u, x) for every unit u on the threads,
+// the weight-decay, gradient-transform and amsgrad flags as std::true_type /
+// std::false_type (a Lion unit ignores ams).
+template <typename F>
+void run_step(const char* fn, const std::vector<TensorRef>& refs,
+              const std::vector<const std::vector<at::Tensor>*>& written, const GradOptions& o, bool wd,
+              bool ams, const F& unit) {
+  GradXform x;
+  bool xf = false;
+  if (!read_options(fn, o.maximize, o.clip_value, o.grad_scale, o.found_inf, &x, &xf)) return;
+  if (refs.empty()) return;
+  for (const auto* w : written) bump_versions(*w);
+  int64_t total = 0;
+  const auto units = make_units(refs, &total);
+  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
+  pybind11::gil_scoped_release no_gil;
+  with_flags(wd, xf, [&](auto wdc, auto xfc) {
+    auto go = [&](auto amsc) {
+      run_units(units, nt, [&](const Unit& u) { unit(wdc, xfc, amsc, u, x); });
+    };
+    ams ? go(std::true_type{}) : go(std::false_type{});
+  });
+}
+
 void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, double lr, double beta1, double beta2,
                double weight_decay, bool maximize, c10::optional<double> clip_value,
@@ -1180,22 +1215,11 @@ void lion_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                const c10::optional<std::vector<int64_t>>& state_step) {
   const auto refs = collect("lion_step", params, grads, exp_avgs, nullptr, nullptr,
                             state_step.has_value() ? &*state_step : nullptr);
-  GradXform x;
-  bool xf = false;
-  if (!read_options("lion_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
-  if (refs.empty()) return;
-  bump_versions(params);
-  bump_versions(exp_avgs);
   const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
-  int64_t total = 0;
-  const auto units = make_units(refs, &total);
-  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
-  pybind11::gil_scoped_release no_gil;
-  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
-    run_units(units, nt, [&](const Unit& u) {
-      lion_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
-    });
-  });
+  run_step("lion_step", refs, {&params, &exp_avgs}, {maximize, clip_value, grad_scale, found_inf},
+           weight_decay != 0.0, false, [&](auto wd, auto xfc, auto, const Unit& u, const GradXform& x) {
+             lion_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
+           });
 }
 
 // Lion with int8 momenta ("signed" codes + block scales, state_precision.Q8);
@@ -1212,35 +1236,25 @@ void lion_step_int8(const std::vector<at::Tensor>& params, const std::vector<at:
   const auto refs = collect_int8(
       fn, params, grads, {Q8List{"exp_avg_codes", "exp_avg_scales", &exp_avg_codes, &exp_avg_scales, false}},
       state_step, blocks);
-  GradXform x;
-  bool xf = false;
-  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
-  if (refs.empty()) return;
-  bump_versions(params);
-  bump_versions(exp_avg_codes);
-  bump_versions(exp_avg_scales);
   const LionScalars s = lion_scalars(lr, beta1, beta2, weight_decay);
-  int64_t total = 0;
-  const auto units = make_units(refs, &total);
-  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
-  pybind11::gil_scoped_release no_gil;
-  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
-    run_units(units, nt, [&](const Unit& u) {
-      lion_q8_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
-    });
-  });
+  run_step(fn, refs, {&params, &exp_avg_codes, &exp_avg_scales}, {maximize, clip_value, grad_scale, found_inf},
+           weight_decay != 0.0, false, [&](auto wd, auto xfc, auto, const Unit& u, const GradXform& x) {
+             lion_q8_unit<decltype(wd)::value, decltype(xfc)::value>(refs[u.tensor], u, s, x);
+           });
 }
 
+// AdamW on fp32/bf16 state; SPLIT forces the split (intrinsic-sqrt) form, bound
+// as _adamw_step_split for the tests.
 template <bool SPLIT>
-void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                     const std::vector<at::Tensor>& exp_avgs,
-                     const std::vector<at::Tensor>& exp_avg_sqs,
-                     double lr, double beta1, double beta2, double eps, double weight_decay,
-                     int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
-                     bool maximize, c10::optional<double> clip_value,
-                     const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf,
-                     const c10::optional<std::vector<int64_t>>& state_step) {
+void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                const std::vector<at::Tensor>& exp_avgs,
+                const std::vector<at::Tensor>& exp_avg_sqs,
+                double lr, double beta1, double beta2, double eps, double weight_decay,
+                int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
+                bool maximize, c10::optional<double> clip_value,
+                const c10::optional<at::Tensor>& grad_scale,
+                const c10::optional<at::Tensor>& found_inf,
+                const c10::optional<std::vector<int64_t>>& state_step) {
   TORCH_CHECK(step >= 1, "adamw_step: step must be >= 1 (already incremented), got ", step);
   const bool ams = max_exp_avg_sqs.has_value();
   // bf16 state's rounding salt: state_step per tensor, by default the call's step (as torch_ops)
@@ -1248,54 +1262,14 @@ void adamw_step_impl(const std::vector<at::Tensor>& params, const std::vector<at
       state_step.has_value() ? *state_step : std::vector<int64_t>(params.size(), step);
   const auto refs = collect("adamw_step", params, grads, exp_avgs, &exp_avg_sqs,
                             ams ? &*max_exp_avg_sqs : nullptr, &salts);
-  GradXform x;
-  bool xf = false;
-  if (!read_options("adamw_step", maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
-  if (refs.empty()) return;
-  bump_versions(params);
-  bump_versions(exp_avgs);
-  bump_versions(exp_avg_sqs);
-  if (ams) bump_versions(*max_exp_avg_sqs);
+  std::vector<const std::vector<at::Tensor>*> written = {&params, &exp_avgs, &exp_avg_sqs};
+  if (ams) written.push_back(&*max_exp_avg_sqs);
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
-  int64_t total = 0;
-  const auto units = make_units(refs, &total);
-  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
-  pybind11::gil_scoped_release no_gil;
-  auto run = [&](auto wd, auto xfc, auto amsc) {
-    using C = AdamWCfg<decltype(wd)::value, SPLIT, decltype(xfc)::value, decltype(amsc)::value>;
-    run_units(units, nt, [&](const Unit& u) { adamw_unit<C>(refs[u.tensor], u, s, x); });
-  };
-  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
-    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
-  });
-}
-
-void adamw_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-                double lr, double beta1, double beta2, double eps, double weight_decay,
-                int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
-                bool maximize, c10::optional<double> clip_value,
-                const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf,
-                const c10::optional<std::vector<int64_t>>& state_step) {
-  adamw_step_impl<false>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                         weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
-                         state_step);
-}
-
-// Same as adamw_step but always the split (intrinsic-sqrt) form; for tests.
-void adamw_step_split(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                      const std::vector<at::Tensor>& exp_avgs,
-                      const std::vector<at::Tensor>& exp_avg_sqs,
-                      double lr, double beta1, double beta2, double eps, double weight_decay,
-                      int64_t step, const c10::optional<std::vector<at::Tensor>>& max_exp_avg_sqs,
-                      bool maximize, c10::optional<double> clip_value,
-                      const c10::optional<at::Tensor>& grad_scale,
-                      const c10::optional<at::Tensor>& found_inf,
-                      const c10::optional<std::vector<int64_t>>& state_step) {
-  adamw_step_impl<true>(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps,
-                        weight_decay, step, max_exp_avg_sqs, maximize, clip_value, grad_scale, found_inf,
-                        state_step);
+  run_step("adamw_step", refs, written, {maximize, clip_value, grad_scale, found_inf}, weight_decay != 0.0,
+           ams, [&](auto wd, auto xfc, auto amsc, const Unit& u, const GradXform& x) {
+             using C = AdamWCfg<decltype(wd)::value, SPLIT, decltype(xfc)::value, decltype(amsc)::value>;
+             adamw_unit<C>(refs[u.tensor], u, s, x);
+           });
 }
 
 // AdamW with int8 state: exp_avg "signed" codes, exp_avg_sq (and amsgrad's
@@ -1328,28 +1302,18 @@ void adamw_step_int8(const std::vector<at::Tensor>& params, const std::vector<at
     lists.push_back(Q8List{"max_exp_avg_sq_codes", "max_exp_avg_sq_scales", &*max_exp_avg_sq_codes,
                            &*max_exp_avg_sq_scales, true});
   const auto refs = collect_int8(fn, params, grads, lists, salts, blocks);
-  GradXform x;
-  bool xf = false;
-  if (!read_options(fn, maximize, clip_value, grad_scale, found_inf, &x, &xf)) return;
-  if (refs.empty()) return;
-  bump_versions(params);
+  std::vector<const std::vector<at::Tensor>*> written = {&params};
   for (const Q8List& l : lists) {
-    bump_versions(*l.codes);
-    bump_versions(*l.scales);
+    written.push_back(l.codes);
+    written.push_back(l.scales);
   }
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
-  int64_t total = 0;
-  const auto units = make_units(refs, &total);
-  const int nt = pick_threads(total, static_cast<int64_t>(units.size()));
-  pybind11::gil_scoped_release no_gil;
-  auto run = [&](auto wd, auto xfc, auto amsc) {
-    // SPLIT is unused: the int8 block always takes its sqrt in a pass of its own
-    using C = AdamWCfg<decltype(wd)::value, false, decltype(xfc)::value, decltype(amsc)::value>;
-    run_units(units, nt, [&](const Unit& u) { adamw_q8_unit<C>(refs[u.tensor], u, s, x); });
-  };
-  with_flags(weight_decay != 0.0, xf, [&](auto wd, auto xfc) {
-    ams ? run(wd, xfc, std::true_type{}) : run(wd, xfc, std::false_type{});
-  });
+  run_step(fn, refs, written, {maximize, clip_value, grad_scale, found_inf}, weight_decay != 0.0, ams,
+           [&](auto wd, auto xfc, auto amsc, const Unit& u, const GradXform& x) {
+             // SPLIT is unused: the int8 block always takes its sqrt in a pass of its own
+             using C = AdamWCfg<decltype(wd)::value, false, decltype(xfc)::value, decltype(amsc)::value>;
+             adamw_q8_unit<C>(refs[u.tensor], u, s, x);
+           });
 }
 
 // state_precision.quantize / dequantize by the kernels' own block code (for
@@ -1697,8 +1661,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
         py::arg("state_step") = py::none());
   for (auto [name, fn, doc] :
-       {std::make_tuple("adamw_step", &adamw_step, "Fused multi-tensor AdamW step (in place)"),
-        std::make_tuple("_adamw_step_split", &adamw_step_split,
+       {std::make_tuple("adamw_step", &adamw_step<false>, "Fused multi-tensor AdamW step (in place)"),
+        std::make_tuple("_adamw_step_split", &adamw_step<true>,
                         "adamw_step forced to the split (three-pass) form; for tests")}) {
     m.def(name, fn, doc, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
           py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
