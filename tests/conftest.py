@@ -5,6 +5,15 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Triton decides between its interpreter and compiling once, when it is first imported, and the test files of
+# Triton kernels set TRITON_INTERPRET=1 at their import; another file collected before them may import triton
+# first (transformers does), and the kernels would then refuse to run.  Without a GPU every Triton test runs
+# under the interpreter, so set it before any test file is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):

@@ -291,6 +291,41 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
         triton_ops.lion_step(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
 
 
+_LATE_SWITCH = """
+import os, sys
+{before}
+import triton
+{after}
+import torch
+from shardopt.kernels import triton_ops
+try:
+    triton_ops.lion_step([torch.randn(9)], [torch.randn(9)], [torch.zeros(9)], lr=0.1, beta1=0.9, beta2=0.99,
+                         weight_decay=0.0)
+except RuntimeError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("late", ["set", "unset"])
+def test_interpreter_switch_after_triton_import_is_refused(late):
+    """TRITON_INTERPRET changed after triton's first import: its own library (tl.max) and these kernels would
+    disagree (a kernel under the interpreter calling a compiled tl.max fails deep inside the interpreter);
+    the first call says so instead, in a fresh process since triton decides once per process."""
+    import subprocess
+    import sys
+
+    set_it, unset_it = 'os.environ["TRITON_INTERPRET"] = "1"', 'os.environ.pop("TRITON_INTERPRET", None)'
+    before, after = (unset_it, set_it) if late == "set" else (set_it, unset_it)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _LATE_SWITCH.format(before=before, after=after)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr
+    want = "set now but was unset" if late == "set" else "unset now but was set"
+    assert f"TRITON_INTERPRET is {want} when triton was first imported" in r.stdout
+    assert "before anything imports triton" in r.stdout
+
+
 def test_missing_triton_gives_clear_import_error(monkeypatch):
     monkeypatch.setattr(triton_ops, "triton", None)
     monkeypatch.setattr(triton_ops, "_IMPORT_ERROR", ImportError("No module named 'triton'"))

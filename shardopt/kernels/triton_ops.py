@@ -433,15 +433,41 @@ if triton is not None:
 _built: dict = {}
 
 
+def _library_interpreted():
+    """Whether triton's own ``@jit`` library (``tl.max``, ``tl.sum``...) was decorated for the interpreter,
+    which triton decides once, when it is first imported; None where this triton does not tell."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        probe = tl.standard.max
+    except (ImportError, AttributeError):  # pragma: no cover - another triton layout
+        return None
+    if isinstance(probe, InterpretedFunction):
+        return True
+    return False if isinstance(probe, JITFunction) else None
+
+
 def _kernels():
     """Decorate the kernels with ``triton.jit`` once, at first use.
 
     ``triton.jit`` decides between compiled and interpreted execution when it
     decorates, from ``TRITON_INTERPRET``; deferring it to the first call means
-    the variable only has to be set before then, not before this import.
+    the variable only has to be set before then, not before this import. Triton's own library is
+    decorated when triton is first imported, though, so the variable must not change after that: the two
+    would disagree (a kernel under the interpreter calling a compiled ``tl.max``), which is refused here.
     """
     _require_triton()
     if not _built:
+        interpret = bool(triton.knobs.runtime.interpret)
+        library = _library_interpreted()
+        if library is not None and library != interpret:
+            raise RuntimeError(
+                f"triton backend: TRITON_INTERPRET is {'set' if interpret else 'unset'} now but was "
+                f"{'set' if library else 'unset'} when triton was first imported, so triton's own functions "
+                f"are {'interpreted' if library else 'compiled'} and these kernels would not be; set (or unset) "
+                "TRITON_INTERPRET before anything imports triton (torch.compile, transformers and deepspeed "
+                "may), e.g. in the environment of the process")
         g = globals()
         # helpers are looked up by name from the kernels' globals
         g["_rne_bf16_bits"] = triton.jit(_rne_bf16_bits)
@@ -456,7 +482,7 @@ def _kernels():
         _built["adamw"] = triton.jit(_adamw_kernel_src, do_not_specialize=["salt"])
         _built["state"] = triton.jit(_state_kernel_src, do_not_specialize=["salt"])
         _built["grad_stats"] = triton.jit(_grad_stats_kernel_src)
-        _built["interpret"] = bool(triton.knobs.runtime.interpret)
+        _built["interpret"] = interpret
     return _built
 
 
