@@ -68,6 +68,17 @@ def test_bench_cpu_table(tmp_path):
                                                          "bf16-state Lion vs fp32-state Lion",
                                                          "int8-state Lion vs fp32-state Lion"}
     assert "vs best peer" in stdout and "targets" in stdout
+    # each elementwise target says what the row would reach at the roofline with its bytes per element
+    by_t = {t["target"]: t for t in data["targets"]}
+    for label, ours, ref in (("default AdamW vs torch fused AdamW", "shardopt.AdamW (defaults)",
+                              "torch.optim.AdamW fused"),
+                             ("default Lion vs Lion nonfinite=None (the check costs <= 15%)",
+                              "shardopt.Lion (defaults)", "shardopt.Lion nonfinite=None")):
+        at_roof_ms = data["params"] * by[ours]["bytes_per_elem"] / (data["roofline_GBps"] * 1e9) * 1e3
+        want = by[ref]["ms"] / at_roof_ms
+        assert abs(by_t[label]["at_roofline"] - want) < 1e-9 * want, label
+        assert f"at the roofline {by_t[label]['at_roofline']:.2f}x" in stdout
+    assert "at_roofline" not in by_t["default Muon vs torch.optim.Muon"]  # NS is no stream
 
 
 def test_bench_distributed_muon_traffic_equals_adamw_all_gather(tmp_path):

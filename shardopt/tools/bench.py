@@ -285,7 +285,7 @@ def _print_table(rows, roofline=None):
           "gradients once more; bf16 state moves 2 bytes per state buffer read and write, int8 state 1 byte and "
           "a 4-byte scale per 256 elements on the matrices that take it, averaged over all elements); % roof: of "
           "the first roofline row; ortho err: rms|1 - sigma| of the orthogonalized update")
-    return _print_targets(rows)
+    return _print_targets(rows, roofline_gbs)
 
 
 def _fmt_bpe(b) -> str:
@@ -306,7 +306,14 @@ TARGETS = (
 )
 
 
-def _print_targets(rows) -> list:
+def roofline_bound(ref_ms: float, bytes_per_elem: float, n: int, roofline_gbs: float) -> float:
+    """The ratio ``ref_ms / ours_ms`` a row moving ``bytes_per_elem`` per element would reach at the
+    roofline: a target above it cannot be met on this machine by a faster kernel, only by moving fewer
+    bytes (or by a slower reference)."""
+    return ref_ms / (n * bytes_per_elem / roofline_gbs / 1e6)
+
+
+def _print_targets(rows, roofline_gbs=None) -> list:
     by = {r["name"]: r for r in rows}
     out = []
     lines = []
@@ -315,8 +322,17 @@ def _print_targets(rows) -> list:
             continue
         ratio = by[ref]["ms"] / by[ours]["ms"]
         ok = ratio >= target
-        out.append({"target": label, "ratio": ratio, "min": target, "met": ok})
-        lines.append(f"  {label:<62} {ratio:5.2f}x  (target >= {target:.2f}x) {'met' if ok else 'NOT MET'}")
+        rec = {"target": label, "ratio": ratio, "min": target, "met": ok}
+        line = f"  {label:<62} {ratio:5.2f}x  (target >= {target:.2f}x) {'met' if ok else 'NOT MET'}"
+        r = by[ours]
+        if roofline_gbs and isinstance(r.get("bytes_per_elem"), (int, float)) and r.get("GB/s"):
+            n = r["GB/s"] * r["ms"] * 1e6 / r["bytes_per_elem"]  # the row's element count
+            rec["at_roofline"] = roofline_bound(by[ref]["ms"], r["bytes_per_elem"], n, roofline_gbs)
+            line += f"; at the roofline {rec['at_roofline']:.2f}x"
+            if not ok and rec["at_roofline"] < target:
+                line += " (out of reach by its bytes here)"
+        out.append(rec)
+        lines.append(line)
     if "shardopt.Muon (defaults)" in by and "torch.optim.Muon" in by:
         a, b = by["shardopt.Muon (defaults)"]["ortho_rms_err"], by["torch.optim.Muon"]["ortho_rms_err"]
         ok = a <= b * 1.05
@@ -324,7 +340,8 @@ def _print_targets(rows) -> list:
         lines.append(f"  {'default Muon orthogonality error vs torch.optim.Muon':<62} {a:.4f} vs {b:.4f} "
                      f"{'met' if ok else 'NOT MET'}")
     if lines:
-        print("\ntargets (ratios from this run; > 1 is faster):")
+        print("\ntargets (ratios from this run; > 1 is faster; at the roofline: the ratio if the row ran at the "
+              "first roofline row's GB/s with its bytes per element):")
         print("\n".join(lines))
     return out
 
