@@ -405,7 +405,15 @@ def test_loader_reports_state(ext):
     assert cpu.build_error() is None
     assert cpu.load() is ext
     assert cpu.source_path() is not None and cpu.source_path().is_file()
-    assert "chunk=" in ext.build_info()
+    info = ext.build_info()
+    assert "chunk=" in info
+    # software prefetch follows the CPU the kernels were built for (-march=native): off on Zen, on elsewhere
+    import subprocess
+
+    macros = subprocess.run(["c++", "-march=native", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                            text=True).stdout
+    zen = any(f"__znver{k}__" in macros for k in range(1, 6))
+    assert ("prefetch=none" in info) == zen, info
 
 
 def test_disable_env_falls_back_to_torch_with_one_warning():

@@ -626,17 +626,37 @@ SHARDOPT_Q8_BLOCK void adamw_q8_block(PT* __restrict p, const GT* __restrict g,
 #pragma GCC pop_options
 #endif
 
-// How far ahead (in elements) a step prefetches the lines of its streams.  A
-// block is mostly arithmetic (the hash, the division, the rounding) on
-// L1-resident data, and the hardware prefetcher alone does not keep enough
-// lines in flight across it.  1.25 blocks ahead measured best: a Lion step on
-// 23M elements about 15% faster than without, 10% faster than 2 blocks ahead.
-constexpr int64_t kQPrefetch = kQBlock + kQBlock / 4;
-// The fp32/bf16-state steps are pure streams (3-4 read, 2-3 written): there
-// the hardware prefetcher alone kept a Lion step on 23M elements at ~41 GB/s;
-// prefetching each stream 2 blocks ahead gives ~10% more (1 block: less,
-// 4 or 8: less again).
-constexpr int64_t kPrefetch = 2 * kQBlock;
+// How far ahead (in elements) a step prefetches the lines of its streams;
+// kNoPrefetch: never.  SHARDOPT_STREAM_PREFETCH / SHARDOPT_Q8_PREFETCH (0 or
+// 1) override the choice below.
+constexpr int64_t kNoPrefetch = INT64_MAX / 4;
+#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || defined(__znver4__) || \
+    defined(__znver5__)
+#define SHARDOPT_ZEN 1
+#else
+#define SHARDOPT_ZEN 0
+#endif
+// int8 state: a block is mostly arithmetic (the hash, the division, the
+// rounding) on L1-resident data, and the hardware prefetcher alone does not
+// keep enough lines in flight across it.  1.25 blocks ahead measured best on a
+// Xeon: a Lion step on 23M elements about 15% faster than without, 10% faster
+// than 2 blocks ahead.  On Zen 3 it is 4% slower (Lion, 11.6 against 11.2 ms;
+// AdamW 1%).
+#ifndef SHARDOPT_Q8_PREFETCH
+#define SHARDOPT_Q8_PREFETCH (!SHARDOPT_ZEN)
+#endif
+constexpr int64_t kQPrefetch = SHARDOPT_Q8_PREFETCH ? kQBlock + kQBlock / 4 : kNoPrefetch;
+// The fp32/bf16-state steps are pure streams (3-4 read, 2-3 written).  On a
+// Xeon the hardware prefetcher alone kept a Lion step on 23M elements at ~41
+// GB/s, and prefetching each stream 2 blocks ahead gave ~10% more (1 block:
+// less, 4 or 8: less again).  On Zen 3 (EPYC, -march=native defines
+// __znver3__) the same prefetches made it ~13% slower (10.1 against 11.5 ms,
+// 46 against 40 GB/s, side by side; AdamW 2%), so Zen builds leave both to the
+// hardware.
+#ifndef SHARDOPT_STREAM_PREFETCH
+#define SHARDOPT_STREAM_PREFETCH (!SHARDOPT_ZEN)
+#endif
+constexpr int64_t kPrefetch = SHARDOPT_STREAM_PREFETCH ? 2 * kQBlock : kNoPrefetch;
 
 template <typename T>
 inline void prefetch_span(const T* ptr, int64_t n, bool write) {
@@ -1645,6 +1665,8 @@ std::string build_info() {
 #if defined(SHARDOPT_Q8_WIDE)
   os << " int8=512bit";
 #endif
+  os << " prefetch=" << (SHARDOPT_STREAM_PREFETCH ? "streams," : "") << (SHARDOPT_Q8_PREFETCH ? "int8" : "")
+     << (SHARDOPT_STREAM_PREFETCH || SHARDOPT_Q8_PREFETCH ? "" : "none");
 #if defined(__FP_FAST_FMAF)
   os << " fma_hw=1 (contraction off)";
 #endif
