@@ -16,6 +16,26 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+@pytest.fixture(scope="session")
+def triton_interpreting():
+    """Whether Triton kernels run under the interpreter in this process (TRITON_INTERPRET, set above without a
+    GPU). A GPU session leaves it unset: the Triton tests on CPU tensors then skip, and the ``gpu`` ones run
+    compiled."""
+    try:
+        import triton
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(triton.knobs.runtime.interpret)
+
+
+@pytest.fixture
+def triton_on_cpu(triton_interpreting):
+    """Skips a test of the Triton kernels on CPU tensors unless they run under the interpreter."""
+    if not triton_interpreting:
+        pytest.skip("the Triton kernels run on CPU tensors here, under TRITON_INTERPRET=1, which tests/conftest.py "
+                    "sets only without a GPU")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "slow: multi-rank or subprocess test")

@@ -4,8 +4,8 @@ There is no GPU in CI, so the kernels run under Triton's interpreter, which
 executes each program with numpy on CPU tensors.  ``triton.jit`` reads
 ``TRITON_INTERPRET`` when it *decorates* a kernel to choose between compiling
 for a GPU and interpreting, so it has to be set before anything jits a kernel;
-we set it at the very top, before triton (or shardopt's triton backend) is
-imported.  (shardopt itself decorates its kernels lazily at first call, but
+tests/conftest.py sets it (without a GPU) before any test file, and so
+triton, is imported; with a GPU it stays unset and these tests skip.  (shardopt itself decorates its kernels lazily at first call, but
 other code in the process might not.)  The whole module is skipped when triton
 is not importable.
 
@@ -28,7 +28,7 @@ Expected agreement under the interpreter:
 import os
 import zlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import; see above
+# TRITON_INTERPRET=1 must precede any triton import: tests/conftest.py sets it without a GPU
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,7 +48,7 @@ ADAMW_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
 @pytest.fixture(autouse=True)
-def _needs_interpreter():
+def _needs_interpreter(triton_on_cpu):
     built = triton_ops._built
     if built and not built["interpret"]:
         pytest.skip("triton kernels were already built for GPU in this process")

@@ -1,7 +1,8 @@
 """Triton Lion/AdamW kernels with low-precision optimizer state (bf16 and int8 blocks) vs the ``torch`` reference.
 
 The kernels run under Triton's interpreter on CPU tensors (``TRITON_INTERPRET``
-is set before anything imports triton; see tests/test_kernels_triton.py). The
+is set by tests/conftest.py, without a GPU, before anything imports triton;
+with a GPU it stays unset and these tests skip). The
 tests that need triton are skipped when it cannot be imported; the routing
 tests at the end (which backend a call with int8 state reaches) run without it.
 
@@ -29,10 +30,9 @@ What is checked, on fresh random inputs of odd sizes (one short block, 257,
   ``backend="triton"`` matches ``backend="torch"``, and a CUDA backend without
   ``state_int8`` sends such calls to the reference.
 """
-import os
 import zlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import
+# TRITON_INTERPRET=1 must precede any triton import: tests/conftest.py sets it without a GPU
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -57,7 +57,7 @@ STEPS = 3
 
 
 @pytest.fixture(autouse=True)
-def _needs_interpreter():
+def _needs_interpreter(triton_on_cpu):
     built = triton_ops._built
     if built and not built["interpret"]:
         pytest.skip("triton kernels were already built for GPU in this process")

@@ -3,14 +3,11 @@
 CI has no GPU, so the kernels run under Triton's interpreter on CPU tensors,
 which is slow (every program is a Python loop iteration): the shapes are tiny
 and the tiles are 16 so that every shape still has several, partial tiles.
-``TRITON_INTERPRET`` is read when a kernel is jitted, so it is set before
-anything imports triton.  The ``gpu`` tests at the bottom need CUDA (see
-tests/conftest.py) and are what a GPU session must run.
+``TRITON_INTERPRET`` must be set before anything imports triton:
+tests/conftest.py sets it without a GPU.  The ``gpu`` tests at the bottom need
+CUDA and compiled kernels (TRITON_INTERPRET unset, as conftest leaves it with a
+GPU) and are what a GPU session must run.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any triton import
-
 import pytest
 import torch
 
@@ -28,9 +25,12 @@ def _rel(a, b):
 
 
 @pytest.fixture(autouse=True)
-def _needs_interpreter(request):
+def _needs_interpreter(request, triton_interpreting):
     if "gpu" in request.keywords:
+        if triton_interpreting:
+            pytest.skip("the gpu tests need compiled Triton kernels: run them without TRITON_INTERPRET")
         return
+    request.getfixturevalue("triton_on_cpu")
     if triton_ns._built and not triton_ns._built["interpret"]:
         pytest.skip("triton kernels were already built for GPU in this process")
 
