@@ -5,10 +5,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Triton decides between its interpreter and compiling once, when it is first imported, and the test files of
-# Triton kernels set TRITON_INTERPRET=1 at their import; another file collected before them may import triton
-# first (transformers does), and the kernels would then refuse to run.  Without a GPU every Triton test runs
-# under the interpreter, so set it before any test file is imported.
+# Triton decides between its interpreter and compiling once, when it is first imported, and a test file may
+# import it during collection (transformers does).  Without a GPU every Triton test runs under the
+# interpreter, so set TRITON_INTERPRET=1 here, before any test file is imported; with one it stays unset.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

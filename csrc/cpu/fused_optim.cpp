@@ -1676,8 +1676,9 @@ std::string build_info() {
 #if defined(SHARDOPT_Q8_WIDE)
   os << " int8=512bit";
 #endif
-  os << " prefetch=" << (SHARDOPT_STREAM_PREFETCH ? "streams," : "") << (SHARDOPT_Q8_PREFETCH ? "int8" : "")
-     << (SHARDOPT_STREAM_PREFETCH || SHARDOPT_Q8_PREFETCH ? "" : "none");
+  os << " prefetch="
+     << (SHARDOPT_STREAM_PREFETCH ? (SHARDOPT_Q8_PREFETCH ? "streams,int8" : "streams")
+                                  : (SHARDOPT_Q8_PREFETCH ? "int8" : "none"));
 #if defined(__FP_FAST_FMAF)
   os << " fma_hw=1 (contraction off)";
 #endif

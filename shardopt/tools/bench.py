@@ -306,13 +306,6 @@ TARGETS = (
 )
 
 
-def roofline_bound(ref_ms: float, bytes_per_elem: float, n: int, roofline_gbs: float) -> float:
-    """The ratio ``ref_ms / ours_ms`` a row moving ``bytes_per_elem`` per element would reach at the
-    roofline: a target above it cannot be met on this machine by a faster kernel, only by moving fewer
-    bytes (or by a slower reference)."""
-    return ref_ms / (n * bytes_per_elem / roofline_gbs / 1e6)
-
-
 def _print_targets(rows, roofline_gbs=None) -> list:
     by = {r["name"]: r for r in rows}
     out = []
@@ -324,10 +317,11 @@ def _print_targets(rows, roofline_gbs=None) -> list:
         ok = ratio >= target
         rec = {"target": label, "ratio": ratio, "min": target, "met": ok}
         line = f"  {label:<62} {ratio:5.2f}x  (target >= {target:.2f}x) {'met' if ok else 'NOT MET'}"
-        r = by[ours]
-        if roofline_gbs and isinstance(r.get("bytes_per_elem"), (int, float)) and r.get("GB/s"):
-            n = r["GB/s"] * r["ms"] * 1e6 / r["bytes_per_elem"]  # the row's element count
-            rec["at_roofline"] = roofline_bound(by[ref]["ms"], r["bytes_per_elem"], n, roofline_gbs)
+        gbs = by[ours].get("GB/s")
+        if roofline_gbs and gbs:
+            # the ratio the row would reach moving its bytes at the roofline: a target above it cannot be met
+            # here by a faster kernel, only by moving fewer bytes
+            rec["at_roofline"] = ratio * roofline_gbs / gbs
             line += f"; at the roofline {rec['at_roofline']:.2f}x"
             if not ok and rec["at_roofline"] < target:
                 line += " (out of reach by its bytes here)"
