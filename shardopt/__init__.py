@@ -18,9 +18,10 @@ _LAZY = {
     **{name: ".optim" for name in ("AdamW", "Lion", "Muon", "NonFiniteGradientError", "ShardedOptimizer",
                                    "muon_param_groups")},
     "plan": ".tools.plan",
+    "exit_distributed": ".sharding.comm",
 }
 __all__ = ["AdamW", "Lion", "Muon", "muon_param_groups", "ShardedOptimizer", "NonFiniteGradientError", "plan",
-           "__version__"]
+           "exit_distributed", "__version__"]
 
 
 def __getattr__(name: str):

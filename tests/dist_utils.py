@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from shardopt.sharding.comm import exit_distributed
 
 
 def free_port() -> int:
@@ -34,17 +35,8 @@ def _worker(rank, world, port, fn, args, outdir, timeout_s):
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         res = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     torch.save(res, os.path.join(outdir, f"r{rank}.pt"))
-    try:
-        # nobody tears gloo down while a peer still talks to it
-        if res[0] == "ok":
-            dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        pass
-    # skip interpreter finalisation, where the distributed stack's C++ destructors can abort
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # a failed rank does not wait at the barrier for peers that may never reach it
+    exit_distributed(0, barrier=res[0] == "ok")
 
 
 def run(fn, world: int, *args, timeout_s: int = 300):

@@ -350,9 +350,7 @@ def main():
         if cases:
             res.update(mode_deepspeed(out, rank, world, cases))
     torch.save(res, os.path.join(out, f"{mode}_rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
-        dist.destroy_process_group()
+    shardopt.exit_distributed()  # barrier, destroy, and exit without the interpreter's finalisation
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
                "group_rank": int(os.environ.get("GROUP_RANK", -1)), "losses": losses,
                "params": flat.tolist(), "state_bytes": opt.state_bytes(), "unsharded": full,
                "layout": opt.layout.name}, f)
-dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
-dist.destroy_process_group()
+shardopt.exit_distributed()  # barrier, destroy, and exit without the interpreter's finalisation
 '''
 
 
@@ -236,6 +235,38 @@ def test_torchrun_sh_runs_the_demo_in_place(tmp_path):
     assert sum(l.startswith("optimizer ") for l in r.stdout.splitlines()) == 1
     assert sum(l.startswith("rank ") for l in r.stdout.splitlines()) == 1
 
+
+EXIT_JOB = r"""
+import atexit, os, sys
+import torch.distributed as dist
+import shardopt
+
+marker, initialised, port, code, barrier = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+for name in ("barrier", "destroy_process_group"):  # each call is logged to stderr, then made
+    real = getattr(dist, name)
+    setattr(dist, name, lambda *a, _real=real, _name=name, **k: (sys.stderr.write(_name + ";"), _real(*a, **k))[1])
+atexit.register(lambda: open(marker, "w").write("finalised"))
+if initialised:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+sys.stdout.write("unflushed")  # no newline, no flush: exit_distributed flushes it
+shardopt.exit_distributed(code, barrier=barrier)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("initialised,barrier", [(True, True), (True, False), (False, True)])
+def test_exit_distributed_leaves_the_group_flushes_and_skips_finalisation(tmp_path, initialised, barrier):
+    """shardopt.exit_distributed: barrier (if asked), destroy, flush, os._exit(code); no atexit handler runs."""
+    code, marker, job = random.randrange(2, 100), tmp_path / "atexit", tmp_path / "exit_job.py"
+    job.write_text(EXIT_JOB)
+    r = subprocess.run([sys.executable, str(job), str(marker), str(int(initialised)), str(free_port()), str(code),
+                        str(int(barrier))], capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == code, r.stderr[-2000:]
+    assert r.stdout == "unflushed"
+    calls = [c for c in r.stderr.split(";") if c in ("barrier", "destroy_process_group")]
+    assert calls == (["barrier"] * barrier + ["destroy_process_group"] if initialised else [])
+    assert not marker.exists()  # interpreter finalisation (atexit) was skipped
 
 STUB_SRUN = r'''#!/usr/bin/env bash
 # stand-in for srun: log the call, then start one task per node here, as srun would on each node

@@ -88,7 +88,8 @@ def main():
         "param_bytes": sum(p.numel() * 4 for p in model.parameters()),
     })
     accelerator.wait_for_everyone()  # leave together: no rank tears gloo down mid-collective
-    accelerator.end_training()
+    accelerator.end_training()  # stops the trackers, destroys the process group
+    shardopt.exit_distributed()  # exits without interpreter finalisation: see its docstring
 
 
 if __name__ == "__main__":

@@ -112,9 +112,8 @@ def main():
         "layout": opt.layout.name, "state_bytes": opt.state_bytes(), "unsharded_state_bytes": full,
         "first_losses": losses[:5], "last_losses": losses[-5:], "params_sha256": digest.hexdigest(),
     }) + "\n")
-    sys.stdout.flush()
-    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
-    dist.destroy_process_group()
+    # barrier, destroy the process group, exit: see its docstring for why not a plain return
+    shardopt.exit_distributed()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import deepspeed
 import torch
 
+import shardopt
 import shardopt.deepspeed  # noqa: F401  registers "shardopt.Lion" / "shardopt.AdamW" / "shardopt.Muon"
 
 
@@ -64,10 +65,8 @@ def main():
         "layout": inner.layout.name, "state_bytes": inner.state_bytes(), "first_losses": losses[:3],
         "last_losses": losses[-3:],
     }) + "\n")
-    sys.stdout.flush()
-    # leave together: a rank that exits while a peer still finishes a gloo collective aborts it
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    # barrier, destroy the process group, exit: see its docstring for why not a plain return
+    shardopt.exit_distributed()
 
 
 if __name__ == "__main__":

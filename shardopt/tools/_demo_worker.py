@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..sharding.comm import exit_distributed
 from ._demo_model import SIZES, Corpus, ModelConfig, build_model
 
 # Hyperparameters per optimizer. Lion takes a 5x smaller lr and a 5x larger
@@ -54,9 +55,9 @@ def spawn_main(rank: int, world: int, port: int, plan: dict, result_file: str) -
         torch.save({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()},
                    f"{result_file}.rank{rank}")
         raise SystemExit(1)
-    # A C++ destructor of the distributed stack can still std::terminate at interpreter exit under
-    # load ("terminate called without an active exception"); the parent then trusts rank 0's
-    # results, which it writes only after the final barrier.
+    # run_rank left the process group at its final barrier; end without interpreter finalisation,
+    # where a gloo thread can abort the process (exit_distributed's docstring)
+    exit_distributed(0)
 
 
 def run_rank(plan: dict):

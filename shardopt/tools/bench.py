@@ -367,11 +367,7 @@ def _dist_worker(rank, world, port, shapes, iters, out):
         ms = _time(opt.step, iters, 0, torch.device("cpu"))
         res[algo] = {"state_bytes": opt.state_bytes(), "ms": ms, "traffic": traffic, "layout": opt.layout.name}
     out[rank] = res
-    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down mid-collective
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter finalisation, where the distributed stack's C++ destructors can abort
+    comm.exit_distributed(0)
 
 
 def _run_distributed(args):
@@ -606,11 +602,7 @@ def _overlap_worker(rank, world, port, cfg, out):
         ms, wait = measure(opt.step, cfg["iters"])
         res[("fsdp2", "muon", mode)] = {"ms": ms, "wait_ms": wait}
     out[rank] = res
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    comm.exit_distributed(0)
 
 
 def _run_overlap(args):

@@ -9,7 +9,8 @@ final loss; it draws ``loss.png`` and saves a world-size-agnostic checkpoint
 that ``--resume PATH --nproc 1`` continues at another world size.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) it runs in place on the
-launched ranks instead of spawning its own.
+launched ranks instead of spawning its own, and ends each rank's process with
+``exit_distributed`` (status 0) once rank 0 has reported.
 """
 from __future__ import annotations
 
@@ -338,13 +339,16 @@ def run(args) -> int:
     plan = make_plan(args)
     _quiet_deepspeed(plan)
     if _under_torchrun():
+        from ..sharding.comm import exit_distributed
         from ._demo_worker import run_rank
 
         if int(os.environ["RANK"]) == 0:
             _announce(plan)
         results = run_rank(plan)
-        if int(os.environ["RANK"]) != 0:
-            return 0
+        if int(os.environ["RANK"]) == 0:
+            report(plan, results)
+        # torchrun's ranks end here, without interpreter finalisation (exit_distributed's docstring)
+        exit_distributed(0)
     else:
         _announce(plan)
         _prebuild_kernels(plan)
