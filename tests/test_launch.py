@@ -268,6 +268,7 @@ def test_exit_distributed_leaves_the_group_flushes_and_skips_finalisation(tmp_pa
     assert calls == (["barrier"] * barrier + ["destroy_process_group"] if initialised else [])
     assert not marker.exists()  # interpreter finalisation (atexit) was skipped
 
+
 STUB_SRUN = r'''#!/usr/bin/env bash
 # stand-in for srun: log the call, then start one task per node here, as srun would on each node
 echo "$*" >> "$SRUN_LOG"

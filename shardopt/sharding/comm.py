@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
+import sys
 import time
 from typing import NoReturn
 
@@ -191,15 +193,12 @@ def exit_distributed(code: int = 0, *, barrier: bool = True) -> NoReturn:
     seen with torch alone, 2 in 40 two-rank torchrun runs on a loaded 2-core machine). Skipping
     finalisation also skips ``atexit`` handlers: flush or close loggers before calling it.
     """
-    import os
-    import sys
-
     if dist.is_available() and dist.is_initialized():
         try:
             if barrier:
                 dist.barrier()
             dist.destroy_process_group()
-        except Exception as e:  # noqa: BLE001 - a peer that died first must not turn exit 0 into a hang report
+        except Exception as e:  # noqa: BLE001 - e.g. a peer died first: say so, and do not exit 0
             print(f"shardopt: leaving the process group failed ({type(e).__name__}: {e})", file=sys.stderr)
             code = code or 1
     sys.stdout.flush()
