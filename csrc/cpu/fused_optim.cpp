@@ -663,7 +663,7 @@ constexpr int64_t kQPrefetch = SHARDOPT_Q8_PREFETCH ? kQBlock + kQBlock / 4 : kN
 // less, 4 or 8: less again).  On Zen 3 (EPYC, -march=native defines
 // __znver3__) the same prefetches made it ~13% slower (10.1 against 11.5 ms,
 // 46 against 40 GB/s, side by side; AdamW 2%), so Zen builds leave both to the
-// hardware.
+// hardware.  The gradient pass (kStatPrefetch) follows the same switch.
 #ifndef SHARDOPT_STREAM_PREFETCH
 #define SHARDOPT_STREAM_PREFETCH (!SHARDOPT_ZEN)
 #endif
@@ -1412,9 +1412,12 @@ at::Tensor dequantize_int8(const at::Tensor& codes, const at::Tensor& scales) {
 constexpr int64_t kStatBlock = 512;
 constexpr int kStatLanes = 32;
 // One read stream per thread: software prefetch 4 blocks ahead lifts the pass
-// from ~28 to ~53 GB/s on the 2-core CI machine (the hardware prefetcher
-// alone keeps too few lines in flight for a single stream).
-constexpr int64_t kStatPrefetch = 4 * kStatBlock;
+// from ~28 to ~53 GB/s on a 2-core Xeon (the hardware prefetcher alone keeps
+// too few lines in flight for a single stream).  On Zen it is the other way
+// round, as for the steps' streams (SHARDOPT_STREAM_PREFETCH): on a 2-core
+// Zen 4 the pass reads 32 GB/s without and 23 GB/s with it (1 to 32 blocks
+// ahead, to L1 or L2: 24-30 GB/s).
+constexpr int64_t kStatPrefetch = SHARDOPT_STREAM_PREFETCH ? 4 * kStatBlock : kNoPrefetch;
 
 struct StatsRef {
   const void* g;
