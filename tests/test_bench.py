@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
+
+import pytest
+import torch
 
 
 def _bench(tmp_path, *args):
@@ -130,3 +134,26 @@ def test_bench_distributed_overlap_rows(tmp_path):
     assert all(t["ms_max"] > 0 and t["wait_ms_max"] >= 0 for t in data["overlap"])
     assert {r["algo"] for r in data["zero1"]} == {"lion", "adamw", "muon"}
     assert "comm wait ms" in stdout
+
+
+def test_target_lines_give_the_spread_of_per_round_ratios(capsys):
+    # the reference row's rounds vary fivefold and ours tracks it at 1.25x: each round's ratio is 1.25, which
+    # ratios of rounds sorted separately (or of the medians alone) would not show
+    from shardopt.tools import bench
+
+    torch.manual_seed(0)
+    ref = (torch.rand(9) * 4 + 1).tolist()
+    ours = [t / 1.25 for t in ref]
+    rows = [{"name": "shardopt.AdamW (defaults)", "ms": statistics.median(ours), "round_ms": ours},
+            {"name": "torch.optim.AdamW fused", "ms": statistics.median(ref), "round_ms": ref}]
+    lo, hi = bench.round_ratio_spread(rows[0], rows[1])
+    assert abs(lo - 1.25) < 1e-12 and abs(hi - 1.25) < 1e-12
+    # a round-by-round ratio that moves: the middle half of 1..8 (inclusive quartiles) is 2.75..6.25
+    ratios = [1, 2, 3, 4, 5, 6, 7, 8]
+    ours2 = [r / k for r, k in zip(ref, ratios)]
+    assert bench.round_ratio_spread({"round_ms": ours2}, {"round_ms": ref[:8]}) == pytest.approx((2.75, 6.25))
+    assert bench.round_ratio_spread({"round_ms": ours[:3]}, {"round_ms": ref[:3]}) is None  # too few rounds
+    out = bench._print_targets(rows)
+    (rec,) = [t for t in out if t["target"] == "default AdamW vs torch fused AdamW"]
+    assert rec["round_ratio_middle_half"] == pytest.approx([1.25, 1.25])
+    assert "rounds 1.25-1.25x" in capsys.readouterr().out

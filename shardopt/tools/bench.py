@@ -200,6 +200,7 @@ def _elementwise_rows(shapes, device, iters, deepspeed: bool):
             times[k].append(_time(step, 1, 0, device))
     for r, t in zip(rows, times):
         r["ms"] = statistics.median(t)
+        r["round_ms"] = t
         r["GB/s"] = n * r["bytes_per_elem"] / r["ms"] / 1e6
         print(f"  {r['name']:<44} {r['ms']:9.2f} ms", file=sys.stderr)
     return rows, n
@@ -252,8 +253,8 @@ def _muon_rows(device, iters, hidden, layers):
         for k, s in enumerate(steps):
             times[k].append(_time(s, 1, 0, device))
     for (name, make), t in zip(contenders, times):
-        row = {"name": name, "ms": statistics.median(t), "peer": name.startswith("torch"), "algo": "muon",
-               "ortho_rms_err": _ortho_error(make, shapes, device)}
+        row = {"name": name, "ms": statistics.median(t), "round_ms": t, "peer": name.startswith("torch"),
+               "algo": "muon", "ortho_rms_err": _ortho_error(make, shapes, device)}
         rows.append(row)
         print(f"  {name:<44} {row['ms']:9.2f} ms", file=sys.stderr)
     return rows, shapes
@@ -306,6 +307,17 @@ TARGETS = (
 )
 
 
+def round_ratio_spread(ours: dict, ref: dict) -> tuple[float, float] | None:
+    """The middle half (first to third quartile) of the per-round ratios ``ref / ours`` of two rows timed
+    round-robin, or None with fewer than 4 rounds. Each round's ratio pairs the two steps timed moments
+    apart, so it shows how much the ratio itself moves on a shared machine, which the medians hide."""
+    a, b = ours.get("round_ms"), ref.get("round_ms")
+    if not a or not b or len(a) != len(b) or len(a) < 4:
+        return None
+    q = statistics.quantiles([y / x for x, y in zip(a, b)], n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def _print_targets(rows, roofline_gbs=None) -> list:
     by = {r["name"]: r for r in rows}
     out = []
@@ -317,6 +329,10 @@ def _print_targets(rows, roofline_gbs=None) -> list:
         ok = ratio >= target
         rec = {"target": label, "ratio": ratio, "min": target, "met": ok}
         line = f"  {label:<62} {ratio:5.2f}x  (target >= {target:.2f}x) {'met' if ok else 'NOT MET'}"
+        spread = round_ratio_spread(by[ours], by[ref])
+        if spread is not None:
+            rec["round_ratio_middle_half"] = list(spread)
+            line += f"; rounds {spread[0]:.2f}-{spread[1]:.2f}x"
         gbs = by[ours].get("GB/s")
         if roofline_gbs and gbs:
             # the ratio the row would reach moving its bytes at the roofline: a target above it cannot be met
@@ -335,7 +351,8 @@ def _print_targets(rows, roofline_gbs=None) -> list:
                      f"{'met' if ok else 'NOT MET'}")
     if lines:
         print("\ntargets (ratios from this run; > 1 is faster; at the roofline: the ratio if the row ran at the "
-              "first roofline row's GB/s with its bytes per element):")
+              "first roofline row's GB/s with its bytes per element; rounds: the middle half of the ratios "
+              "of single rounds):")
         print("\n".join(lines))
     return out
 
