@@ -36,6 +36,8 @@ def demo(*args, timeout=300, env_extra=None) -> subprocess.CompletedProcess:
 
 def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # the spawned ranks leave through exit_distributed, which runs multiprocessing's exit step (tqdm's lock)
+    assert "leaked semaphore" not in proc.stderr, proc.stderr[-2000:]
     return proc.stdout
 
 

@@ -192,6 +192,9 @@ def exit_distributed(code: int = 0, *, barrier: bool = True) -> NoReturn:
     aborts a rank whose work is all done ("terminate called without an active exception", SIGABRT;
     seen with torch alone, 2 in 40 two-rank torchrun runs on a loaded 2-core machine). Skipping
     finalisation also skips ``atexit`` handlers: flush or close loggers before calling it.
+    multiprocessing's own exit step does run, as in the children it starts itself: without it a
+    semaphore made in a spawned rank (tqdm's lock, for one) stays registered, and the resource
+    tracker warns of a leak when the job ends.
     """
     if dist.is_available() and dist.is_initialized():
         try:
@@ -201,6 +204,19 @@ def exit_distributed(code: int = 0, *, barrier: bool = True) -> NoReturn:
         except Exception as e:  # noqa: BLE001 - e.g. a peer died first: say so, and do not exit 0
             print(f"shardopt: leaving the process group failed ({type(e).__name__}: {e})", file=sys.stderr)
             code = code or 1
+    _multiprocessing_exit()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _multiprocessing_exit() -> None:
+    """What multiprocessing runs before its own children ``os._exit``: its finalizers (a semaphore
+    unlinks and leaves the resource tracker's list). ``util._exit_function`` is private, so a
+    Python without it only loses the clean-up."""
+    try:
+        from multiprocessing import util
+
+        util._exit_function()
+    except Exception as e:  # noqa: BLE001 - the clean-up is best effort; the exit goes on
+        print(f"shardopt: multiprocessing's exit step failed ({type(e).__name__}: {e})", file=sys.stderr)
