@@ -524,6 +524,38 @@ inline void quantize_signed(const float* __restrict x, int64_t n_, uint32_t absm
       if (i0 == n) return;
     }
 #endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // AVX2: 8 lanes; floor by vroundps, the narrowing by two saturating packs (which
+    // interleave the 128-bit lanes: one permute puts the 32 codes back in order).
+    {
+      const __m256 vscale = _mm256_set1_ps(scale);
+      const __m256i vsalt = _mm256_set1_epi32(static_cast<int32_t>(salt));
+      const __m256i k1 = _mm256_set1_epi32(0x7FEB352D);
+      const __m256i k2 = _mm256_set1_epi32(static_cast<int32_t>(0x846CA68Bu));
+      const __m256 two_m24 = _mm256_set1_ps(kTwoM24);
+      const __m256i lo = _mm256_set1_epi32(-127);
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      auto code8 = [&](int64_t i) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        __m256i h = _mm256_xor_si256(_mm256_castps_si256(v), vsalt);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        h = _mm256_mullo_epi32(h, k1);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+        h = _mm256_mullo_epi32(h, k2);
+        h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+        const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), two_m24);
+        const __m256 y = _mm256_add_ps(_mm256_div_ps(v, vscale), r);
+        return _mm256_max_epi32(_mm256_cvttps_epi32(_mm256_floor_ps(y)), lo);
+      };
+      for (; i0 + 32 <= n; i0 += 32) {
+        const __m256i ab = _mm256_packs_epi32(code8(i0), code8(i0 + 8));
+        const __m256i cd = _mm256_packs_epi32(code8(i0 + 16), code8(i0 + 24));
+        const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i0), q);
+      }
+      if (i0 == n) return;
+    }
+#endif
     alignas(64) int32_t wide[kQBlock];
     SHARDOPT_SIMD
     for (int64_t i = i0; i < n; ++i) {
