@@ -5,7 +5,8 @@ executes each program with numpy on CPU tensors.  ``triton.jit`` reads
 ``TRITON_INTERPRET`` when it *decorates* a kernel to choose between compiling
 for a GPU and interpreting, so it has to be set before anything jits a kernel;
 tests/conftest.py sets it (without a GPU) before any test file, and so
-triton, is imported; with a GPU it stays unset and these tests skip.  (shardopt itself decorates its kernels lazily at first call, but
+triton, is imported; with a GPU it stays unset and the CPU-tensor tests skip, while the
+``gpu`` ones run the same dtype cases and the gradient pass compiled on CUDA tensors.  (shardopt itself decorates its kernels lazily at first call, but
 other code in the process might not.)  The whole module is skipped when triton
 is not importable.
 
@@ -48,7 +49,11 @@ ADAMW_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
 @pytest.fixture(autouse=True)
-def _needs_interpreter(triton_on_cpu):
+def _needs_interpreter(request):
+    """CPU-tensor tests need the interpreter; the ``gpu`` tests run the compiled kernels on CUDA tensors."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    request.getfixturevalue("triton_on_cpu")
     built = triton_ops._built
     if built and not built["interpret"]:
         pytest.skip("triton kernels were already built for GPU in this process")
@@ -103,33 +108,40 @@ def _assert_close(name, got, want, *, bitwise):
         assert int(ulps.max()) <= 1, f"{name}: {int(ulps.max())} bf16 ulps apart"
 
 
-def _run_and_compare(opt, pdtype, gdtype, sdtype, weight_decay, *, shapes=SHAPES, steps=3):
+def _on(ts, device):
+    """The tensors on ``device`` (the same objects where already there)."""
+    return [t if t.device == torch.device(device) else t.to(device) for t in ts]
+
+
+def _run_and_compare(opt, pdtype, gdtype, sdtype, weight_decay, *, shapes=SHAPES, steps=3, device="cpu"):
+    """Triton on ``device`` against the torch reference on CPU, each step from the kernel's own state."""
     adamw = opt == "adamw"
-    params, exp_avgs, exp_avg_sqs = _make_state(shapes, pdtype, sdtype, seed=1234, adamw=adamw)
+    params, exp_avgs, exp_avg_sqs = (_on(x, device) for x in _make_state(shapes, pdtype, sdtype, seed=1234,
+                                                                        adamw=adamw))
     bitwise = not adamw
     for step in range(1, steps + 1):
-        grads = _make_grads(shapes, gdtype, seed=step)
+        ref_grads = _make_grads(shapes, gdtype, seed=step)
+        grads = _on(ref_grads, device)
         # Re-sync the reference from the triton state so every step is
         # compared on identical inputs (AdamW tolerances do not compound).
         # bf16 state is stored by value-keyed stochastic rounding with the
         # step as its salt (state_precision), the same in both.
-        ref_p = [p.clone() for p in params]
-        ref_m = [m.clone() for m in exp_avgs]
-        ref_v = [v.clone() for v in exp_avg_sqs]
+        ref_p, ref_m, ref_v = ([t.clone() for t in _on(x, "cpu")] for x in (params, exp_avgs, exp_avg_sqs))
         if adamw:
             hp = dict(ADAMW_HP, weight_decay=weight_decay, step=step)
             triton_ops.adamw_step(params, grads, exp_avgs, exp_avg_sqs, **hp)
-            torch_ops.adamw_step(ref_p, grads, ref_m, ref_v, **hp)
+            torch_ops.adamw_step(ref_p, ref_grads, ref_m, ref_v, **hp)
         else:
             hp = dict(LION_HP, weight_decay=weight_decay, state_step=step)
             triton_ops.lion_step(params, grads, exp_avgs, **hp)
-            torch_ops.lion_step(ref_p, grads, ref_m, **hp)
+            torch_ops.lion_step(ref_p, ref_grads, ref_m, **hp)
+        got_p, got_m, got_v = (_on(x, "cpu") for x in (params, exp_avgs, exp_avg_sqs))
         for i in range(len(shapes)):
-            _assert_close(f"step{step} params[{i}]", params[i], ref_p[i], bitwise=bitwise)
+            _assert_close(f"step{step} params[{i}]", got_p[i], ref_p[i], bitwise=bitwise)
             # the moments take no square root: bitwise for AdamW too
-            _assert_close(f"step{step} exp_avgs[{i}]", exp_avgs[i], ref_m[i], bitwise=True)
+            _assert_close(f"step{step} exp_avgs[{i}]", got_m[i], ref_m[i], bitwise=True)
             if adamw:
-                _assert_close(f"step{step} exp_avg_sqs[{i}]", exp_avg_sqs[i], ref_v[i], bitwise=True)
+                _assert_close(f"step{step} exp_avg_sqs[{i}]", got_v[i], ref_v[i], bitwise=True)
 
 
 # ---------------------------------------------------------------------------
@@ -156,6 +168,15 @@ def _dtype_id(case):
 @pytest.mark.parametrize("opt", ["lion", "adamw"])
 def test_matches_torch_backend(opt, dtypes, weight_decay):
     _run_and_compare(opt, *dtypes, weight_decay)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["wd0", "wd0.1"])
+@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=[_dtype_id(c) for c in DTYPE_CASES])
+@pytest.mark.parametrize("opt", ["lion", "adamw"])
+def test_compiled_on_cuda_matches_torch_backend(opt, dtypes, weight_decay):
+    """The same cases compiled for CUDA tensors, against the torch reference on CPU."""
+    _run_and_compare(opt, *dtypes, weight_decay, device="cuda")
 
 
 @pytest.mark.parametrize("opt", ["lion", "adamw"])
@@ -471,6 +492,20 @@ def test_grad_stats_flags_non_finite_raw_values(bad, clip_value):
     else:  # a clamped inf counts as clip_value in the norm, and still flags the step
         want = grad_stats_reference(grads, clip_value)[0]
         assert abs(float(out[0]) - want) <= 1e-6 * want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_grad_stats_on_cuda_matches_float64(gdtype):
+    gen = torch.Generator().manual_seed(33)
+    grads = [(torch.randn(s, generator=gen) * 2.0).to(gdtype) for s in STATS_SHAPES]
+    for clip_value in (None, 0.6):
+        out = triton_ops.grad_stats(_on(grads, "cuda"), clip_value=clip_value)
+        assert out.dtype == torch.float64 and out.device.type == "cuda"
+        want = grad_stats_reference(grads, clip_value)[0]
+        assert abs(float(out[0]) - want) <= 1e-6 * want and float(out[1]) == 0.0
+    grads[3][8999] = float("inf")
+    assert torch.isnan(triton_ops.grad_stats(_on(grads, "cuda"))[1])
 
 
 def test_grad_stats_empty():

@@ -2,7 +2,8 @@
 
 The kernels run under Triton's interpreter on CPU tensors (``TRITON_INTERPRET``
 is set by tests/conftest.py, without a GPU, before anything imports triton;
-with a GPU it stays unset and these tests skip). The
+with a GPU it stays unset and the CPU-tensor tests skip, while the ``gpu`` ones
+below run the compiled kernels on CUDA tensors). The
 tests that need triton are skipped when it cannot be imported; the routing
 tests at the end (which backend a call with int8 state reaches) run without it.
 
@@ -26,6 +27,8 @@ What is checked, on fresh random inputs of odd sizes (one short block, 257,
 * a set ``found_inf`` leaves params, codes and scales untouched; an all-zero
   block and a block with an inf follow the reference over two steps (the inf
   block reads back NaN);
+* on a GPU (``gpu`` tests, skipped without CUDA): the same store, load and
+  step cases compiled for CUDA tensors, against the reference on CPU;
 * the dispatcher hands int8/bf16 state to triton itself, the optimizers'
   ``backend="triton"`` matches ``backend="torch"``, and a CUDA backend without
   ``state_int8`` sends such calls to the reference.
@@ -57,10 +60,24 @@ STEPS = 3
 
 
 @pytest.fixture(autouse=True)
-def _needs_interpreter(triton_on_cpu):
+def _needs_interpreter(request):
+    """CPU-tensor tests need the interpreter; the ``gpu`` tests run the compiled kernels on CUDA tensors."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    request.getfixturevalue("triton_on_cpu")
     built = triton_ops._built
     if built and not built["interpret"]:
         pytest.skip("triton kernels were already built for GPU in this process")
+
+
+def _on(x, device):
+    """``x`` (a tensor, a Q8, None, or a list of them) on ``device``; the same objects where already there."""
+    if isinstance(x, list):
+        return [_on(t, device) for t in x]
+    if isinstance(x, Q8):
+        return x if x.codes.device == torch.device(device) else Q8(x.codes.to(device), x.scale.to(device),
+                                                                      x.kind, x.block)
+    return x if x is None or x.device == torch.device(device) else x.to(device)
 
 
 def _gen(*key):
@@ -148,11 +165,11 @@ FEATURES = {
 }
 
 
-def _kwargs(features):
+def _kwargs(features, device="cpu"):
     kw = {k: v for k, v in features.items() if k != "amsgrad"}
     for k in ("grad_scale", "found_inf"):
         if k in kw:
-            kw[k] = torch.tensor(kw[k], dtype=torch.float32)
+            kw[k] = torch.tensor(kw[k], dtype=torch.float32, device=device)
     return kw
 
 
@@ -246,34 +263,38 @@ ADAMW_CASES = [(fmt, feat, pd) for fmt in FORMATS for feat in FEATURES
 _PD = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _run(opt, fmt, feat, pd, *, per_tensor_step=False):
+def _run(opt, fmt, feat, pd, *, per_tensor_step=False, device="cpu"):
+    """Three steps of the Triton kernel on ``device`` against the torch reference on CPU (the reference's
+    math is the same on every device), each step from the kernel's own state."""
     features = FEATURES[feat]
     amsgrad = opt == "adamw" and features.get("amsgrad", False)
     pdtype = _PD[pd]
     gen = _gen(opt, fmt, feat, pd)
-    params, m, v, vmax = _inputs(opt, FORMATS[fmt], pdtype, amsgrad, gen)
-    kw = _kwargs(features)
+    params, m, v, vmax = _on(list(_inputs(opt, FORMATS[fmt], pdtype, amsgrad, gen)), device)
+    kw, ref_kw = _kwargs(features, device), _kwargs(features)
     for step in range(1, STEPS + 1):
-        grads = _grads(gen, torch.bfloat16 if pdtype == torch.bfloat16 else torch.float32)
+        ref_grads = _grads(gen, torch.bfloat16 if pdtype == torch.bfloat16 else torch.float32)
+        grads = _on(ref_grads, device)
         grads_before = _clone(grads)
         # the reference starts every step from the kernel's state: each step compares one call on equal inputs
-        ref = [_clone(x) for x in (params, m, v, vmax)]
-        before = _clone(params)
+        ref = [_clone(_on(x, "cpu")) for x in (params, m, v, vmax)]
+        before = _clone(ref[0])
         if opt == "lion":
             salt = [step + 10 * k for k in range(len(SIZES))] if per_tensor_step else step
             triton_ops.lion_step(params, grads, m, state_step=salt, **LION_HP, **kw)
-            torch_ops.lion_step(ref[0], grads, ref[1], state_step=salt, **LION_HP, **kw)
+            torch_ops.lion_step(ref[0], ref_grads, ref[1], state_step=salt, **LION_HP, **ref_kw)
         else:
             triton_ops.adamw_step(params, grads, m, v, vmax, step=step, **ADAMW_HP, **kw)
-            torch_ops.adamw_step(ref[0], grads, ref[1], ref[2], ref[3], step=step, **ADAMW_HP, **kw)
+            torch_ops.adamw_step(ref[0], ref_grads, ref[1], ref[2], ref[3], step=step, **ADAMW_HP, **ref_kw)
+        got = [_on(x, "cpu") for x in (params, m, v, vmax)]
         for i in range(len(SIZES)):
             where = f"step {step} tensor {i} ({SIZES[i]}, {FORMATS[fmt][i]})"
-            _assert_params(f"{where} param", params[i], ref[0][i], bitwise=opt == "lion", before=before[i])
-            _assert_state(f"{where} exp_avg", m[i], ref[1][i])
+            _assert_params(f"{where} param", got[0][i], ref[0][i], bitwise=opt == "lion", before=before[i])
+            _assert_state(f"{where} exp_avg", got[1][i], ref[1][i])
             if v is not None:
-                _assert_state(f"{where} exp_avg_sq", v[i], ref[2][i])
+                _assert_state(f"{where} exp_avg_sq", got[2][i], ref[2][i])
             if vmax is not None:
-                _assert_state(f"{where} max_exp_avg_sq", vmax[i], ref[3][i])
+                _assert_state(f"{where} max_exp_avg_sq", got[3][i], ref[3][i])
             assert torch.equal(grads[i], grads_before[i]), "gradients are never written"
     return params, m, v, vmax
 
@@ -294,6 +315,39 @@ def test_lion_per_tensor_state_step(fmt):
 @pytest.mark.parametrize("fmt,feat,pd", ADAMW_CASES, ids=["-".join(c) for c in ADAMW_CASES])
 def test_adamw_matches_the_reference(fmt, feat, pd):
     _run("adamw", fmt, feat, pd)
+
+
+# ---------------------------------------------------------------- compiled, on a GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("kind", ["signed", "sqrt"])
+def test_compiled_quantize_dequantize_on_cuda_are_the_reference(kind):
+    """The store and the load compiled for the GPU, on the hard blocks, bit for bit the CPU reference."""
+    for n, step in ((1, 1), (257, 7), (4096 + 13, 2**31 + 5)):
+        x = _values(kind, n, _gen("q-cuda", kind, n))
+        codes, scale = triton_ops.quantize(x.cuda(), step, kind)
+        want_c, want_s = sp.quantize(x, step, kind)
+        assert torch.equal(codes.cpu(), want_c) and _same_float(scale.cpu(), want_s), (n, step)
+        assert _same_float(triton_ops.dequantize(codes, scale, kind).cpu(), sp.dequantize(want_c, want_s, kind))
+    x = _values("signed", 4096 + 13, _gen("bf16-cuda"))
+    assert _same_float(triton_ops.round_bf16(x.cuda(), 3).cpu(), sp.round_bf16(x, 3))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("fmt,feat,pd", LION_CASES, ids=["-".join(c) for c in LION_CASES])
+def test_compiled_lion_on_cuda_is_the_reference_bitwise(fmt, feat, pd):
+    _run("lion", fmt, feat, pd, device="cuda")
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("fmt,feat,pd", ADAMW_CASES, ids=["-".join(c) for c in ADAMW_CASES])
+def test_compiled_adamw_on_cuda_is_the_reference(fmt, feat, pd):
+    _run("adamw", fmt, feat, pd, device="cuda")
 
 
 @needs_triton
