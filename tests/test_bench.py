@@ -157,3 +157,54 @@ def test_target_lines_give_the_spread_of_per_round_ratios(capsys):
     (rec,) = [t for t in out if t["target"] == "default AdamW vs torch fused AdamW"]
     assert rec["round_ratio_middle_half"] == pytest.approx([1.25, 1.25])
     assert "rounds 1.25-1.25x" in capsys.readouterr().out
+
+
+
+_HELD_SCRIPT = r"""
+import resource, torch
+from shardopt.tools import bench
+shapes = bench.transformer_shapes(256, 4, 4096)
+n = sum(torch.Size(s).numel() for s in shapes)
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.randn(1)
+base = peak()
+bench._elementwise_rows(shapes, torch.device("cpu"), 1, False)
+print(n, base, peak())
+"""
+
+
+def test_cuda_defaults_fit_an_80gb_gpu_by_the_measured_bytes_per_element():
+    """bench holds every contender's parameters, gradients and state at once: the per-element estimate that
+    sizes the CUDA defaults (and warns before a run that does not fit) covers what a CPU run of the same rows
+    holds at its peak (the process's peak resident memory, 4.2 M elements), plus the four rows a CUDA run adds
+    (the Triton and DeepSpeed Lion and AdamW: parameters and gradients 8 bytes each, state 4 or 8), and the
+    defaults fit in 78 GiB by it."""
+    from shardopt.tools import bench
+
+    r = subprocess.run([sys.executable, "-c", _HELD_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    n, base, end = map(int, r.stdout.split())
+    held = (end - base) / n
+    assert 150 < held and held + 4 * 8 + 2 * (4 + 8) <= bench._HELD_PER_ELEM["elementwise"], held
+    d = bench._DEFAULTS["cuda"]
+    n_cuda = sum(torch.Size(s).numel() for s in bench.transformer_shapes(d["hidden"], d["layers"], d["vocab"]))
+    n_muon = sum(torch.Size(s).numel() for s in bench.transformer_shapes(d["muon_hidden"], d["muon_layers"], 0)[1:]
+                 if len(s) == 2)
+    assert bench.cuda_bytes_needed(n_cuda, n_muon) < 78 * 2**30
+
+
+def test_gpu_check_script_refuses_a_machine_without_cuda(tmp_path):
+    """tests/gpu_check.sh (the GPU tests and the CUDA bench in one command) says why it stops on a CPU machine;
+    on a GPU machine it runs its phases (tests/test_kernels_cuda.py and the gpu-marked Triton tests)."""
+    import os
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run its checks")
+    script = Path(__file__).with_name("gpu_check.sh")
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "torch sees no CUDA device" in r.stdout
+    assert (tmp_path / "env.txt").read_text().startswith("torch ")

@@ -665,13 +665,13 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--distributed", action="store_true", help="ZeRO-1 state bytes, step time and traffic on W CPU ranks")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--hidden", type=int, default=None, help="default 512 on CPU, 2048 on CUDA")
-    p.add_argument("--layers", type=int, default=None, help="default 6 on CPU, 24 on CUDA")
+    p.add_argument("--hidden", type=int, default=None, help="default 512 on CPU, 1024 on CUDA")
+    p.add_argument("--layers", type=int, default=None, help="default 6 on CPU, 12 on CUDA")
     p.add_argument("--vocab", type=int, default=None, help="default 8192 on CPU, 32000 on CUDA")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--muon-hidden", type=int, default=None,
                    help="hidden size of the Muon matrices (NS is O(n^3)); default 256 on CPU, 2048 on CUDA")
-    p.add_argument("--muon-layers", type=int, default=None, help="default 4 on CPU, 24 on CUDA")
+    p.add_argument("--muon-layers", type=int, default=None, help="default 4 on CPU, 6 on CUDA")
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed peers (they JIT-build ~50 s each)")
     p.add_argument("--no-muon", action="store_true")
     p.add_argument("--ns-only", action="store_true",
@@ -689,9 +689,22 @@ def add_parser(sub):
     return p
 
 
-# CPU: ~20 M params, small NS matrices; CUDA: issue 7's 1.34 B-param, hidden-2048 / 24-layer set
+# CPU: ~20 M params, small NS matrices. CUDA: 184 M params (hidden 1024, 12 layers) and hidden-2048 Muon
+# matrices in 6 layers (302 M): every contender holds its own parameters, gradients and state at once (they
+# are timed round-robin), about 58 GiB and 18 GiB (cuda_bytes_needed), so the defaults fit an 80 GB GPU.
 _DEFAULTS = {"cpu": dict(hidden=512, layers=6, vocab=8192, muon_hidden=256, muon_layers=4),
-             "cuda": dict(hidden=2048, layers=24, vocab=32000, muon_hidden=2048, muon_layers=24)}
+             "cuda": dict(hidden=1024, layers=12, vocab=32000, muon_hidden=2048, muon_layers=6)}
+# bytes per parameter element held at once: the elementwise rows (parameters and gradients of each of 19
+# contenders on CUDA with DeepSpeed's fused optimizers, 152, their state, about 110, and the temporaries of
+# the foreach and reference rows: a CPU run of the same rows without DeepSpeed peaks at about 270 with four
+# contenders fewer, tests/test_bench.py) and the Muon
+# rows (5 contenders' parameters, gradients and momentum, 60, and Newton-Schulz work space)
+_HELD_PER_ELEM = {"elementwise": 340, "muon": 64}
+
+
+def cuda_bytes_needed(n_elementwise: int, n_muon: int) -> int:
+    """About the most device memory ``shardopt bench --device cuda`` holds at once."""
+    return max(n_elementwise * _HELD_PER_ELEM["elementwise"], n_muon * _HELD_PER_ELEM["muon"])
 
 
 def run(args) -> int:
@@ -713,6 +726,15 @@ def run(args) -> int:
             return 2
         shapes = transformer_shapes(args.hidden, args.layers, args.vocab)
         n = sum(torch.Size(s).numel() for s in shapes)
+        if device.type == "cuda":
+            n_muon = 0 if args.no_muon else sum(
+                torch.Size(s).numel() for s in transformer_shapes(args.muon_hidden, args.muon_layers, 0)[1:]
+                if len(s) == 2)
+            need, (free, _) = cuda_bytes_needed(n, n_muon), torch.cuda.mem_get_info()
+            if need > free:
+                print(f"shardopt bench: these sizes need about {need / 2**30:.0f} GiB of GPU memory and "
+                      f"{free / 2**30:.0f} GiB are free: rows that do not fit are skipped (pass a smaller "
+                      "--hidden/--layers or --muon-hidden/--muon-layers)", file=sys.stderr)
         print(f"one optimizer step, {n / 1e6:.1f} M fp32 params in {len(shapes)} tensors, device {device}, "
               f"{torch.get_num_threads()} threads", file=sys.stderr)
         roof = _roofline(n, device, args.iters)
