@@ -9,7 +9,8 @@
 #    the Triton kernels compiled (fp32/bf16 and int8/bf16 state), Triton Newton-Schulz;
 # 3. runs `shardopt bench --device cuda` (its defaults fit an 80 GB GPU).
 # Each phase has its own time limit (GPU_BUILD_S, GPU_TESTS_S, GPU_BENCH_S seconds), so a slow phase still
-# leaves the others' output; the exit status is 0 only when every phase passed.
+# leaves the others' output; the exit status is 0 only when every phase passed. The default limits (150, 240
+# and 150 s) keep the whole script inside one 10-minute command.
 # It runs from the source tree (PYTHONPATH), so nothing needs installing beside torch and pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,13 +41,13 @@ phase() {  # phase NAME SECONDS COMMAND...: one phase, its log in $out/NAME.log
   [ "$st" -eq 0 ] || rc=1
 }
 
-phase build "${GPU_BUILD_S:-240}" python -c "
+phase build "${GPU_BUILD_S:-150}" python -c "
 from shardopt.kernels import cuda
 ok = cuda.available()
 print('cuda kernels available:', ok, cuda.build_error() or '')
 raise SystemExit(0 if ok else 1)"
-phase tests "${GPU_TESTS_S:-300}" python -m pytest -q -m gpu -rs -p no:cacheprovider \
+phase tests "${GPU_TESTS_S:-240}" python -m pytest -q -m gpu -rs -p no:cacheprovider \
   tests/test_kernels_cuda.py tests/test_kernels_triton.py tests/test_kernels_triton_state.py tests/test_triton_ns.py
-phase bench "${GPU_BENCH_S:-300}" python -m shardopt bench --device cuda --iters "${GPU_BENCH_ITERS:-11}" \
+phase bench "${GPU_BENCH_S:-150}" python -m shardopt bench --device cuda --iters "${GPU_BENCH_ITERS:-11}" \
   --json "$out/bench_cuda.json"
 exit $rc
