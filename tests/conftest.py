@@ -35,6 +35,22 @@ def triton_on_cpu(triton_interpreting):
                     "sets only without a GPU")
 
 
+@pytest.fixture
+def triton_mode(request, triton_interpreting):
+    """The mode of the Triton kernel tests (the files name it in ``pytestmark``): a ``gpu`` test needs the
+    kernels compiled (TRITON_INTERPRET unset); any other runs them on CPU tensors under the interpreter
+    (triton_on_cpu), and skips once shardopt's Triton kernels were built for a GPU in this process."""
+    if request.node.get_closest_marker("gpu") is not None:
+        if triton_interpreting:
+            pytest.skip("the gpu tests need compiled Triton kernels: run them without TRITON_INTERPRET")
+        return
+    request.getfixturevalue("triton_on_cpu")
+    from shardopt.kernels import triton_ns, triton_ops
+
+    if any(built and not built["interpret"] for built in (triton_ops._built, triton_ns._built)):
+        pytest.skip("triton kernels were already built for GPU in this process")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "slow: multi-rank or subprocess test")

@@ -159,7 +159,6 @@ def test_target_lines_give_the_spread_of_per_round_ratios(capsys):
     assert "rounds 1.25-1.25x" in capsys.readouterr().out
 
 
-
 _HELD_SCRIPT = r"""
 import resource, torch
 from shardopt.tools import bench
@@ -189,8 +188,7 @@ def test_cuda_defaults_fit_an_80gb_gpu_by_the_measured_bytes_per_element():
     assert 150 < held and held + 4 * 8 + 2 * (4 + 8) <= bench._HELD_PER_ELEM["elementwise"], held
     d = bench._DEFAULTS["cuda"]
     n_cuda = sum(torch.Size(s).numel() for s in bench.transformer_shapes(d["hidden"], d["layers"], d["vocab"]))
-    n_muon = sum(torch.Size(s).numel() for s in bench.transformer_shapes(d["muon_hidden"], d["muon_layers"], 0)[1:]
-                 if len(s) == 2)
+    n_muon = sum(torch.Size(s).numel() for s in bench.muon_shapes(d["muon_hidden"], d["muon_layers"]))
     assert bench.cuda_bytes_needed(n_cuda, n_muon) < 78 * 2**30
 
 

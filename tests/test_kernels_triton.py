@@ -48,15 +48,8 @@ LION_HP = dict(lr=1e-2, beta1=0.9, beta2=0.99)
 ADAMW_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    """CPU-tensor tests need the interpreter; the ``gpu`` tests run the compiled kernels on CUDA tensors."""
-    if request.node.get_closest_marker("gpu") is not None:
-        return
-    request.getfixturevalue("triton_on_cpu")
-    built = triton_ops._built
-    if built and not built["interpret"]:
-        pytest.skip("triton kernels were already built for GPU in this process")
+# CPU-tensor tests under the interpreter, the ``gpu`` ones compiled on CUDA tensors (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("triton_mode")
 
 
 # ---------------------------------------------------------------------------

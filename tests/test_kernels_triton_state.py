@@ -48,7 +48,9 @@ from shardopt.kernels.state_precision import Q8  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not triton_ops.available(), reason="triton is not installed")
 # 0/0 and inf*0 in all-zero / non-finite blocks, as the reference computes them too
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+# CPU-tensor tests under the interpreter, the ``gpu`` ones compiled on CUDA tensors (tests/conftest.py)
+pytestmark = [pytest.mark.usefixtures("triton_mode"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
@@ -57,17 +59,6 @@ SIZES = [7, 257, 1000, 4096 + 13]
 LION_HP = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1)
 ADAMW_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 STEPS = 3
-
-
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    """CPU-tensor tests need the interpreter; the ``gpu`` tests run the compiled kernels on CUDA tensors."""
-    if request.node.get_closest_marker("gpu") is not None:
-        return
-    request.getfixturevalue("triton_on_cpu")
-    built = triton_ops._built
-    if built and not built["interpret"]:
-        pytest.skip("triton kernels were already built for GPU in this process")
 
 
 def _on(x, device):

@@ -24,15 +24,8 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request, triton_interpreting):
-    if "gpu" in request.keywords:
-        if triton_interpreting:
-            pytest.skip("the gpu tests need compiled Triton kernels: run them without TRITON_INTERPRET")
-        return
-    request.getfixturevalue("triton_on_cpu")
-    if triton_ns._built and not triton_ns._built["interpret"]:
-        pytest.skip("triton kernels were already built for GPU in this process")
+# CPU-tensor tests under the interpreter, the ``gpu`` ones compiled (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("triton_mode")
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (17, 33), (40, 24), (3, 16, 48)], ids=str)

@@ -31,6 +31,11 @@ def transformer_shapes(hidden: int, layers: int, vocab: int) -> list[tuple]:
     return shapes
 
 
+def muon_shapes(hidden: int, layers: int) -> list[tuple]:
+    """The hidden matrices of :func:`transformer_shapes` (what the Muon rows orthogonalize)."""
+    return [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
+
+
 def _params(shapes, device, dtype=torch.float32, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype) * 0.02) for s in shapes]
@@ -225,7 +230,7 @@ def _muon_rows(device, iters, hidden, layers):
 
     from ..optim.muon import default_ns_dtype
 
-    shapes = [s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2]
+    shapes = muon_shapes(hidden, layers)
     rows = []
     # the defaults' Newton-Schulz dtype depends on the machine (bf16, or fp32 on a CPU without a bf16
     # matmul): the other one gets its own row
@@ -501,7 +506,7 @@ def _ns_choice_rows(device, iters, hidden, layers):
     from ..functional import newton_schulz, newton_schulz_split
     from ..functional.muon import DEFAULT_NS_COEFFICIENTS
 
-    shapes = sorted({s for s in transformer_shapes(hidden, layers, 0)[1:] if len(s) == 2})
+    shapes = sorted(set(muon_shapes(hidden, layers)))
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def spectrum(shape):
@@ -605,7 +610,7 @@ def _overlap_worker(rank, world, port, cfg, out):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    shapes = [s for s in transformer_shapes(cfg["hidden"], cfg["layers"], 0)[1:] if len(s) == 2]
+    shapes = muon_shapes(cfg["hidden"], cfg["layers"])
     mesh = init_device_mesh("cpu", (world,))
     for mode in ("off", "on"):
         holder = torch.nn.Module()
@@ -697,8 +702,8 @@ _DEFAULTS = {"cpu": dict(hidden=512, layers=6, vocab=8192, muon_hidden=256, muon
 # bytes per parameter element held at once: the elementwise rows (parameters and gradients of each of 19
 # contenders on CUDA with DeepSpeed's fused optimizers, 152, their state, about 110, and the temporaries of
 # the foreach and reference rows: a CPU run of the same rows without DeepSpeed peaks at about 270 with four
-# contenders fewer, tests/test_bench.py) and the Muon
-# rows (5 contenders' parameters, gradients and momentum, 60, and Newton-Schulz work space)
+# contenders fewer, tests/test_bench.py) and the Muon rows (5 contenders' parameters, gradients and
+# momentum, 60, and Newton-Schulz work space)
 _HELD_PER_ELEM = {"elementwise": 340, "muon": 64}
 
 
@@ -728,8 +733,7 @@ def run(args) -> int:
         n = sum(torch.Size(s).numel() for s in shapes)
         if device.type == "cuda":
             n_muon = 0 if args.no_muon else sum(
-                torch.Size(s).numel() for s in transformer_shapes(args.muon_hidden, args.muon_layers, 0)[1:]
-                if len(s) == 2)
+                torch.Size(s).numel() for s in muon_shapes(args.muon_hidden, args.muon_layers))
             need, (free, _) = cuda_bytes_needed(n, n_muon), torch.cuda.mem_get_info()
             if need > free:
                 print(f"shardopt bench: these sizes need about {need / 2**30:.0f} GiB of GPU memory and "
